@@ -1,0 +1,156 @@
+"""V-only KV pruning: keys stay in full, values only for the important tokens.
+
+Every query still scores every key it may see, but only the tokens it keeps
+contribute values; its attention weights are renormalised over them. The
+memory saved is V only.
+
+The rule, with a recency window W and a per-layer budget fixed by block_size
+(not by the current T, so a decoder knows it in advance):
+
+    query i keeps the values of
+      - its recency window, tokens i-W+1 .. i, and
+      - the top (budget - W) "old" tokens j <= i-W by importance score,
+        ties going to the more recent token.
+
+The importance of token j is the attention it received from the W queries of
+its recency window, under the full-key causal softmax P (keys are never
+pruned, so P is the same in training and in the decode cache), divided by its
+exposure W (the number of queries that saw it while in the window):
+
+    score[j] = sum_{q=j}^{j+W-1} P[q, j] / W
+
+Why a score that is final once the token leaves the window, rather than an
+H2O-style running sum over all later queries: a running sum keeps changing,
+so a training-time top-k at query i could pick a token that a decode cache
+had already evicted at an earlier step, and training would use values that
+decoding no longer has. Here score[j] is final from query j+W on (all W
+queries that can add to it have run), old scores never change, and the set
+of old candidates {0 .. i-W} only grows. The top-k of a growing set of fixed
+scores is exactly what a cache gets by keeping a top-k and dropping the loser
+of every arrival for good: a token that falls out never comes back. So the
+training mask below and gpt2/kv_cache.py agree token for token.
+
+Causality: for an old token j <= i-W, score[j] reads P rows j .. j+W-1 <= i-1,
+and row q of P reads keys <= q only. The keep decision for query i therefore
+depends on tokens < i; the output at i depends on tokens <= i.
+
+Cost: the full-sequence path builds P, the keep mask and a (T, T) comparison
+matrix per (batch, head): O(B * nh * T^2) memory, the same order as the
+attention matrix of a non-flash attention. At T = 1024 that is fine on a GPU
+(about 4 MiB of fp32 per (batch, head) for P, plus 5 MiB for the ranking); if
+it is not, call VOnlyPruner.forward on slices of the head dimension, since
+heads are independent.
+"""
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+GOLDEN_RATIO = (1 + math.sqrt(5)) / 2
+KEEP_RATIO = 1 / (1 + GOLDEN_RATIO)  # 0.381966...: 391 of 1024 tokens
+NEVER = torch.iinfo(torch.long).max  # eviction position of a token never evicted
+
+
+def keep_budget(keep_ratio, block_size, k_min):
+    """V vectors kept per (batch, head) per layer: fixed by block_size, not by T."""
+    return max(k_min, int(block_size * keep_ratio))
+
+
+def importance_scores(probs, recency):
+    """Full-key causal softmax (B, nh, T, T) -> importance scores (B, nh, T).
+
+    score[j] = sum of probs[q, j] over q in [j, j+recency-1], divided by recency.
+    It is final only for j <= T-recency; later tokens are still in the window
+    of some query, and keep_mask never ranks them.
+    """
+    pos = torch.arange(probs.size(-1), device=probs.device)
+    lag = pos[:, None] - pos[None, :]  # (T, T) query - key
+    in_window = (lag >= 0) & (lag < recency)
+    return probs.masked_fill(~in_window, 0.0).sum(-2) / recency
+
+
+def eviction_positions(scores, positions, slots):
+    """For each candidate token, the query-side position at which it drops out.
+
+    scores: (B, nh, C); positions: (C,) or (B, nh, C), increasing along C.
+    Candidate o beats candidate c if it has a higher score, or an equal score
+    and a later position (a total, deterministic order). Returns (B, nh, C):
+    the position of the slots-th candidate that beats c, or NEVER. An old
+    token c is among the top `slots` of the old tokens {positions <= p} iff
+    p < eviction_positions[c]; the number of tokens beating it only grows
+    with p, so once it drops out it never returns.
+    """
+    positions = positions.expand_as(scores)
+    s_c, s_o = scores.unsqueeze(-1), scores.unsqueeze(-2)  # (B, nh, C, 1), (B, nh, 1, C)
+    p_c, p_o = positions.unsqueeze(-1), positions.unsqueeze(-2)
+    beats = (s_o > s_c) | ((s_o == s_c) & (p_o > p_c))  # (B, nh, C, C): [c, o]
+    n_beating = beats.cumsum(-1, dtype=torch.int32)  # among candidates 0 .. o
+    first = (n_beating < slots).sum(-1)  # (B, nh, C): index of the slots-th, C if none
+    never = positions.new_full(positions.shape[:-1] + (1,), NEVER)
+    return torch.cat([positions, never], dim=-1).gather(-1, first)
+
+
+def keep_mask(scores, budget, recency, key_pos=None, query_pos=None):
+    """Which values each query keeps: (B, nh, Tq, C) bool, causal.
+
+    scores: (B, nh, C) importance of the candidate keys at key_pos ((C,) or
+    (B, nh, C), increasing; default 0 .. C-1), for queries at query_pos ((Tq,);
+    default 0 .. C-1). The candidates must include every old token that could
+    still be in some query's top set. Each row keeps min(i+1, budget) tokens
+    when the candidates are all tokens 0 .. i.
+    """
+    if key_pos is None:
+        key_pos = torch.arange(scores.size(-1), device=scores.device)
+    if query_pos is None:
+        query_pos = key_pos
+    evict = eviction_positions(scores, key_pos, budget - recency)  # (B, nh, C)
+    last_old = (query_pos - recency)[:, None]  # (Tq, 1): old tokens are <= this
+    key_pos, evict = key_pos[..., None, :], evict[..., None, :]  # (.., 1, C)
+    causal = key_pos <= query_pos[:, None]
+    recent = key_pos > last_old
+    top_old = evict > last_old
+    return causal & (recent | top_old)
+
+
+class VOnlyPruner(nn.Module):
+    """Causal attention in which each query keeps the values of `budget` tokens."""
+
+    def __init__(self, keep_ratio=KEEP_RATIO, k_min=64, recency=64, block_size=1024):
+        super().__init__()
+        if not 0 < keep_ratio <= 1:
+            raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio}")
+        if recency < 1:
+            raise ValueError(f"recency window must be >= 1 token, got {recency}")
+        self.keep_ratio, self.k_min = keep_ratio, k_min
+        self.recency, self.block_size = recency, block_size
+        self.budget = keep_budget(keep_ratio, block_size, k_min)
+        if self.budget < recency:
+            raise ValueError(
+                f"keep budget {self.budget} (block_size {block_size} x keep_ratio "
+                f"{keep_ratio:.4f}, k_min {k_min}) is smaller than the recency window "
+                f"{recency}; raise k_min or lower recency")
+
+    def extra_repr(self):
+        return f"budget={self.budget}, recency={self.recency}, block_size={self.block_size}"
+
+    def forward(self, q, k, v, dropout_p=0.0):
+        """q, k, v: (B, nh, T, hs) -> y (B, nh, T, hs) in q's dtype."""
+        B, nh, T, hs = q.shape
+        if T > self.block_size:
+            raise ValueError(f"sequence length {T} exceeds block_size {self.block_size}")
+        if T <= self.budget:  # every query keeps everything: plain (flash) attention
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+        att = (q.float() @ k.float().transpose(-2, -1)) * (1.0 / math.sqrt(hs))  # (B, nh, T, T)
+        causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+        att = att.masked_fill(~causal, float("-inf"))
+        with torch.no_grad():  # the selection is discrete: no gradient through it
+            scores = importance_scores(F.softmax(att, dim=-1), self.recency)  # (B, nh, T)
+            keep = keep_mask(scores, self.budget, self.recency)  # (B, nh, T, T)
+        # softmax over the kept logits == P * keep renormalised, and never 0/0:
+        # the diagonal is always kept
+        att = F.softmax(att.masked_fill(~keep, float("-inf")), dim=-1)
+        if dropout_p > 0:
+            att = F.dropout(att, p=dropout_p)
+        return (att @ v.float()).to(q.dtype)

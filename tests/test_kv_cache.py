@@ -1,0 +1,113 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gpt2.kv_cache import KVCache, LayerKVCache
+from lib.kv_pruning import VOnlyPruner
+
+
+def qkv(B, H, T, hs, seed=0, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(B, H, T, hs, generator=g) * scale for _ in range(3)]
+
+
+def projection(hs, kdim, seed=0):
+    """A fixed random orthonormal projection hs -> kdim and back (a stand-in for KVSplice)."""
+    g = torch.Generator().manual_seed(seed)
+    basis, _ = torch.linalg.qr(torch.randn(hs, kdim, generator=g))  # (hs, kdim)
+    return (lambda v: v @ basis), (lambda z: z @ basis.T)
+
+
+def decode(cache, q, k, v, chunks):
+    """Feed the sequence in chunks of the given sizes, then one token at a time."""
+    ys, t, T = [], 0, q.size(-2)
+    for size in list(chunks) + [1] * T:
+        if t >= T:
+            break
+        ys.append(cache(q[:, :, t:t + size], k[:, :, t:t + size], v[:, :, t:t + size]))
+        t += size
+    return torch.cat(ys, dim=-2)
+
+
+def small_pruner():
+    pruner = VOnlyPruner(k_min=8, recency=8, block_size=128)
+    assert pruner.budget == 48
+    return pruner
+
+
+@pytest.mark.parametrize("pruned", [False, True])
+@pytest.mark.parametrize("encoded", [False, True])
+@pytest.mark.parametrize("chunks", [(5,), (5, 20, 1, 7), (96,)])
+def test_incremental_decode_equals_full_sequence(pruned, encoded, chunks):
+    B, H, T, hs = 2, 3, 96, 16
+    q, k, v = qkv(B, H, T, hs, seed=1, scale=1.5)
+    encode, decode_v = projection(hs, 6) if encoded else (None, None)
+    v_seen = decode_v(encode(v)) if encoded else v
+    pruner = small_pruner() if pruned else None
+    if pruned:
+        full = pruner(q, k, v_seen)
+        plain = F.scaled_dot_product_attention(q, k, v_seen, is_causal=True)
+        assert (full - plain).abs().max() > 1e-3  # pruning really changes the result
+    else:
+        full = F.scaled_dot_product_attention(q, k, v_seen, is_causal=True)
+    cache = LayerKVCache(pruner, encode, decode_v)
+    y = decode(cache, q, k, v, chunks)
+    assert torch.allclose(y, full, atol=1e-5, rtol=0)
+    assert cache.length == T
+    n_held = min(T, pruner.budget) if pruned else T
+    assert cache.v_elements_per_head() == n_held * (6 if encoded else hs)
+
+
+def test_heads_hold_different_tokens_and_positions_stay_sorted():
+    q, k, v = qkv(1, 4, 96, 16, seed=2, scale=1.5)
+    cache = LayerKVCache(small_pruner())
+    decode(cache, q, k, v, (10,))
+    pos = cache.v_pos[0]  # (H, n)
+    assert pos.shape == (4, 48)
+    assert (pos[:, 1:] > pos[:, :-1]).all()
+    assert len({tuple(p.tolist()) for p in pos}) > 1
+    assert (pos[:, -8:] == torch.arange(88, 96)).all()  # the recency window
+
+
+def test_bf16_cache_runs_and_stays_finite():
+    q, k, v = (x.bfloat16() for x in qkv(1, 2, 64, 16, seed=3))
+    cache = LayerKVCache(small_pruner())
+    y = decode(cache, q, k, v, (4,))
+    assert y.dtype == torch.bfloat16 and torch.isfinite(y.float()).all()
+    assert cache.nbytes()["v"] == 2 * 48 * 16 * 2
+
+
+@pytest.mark.parametrize("pruned, kdim, v_elements",
+                         [(False, None, 65_536), (True, None, 25_024), (True, 16, 6_256)])
+def test_nbytes_at_1024(pruned, kdim, v_elements):
+    q, k, v = qkv(1, 1, 1024, 64, seed=4)
+    encode, decode_v = projection(64, kdim) if kdim else (None, None)
+    cache = LayerKVCache(VOnlyPruner() if pruned else None, encode, decode_v)
+    cache(q[:, :, :1000], k[:, :, :1000], v[:, :, :1000])  # chunked prefill
+    cache(q[:, :, 1000:], k[:, :, 1000:], v[:, :, 1000:])
+    assert cache.v_elements_per_head() == v_elements
+    sizes = cache.nbytes()
+    assert sizes["k"] == 1024 * 64 * 4
+    assert sizes["v"] == v_elements * 4
+    assert sizes["total"] == sizes["k"] + sizes["v"] + sizes["index"]
+    if not pruned:
+        assert sizes["index"] == 0
+
+
+def test_kv_cache_container():
+    cache = KVCache(2, lambda i: LayerKVCache(small_pruner() if i else None))
+    assert len(cache) == 2 and cache.length == 0
+    q, k, v = qkv(1, 2, 60, 8, seed=5)
+    for layer in cache.layers:
+        layer(q, k, v)
+    assert cache.length == 60
+    per_layer = [layer.nbytes() for layer in cache.layers]
+    assert cache.nbytes()["total"] == sum(s["total"] for s in per_layer)
+    assert cache[1].v_elements_per_head() == 48 * 8
+    cache.reset()
+    assert cache.length == 0 and cache.nbytes()["total"] == 0
+
+
+def test_unpaired_codec_fails_loudly():
+    with pytest.raises(ValueError, match="pair"):
+        LayerKVCache(v_encode=lambda v: v)
