@@ -1,0 +1,76 @@
+# KVSplice: `make defconfig && make train` trains; `make test` tests.
+# Everything runs from a virtual environment that the first target creates.
+
+PYTHON    ?= python3
+VENV      := .venv
+PY        := $(VENV)/bin/python
+STAMP     := $(VENV)/.installed
+DEFCONFIG ?= cpu-quickstart
+ARGS      ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help venv defconfig menuconfig savedefconfig kconfig list-steps data train test bench bench-train bench-kvsplice clean
+
+help:
+	@echo "Set-up and configuration:"
+	@echo "  make defconfig          load defconfigs/$(DEFCONFIG) (the CPU quick start) into .config"
+	@echo "  make defconfig-NAME     load defconfigs/NAME; available: $(notdir $(wildcard defconfigs/*))"
+	@echo "  make menuconfig         edit .config in a terminal menu"
+	@echo "  make savedefconfig      write the minimal form of .config to ./defconfig"
+	@echo "  make kconfig            regenerate Kconfig from train_ra_mla.py's flags"
+	@echo "  make list-steps         print the ablation steps (gpt2/ablations.py)"
+	@echo "Running:"
+	@echo "  make data               prepare the dataset that .config names"
+	@echo "  make train [ARGS=...] [FORCE=1]"
+	@echo "                          run the ablation steps of .config (completed steps are skipped"
+	@echo "                          unless FORCE=1; ARGS are extra train_ra_mla.py flags)"
+	@echo "  make test               run the test suite (CPU, offline)"
+	@echo "  make bench-train        training throughput of the CPU quick-start model"
+	@echo "  make bench-kvsplice     KVSplice fit time and compress/decompress throughput"
+	@echo "  make clean              remove .venv, data/ and runs/"
+
+$(STAMP): requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	touch $@
+
+venv: $(STAMP)
+
+defconfig: defconfig-$(DEFCONFIG)
+
+defconfig-%: $(STAMP)
+	@test -f defconfigs/$* || { echo "no defconfigs/$*; available: $(notdir $(wildcard defconfigs/*))"; exit 1; }
+	$(VENV)/bin/defconfig --kconfig Kconfig defconfigs/$*
+
+menuconfig: $(STAMP)
+	$(VENV)/bin/menuconfig Kconfig
+
+savedefconfig: $(STAMP) .config
+	$(VENV)/bin/savedefconfig --kconfig Kconfig --out defconfig
+
+kconfig: $(STAMP)
+	$(PY) scripts/gen_kconfig.py
+
+list-steps: $(STAMP)
+	$(PY) train_ra_mla.py --list-steps
+
+.config:
+	@echo "no .config: run 'make defconfig' (or 'make defconfig-NAME') first"; exit 1
+
+data: $(STAMP) .config
+	$(PY) scripts/run_ablation.py --config .config --prepare-only $(ARGS)
+
+train: $(STAMP) .config
+	$(PY) scripts/run_ablation.py --config .config $(if $(FORCE),--force) $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+bench-train: $(STAMP)
+	$(PY) scripts/bench_train.py
+
+bench-kvsplice: $(STAMP)
+	$(PY) scripts/bench_kvsplice.py
+
+clean:
+	rm -rf $(VENV) data runs

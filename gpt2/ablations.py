@@ -1,0 +1,42 @@
+"""The ablation steps: ONE table, step id -> (description, flag overrides).
+
+A step states every feature switch, so it means the same whatever .config
+says; sizes, budgets and seeds come from the .config and the command line.
+Adding a step is adding one row.
+"""
+
+# Every step starts from all features off, then switches on its own.
+_OFF = {"kv_prune": False, "kvsplice_enable": False, "rmlp": False}
+
+STEPS = {
+    "V0": ("baseline GPT-2 attention (reference)", {}),
+    "V19": ("V0 + V-only pruning: V kept for 391 of 1024 tokens, keys in full "
+            "(the pruning effect alone)",
+            {"kv_prune": True}),
+    "V20": ("V19 + KVSplice 64->16 dims per head: V cache 391 x 16 = 6,256 of 65,536 "
+            "elements per head, 90% less (does geometric compression hurt quality?)",
+            {"kv_prune": True, "kvsplice_enable": True, "kvsplice_k": 16}),
+    "V21": ("R-MLP + V19 + KVSplice 64->16 (do R-MLP and the geometry synergise?)",
+            {"kv_prune": True, "kvsplice_enable": True, "kvsplice_k": 16, "rmlp": True}),
+}
+
+
+def step_overrides(step, known_dests=None):
+    """The flag overrides (argparse dests) of one step; KeyError names the known steps."""
+    if step not in STEPS:
+        raise KeyError(f"unknown ablation step {step!r}; known steps: {', '.join(STEPS)}")
+    overrides = {**_OFF, **STEPS[step][1]}
+    if known_dests is not None:
+        bad = [d for d in overrides if d not in known_dests]
+        assert not bad, f"ablation step {step} overrides undeclared flags {bad}"
+    return overrides
+
+
+def format_steps():
+    lines = [f"{'step':<6} description", f"{'-' * 6} {'-' * 60}"]
+    for step, (desc, _) in STEPS.items():
+        overrides = {k: v for k, v in step_overrides(step).items() if v}
+        flags = " ".join(f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}")
+                         for k, v in overrides.items())
+        lines.append(f"{step:<6} {desc}\n{'':<6}   flags: {flags or '(none)'}")
+    return "\n".join(lines)

@@ -1,0 +1,62 @@
+"""Token memmaps written by gpt2/prepare_data.py, and batches drawn from them.
+
+Every batch is a pure function of (seed, split, iteration, micro-batch index):
+a resumed run sees the same data as an uninterrupted one, and DDP ranks split
+one global batch between them (rank r takes its own micro-batches) instead of
+sampling independently, so N ranks reproduce one process with the same
+global batch.
+"""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+PREPARE_HINT = "run `make data` or `python -m gpt2.prepare_data --dataset {dataset}`"
+
+_SPLIT_SALT = {"train": 0, "val": 1}
+
+
+def dataset_dir_name(dataset):
+    """Directory name under data/ for a --dataset value (file:PATH -> file-<stem>)."""
+    if dataset.startswith("file:"):
+        return "file-" + Path(dataset[5:]).stem
+    return dataset
+
+
+class TokenData:
+    def __init__(self, data_dir, dataset):
+        self.dir = Path(data_dir) / dataset_dir_name(dataset)
+        hint = PREPARE_HINT.format(dataset=dataset)
+        meta_path = self.dir / "meta.json"
+        if not meta_path.exists():
+            raise FileNotFoundError(f"no prepared data for dataset '{dataset}' at {self.dir}: {hint}")
+        self.meta = json.loads(meta_path.read_text())
+        self.splits = {}
+        for split in ("train", "val"):
+            path = self.dir / f"{split}.bin"
+            if not path.exists() or path.stat().st_size == 0:
+                raise FileNotFoundError(f"{path} is missing or empty: {hint}")
+            self.splits[split] = np.memmap(path, dtype=np.uint16, mode="r")
+        self.vocab_size = int(self.meta["vocab_size"])
+
+    def check_block_size(self, block_size):
+        for split, data in self.splits.items():
+            if len(data) <= block_size + 1:
+                raise ValueError(f"{split} split of {self.dir} has {len(data)} tokens, "
+                                 f"fewer than block_size + 2 = {block_size + 2}")
+
+    def get_batch(self, split, batch_size, block_size, seed, step, micro, device="cpu"):
+        """(x, y) int64 tensors of shape (batch_size, block_size)."""
+        data = self.splits[split]
+        g = torch.Generator().manual_seed(
+            (seed * 1_000_003 + _SPLIT_SALT[split]) * 1_000_003 + step * 10_007 + micro)
+        ix = torch.randint(len(data) - block_size - 1, (batch_size,), generator=g).tolist()
+        rows = np.stack([data[i:i + block_size + 1] for i in ix]).astype(np.int64)
+        xy = torch.from_numpy(rows)
+        x, y = xy[:, :-1], xy[:, 1:]
+        if device.startswith("cuda"):
+            return (x.pin_memory().to(device, non_blocking=True),
+                    y.pin_memory().to(device, non_blocking=True))
+        return x.contiguous().to(device), y.contiguous().to(device)

@@ -1,0 +1,357 @@
+"""GPT-2 in plain PyTorch, after nanoGPT's model.py.
+
+Attention keeps GPT-2's ONE combined `c_attn` projection (Q, K, V in one GEMM)
+so Hugging Face GPT-2 weights load as they are. Two research hooks live in
+the attention, both off by default:
+
+- `attn.pruner`: V-only pruning (lib/kv_pruning.py). Keys stay in full; only
+  the kept tokens' V contribute.
+- `attn.kvsplice`: a frozen KVSplice geometry (gpt2/kvsplice.py). V passes
+  through decompress(compress(V)), so training sees exactly what a cache
+  holding the latent would return.
+
+The same attention serves training (full sequence) and decoding (a
+`gpt2.kv_cache.LayerKVCache` per layer), so the two cannot drift apart.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lib.kv_pruning import KEEP_RATIO, VOnlyPruner
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024
+    vocab_size: int = 50257
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True  # GPT-2 uses biases in Linear and LayerNorm
+    # V-only pruning (V19 and later ablation steps)
+    kv_prune: bool = False
+    kv_prune_keep_ratio: float = KEEP_RATIO
+    kv_prune_k_min: int = 64
+    kv_prune_recency: int = 64
+    # Reciprocal MLP (V21)
+    rmlp: bool = False
+    rmlp_rff: int = 64
+
+    @property
+    def head_dim(self):
+        return self.n_embd // self.n_head
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with an optional bias (PyTorch's has no bias=False before 2.1)."""
+
+    def __init__(self, ndim, bias):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(ndim))
+        self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
+
+    def forward(self, x):
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.attn_dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.n_head = config.n_head
+        self.n_embd = config.n_embd
+        self.pruner = (
+            VOnlyPruner(config.kv_prune_keep_ratio, config.kv_prune_k_min,
+                        config.kv_prune_recency, config.block_size)
+            if config.kv_prune else None
+        )
+        self.kvsplice = None  # set by GPT.attach_kvsplice; frozen
+
+    def forward(self, x, cache=None):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        dropout_p = self.attn_dropout if self.training else 0.0
+        if cache is not None:
+            # the cache applies the geometry itself: it stores the latent
+            y = cache(q, k, v)
+        else:
+            if self.kvsplice is not None:
+                v = self.kvsplice.roundtrip(v)
+            if self.pruner is not None:
+                y = self.pruner(q, k, v, dropout_p=dropout_p)
+            else:
+                y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble all head outputs side by side
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, attn_out=None):
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+
+class ReciprocalMLP(nn.Module):
+    """MLP whose up-projection is split in two branches.
+
+    The standard branch (width D_ff - R_ff) sees x; the reciprocal branch
+    (width R_ff) sees x + alpha * attn_out, the same block's attention output.
+    Both are GELU'd, scaled by learned gates initialised to their width
+    fractions, concatenated and projected down. The weights are those of a
+    standard MLP (`c_fc` rows split, same names), so the parameter count and
+    the checkpoint layout are a standard MLP's plus three scalars.
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        d_ff = 4 * config.n_embd
+        if not 0 < config.rmlp_rff < d_ff:
+            raise ValueError(f"rmlp_rff must be in (0, {d_ff}), got {config.rmlp_rff}")
+        self.c_fc = nn.Linear(config.n_embd, d_ff, bias=config.bias)
+        self.c_proj = nn.Linear(d_ff, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+        self.n_std = d_ff - config.rmlp_rff
+        self.alpha = nn.Parameter(torch.tensor(1.0))
+        self.gate_std = nn.Parameter(torch.tensor(self.n_std / d_ff))
+        self.gate_rec = nn.Parameter(torch.tensor(config.rmlp_rff / d_ff))
+
+    def forward(self, x, attn_out):
+        w, b = self.c_fc.weight, self.c_fc.bias
+        n = self.n_std
+        h_std = F.linear(x, w[:n], None if b is None else b[:n])
+        h_rec = F.linear(x + self.alpha * attn_out, w[n:], None if b is None else b[n:])
+        h = torch.cat([self.gate_std * F.gelu(h_std, approximate="tanh"),
+                       self.gate_rec * F.gelu(h_rec, approximate="tanh")], dim=-1)
+        return self.dropout(self.c_proj(h))
+
+
+class Block(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = ReciprocalMLP(config) if config.rmlp else MLP(config)
+
+    def forward(self, x, cache=None):
+        a = self.attn(self.ln_1(x), cache)
+        x = x + a
+        return x + self.mlp(self.ln_2(x), a)
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        assert config.vocab_size is not None and config.block_size is not None
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=LayerNorm(config.n_embd, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight  # weight tying
+        self.kvsplice_meta = None  # the geometry's dict, when one is attached
+        self.apply(self._init_weights)
+        # GPT-2 paper: scaled init of the residual projections
+        for pn, p in self.named_parameters():
+            if pn.endswith("c_proj.weight"):
+                torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def get_num_params(self, non_embedding=True):
+        n = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        if non_embedding:
+            n -= self.transformer.wpe.weight.numel()
+        return n
+
+    def forward(self, idx, targets=None, caches=None):
+        """Returns (logits, loss) as nanoGPT; logits for every position.
+
+        With `caches` (a gpt2.kv_cache.KVCache), idx holds only the new tokens
+        and positions continue from what the cache already holds.
+        """
+        B, T = idx.size()
+        start = caches.length if caches is not None else 0
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of length {start + T} exceeds block_size {self.config.block_size}")
+        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, None if caches is None else caches.layers[i])
+        x = self.transformer.ln_f(x)
+        logits = self.lm_head(x)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+        return logits, loss
+
+    # ---- KVSplice geometry -------------------------------------------------
+
+    def attach_kvsplice(self, geometry):
+        """Put a frozen KVSplice geometry into every attention layer.
+
+        `geometry` is the calibrator's dict (gpt2.calibrate.load_geometry
+        format): one SplinePCA per layer, or one shared by all layers.
+        """
+        from gpt2.calibrate import geometry_modules
+
+        mods = geometry_modules(geometry, self.config)
+        device = self.lm_head.weight.device
+        for block, mod in zip(self.transformer.h, mods):
+            mod.requires_grad_(False)
+            block.attn.kvsplice = mod.to(device)
+        self.kvsplice_meta = geometry
+
+    def model_state_dict(self):
+        """state_dict without the geometry (it is saved as its own dict)."""
+        return {k: v for k, v in self.state_dict().items() if ".kvsplice." not in k}
+
+    # ---- generation with a KV cache ----------------------------------------
+
+    def make_cache(self):
+        from gpt2.kv_cache import KVCache, LayerKVCache
+
+        def make_layer(i):
+            attn = self.transformer.h[i].attn
+            geo = attn.kvsplice
+            return LayerKVCache(pruner=attn.pruner,
+                                v_encode=None if geo is None else geo.compress,
+                                v_decode=None if geo is None else geo.decompress)
+
+        return KVCache(self.config.n_layer, make_layer)
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
+        """Sample max_new_tokens after idx (B, T), decoding through a KV cache.
+
+        The cache holds keys in full and V as the model's attention would use
+        it: only kept tokens (with pruning) and as the k-dim latent (with
+        KVSplice). When the context reaches block_size, the cache is rebuilt
+        from the last block_size // 2 tokens.
+        """
+        bs = self.config.block_size
+        cache = self.make_cache()
+        logits, _ = self(idx[:, -bs:], caches=cache)
+        for _ in range(max_new_tokens):
+            logits = logits[:, -1, :] / max(temperature, 1e-8)
+            if top_k is not None:
+                v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                logits[logits < v[:, [-1]]] = -float("inf")
+            probs = F.softmax(logits, dim=-1)
+            idx_next = torch.multinomial(probs, num_samples=1)
+            idx = torch.cat((idx, idx_next), dim=1)
+            if cache.length >= bs:
+                cache = self.make_cache()
+                logits, _ = self(idx[:, -(bs // 2):], caches=cache)
+            else:
+                logits, _ = self(idx_next, caches=cache)
+        return idx
+
+    # ---- weights -------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, dropout=0.0, **overrides):
+        """Load Hugging Face GPT-2 weights (a local transformers directory with
+        safetensors or pytorch_model.bin, or a hub name when online)."""
+        from transformers import GPT2LMHeadModel
+
+        hf = GPT2LMHeadModel.from_pretrained(name_or_path)
+        return cls.from_hf_model(hf, dropout=dropout, **overrides)
+
+    @classmethod
+    def from_hf_model(cls, hf, dropout=0.0, **overrides):
+        c = hf.config
+        config = GPTConfig(n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd,
+                           block_size=c.n_positions, vocab_size=c.vocab_size,
+                           bias=True, dropout=dropout, **overrides)
+        model = cls(config)
+        model.load_hf_state_dict(hf.state_dict())
+        return model
+
+    def load_hf_state_dict(self, sd_hf):
+        # HF uses Conv1D modules: their weights are the transpose of nn.Linear's
+        transposed = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+        sd = self.state_dict()
+        keys = [k for k in sd if not k.endswith(".attn.bias") and ".kvsplice." not in k]
+        sd_hf = {k: v for k, v in sd_hf.items()
+                 if not k.endswith(".attn.masked_bias") and not k.endswith(".attn.bias")}
+        missing = [k for k in keys if k not in sd_hf]
+        if missing:
+            raise ValueError(f"Hugging Face state dict lacks {len(missing)} keys, e.g. {missing[:3]}")
+        with torch.no_grad():
+            for k in keys:
+                src = sd_hf[k]
+                if k.endswith(transposed):
+                    src = src.t()
+                if src.shape != sd[k].shape:
+                    raise ValueError(f"shape mismatch for {k}: ours {tuple(sd[k].shape)}, HF {tuple(src.shape)}")
+                sd[k].copy_(src)
+
+    @classmethod
+    def from_checkpoint(cls, path, map_location="cpu"):
+        """Rebuild a model with everything its run used (config, geometry)."""
+        ckpt = load_checkpoint(path, map_location)
+        model = cls(GPTConfig(**ckpt["model_config"]))
+        model.load_state_dict(ckpt["model"])
+        if ckpt.get("kvsplice") is not None:
+            model.attach_kvsplice(ckpt["kvsplice"])
+        return model
+
+    def crop_block_size(self, block_size):
+        """Use a shorter context than the loaded weights were trained with (nanoGPT)."""
+        assert block_size <= self.config.block_size
+        self.config.block_size = block_size
+        self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
+        for block in self.transformer.h:
+            if block.attn.pruner is not None:
+                c = self.config
+                block.attn.pruner = VOnlyPruner(c.kv_prune_keep_ratio, c.kv_prune_k_min,
+                                                c.kv_prune_recency, block_size)
+
+    def estimate_mfu(self, tokens_per_iter, dt, peak_flops):
+        """Model FLOPs utilisation (PaLM appendix B), as in nanoGPT."""
+        cfg = self.config
+        N = self.get_num_params()
+        L, H, Q, T = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head, cfg.block_size
+        flops_per_token = 6 * N + 12 * L * H * Q * T
+        return flops_per_token * tokens_per_iter / dt / peak_flops
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """torch.load with a clear error for a missing or unreadable checkpoint."""
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"checkpoint {path} not found") from None
+    except Exception as e:  # truncated or not a torch file
+        raise ValueError(f"checkpoint {path} cannot be read: {e}") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
+        raise ValueError(f"{path} is not a training checkpoint (expected keys 'model' and 'model_config')")
+    return ckpt

@@ -1,0 +1,66 @@
+#!/usr/bin/env python3
+"""Training throughput of the CPU quick-start model (what `make bench-train` prints).
+
+Times forward + backward + AdamW step on random tokens with the quick-start
+shapes (4 layers, 4 heads, 256 dims, block 256, batch 8, compact Shakespeare
+vocabulary of 19,083 ids), for the ablation steps' attention variants side by
+side in one run, so the ratios are not at the mercy of a noisy machine.
+
+    python scripts/bench_train.py [--iters 8] [--steps V0,V19] [--vocab 19083]
+"""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from gpt2.ablations import step_overrides  # noqa: E402
+from gpt2.model import GPT, GPTConfig  # noqa: E402
+
+
+def bench(cfg, batch, iters, warmup=2):
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x = torch.randint(0, cfg.vocab_size, (batch, cfg.block_size))
+    times = []
+    for i in range(warmup + iters):
+        t0 = time.perf_counter()
+        _, loss = model(x, x)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    times.sort()
+    return times[len(times) // 2]  # median
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--iters", type=int, default=8)
+    ap.add_argument("--steps", default="V0,V19", help="attention variants (V20/V21 need a fitted geometry)")
+    ap.add_argument("--vocab", type=int, default=19083)
+    ap.add_argument("--batch-size", type=int, default=8)
+    a = ap.parse_args(argv)
+    torch.set_flush_denormal(True)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; quick-start shapes: 4 layers, "
+          f"4 heads, 256 dims, block 256, batch {a.batch_size}, vocab {a.vocab}; median of {a.iters} iters")
+    base = None
+    for step in a.steps.split(","):
+        o = step_overrides(step)
+        cfg = GPTConfig(n_layer=4, n_head=4, n_embd=256, block_size=256, vocab_size=a.vocab,
+                        kv_prune=o["kv_prune"], kv_prune_k_min=32, kv_prune_recency=32, rmlp=o["rmlp"])
+        dt = bench(cfg, a.batch_size, a.iters)
+        base = base or dt
+        tok = a.batch_size * cfg.block_size / dt
+        print(f"{step:<4} {dt * 1000:8.1f} ms/iter {tok:10,.0f} tokens/s   x{dt / base:.2f} of {a.steps.split(',')[0]}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

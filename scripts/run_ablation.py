@@ -1,0 +1,115 @@
+#!/usr/bin/env python3
+"""Run the ablation steps a .config lists (what `make train` does).
+
+Each step of CONFIG_ABLATION_STEPS runs as its own process (torchrun when
+this machine has more than one GPU), with the same seed and token budget,
+into OUT_DIR/<step>/, as its own wandb run (group = the out dir's name, run
+name = the step). A failing step is reported and the others still run. A
+step with a summary.json is skipped unless --force; one that was
+interrupted (last.pt, no summary.json) resumes. At the end the comparison
+table and plot are written (scripts/compare_runs.py).
+
+    python scripts/run_ablation.py --config .config [--force] [extra train flags...]
+"""
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from gpt2.data import dataset_dir_name  # noqa: E402
+from lib.config import parse_with_config  # noqa: E402
+from train_ra_mla import build_parser  # noqa: E402
+
+
+def ensure_data(args):
+    from gpt2.prepare_data import prepare
+
+    meta = Path(args.data_dir) / dataset_dir_name(args.dataset) / "meta.json"
+    if meta.exists():
+        return
+    print(f"[ablation] preparing dataset {args.dataset} into {args.data_dir}/", flush=True)
+    prepare(args.dataset, args.data_dir, compact_vocab=args.compact_vocab,
+            max_tokens=args.max_tokens or None)
+
+
+def gpu_count():
+    try:
+        import torch
+
+        return torch.cuda.device_count()
+    except Exception:
+        return 0
+
+
+def step_command(config, step, run_dir, group, extra, resume):
+    launcher = [sys.executable]
+    n_gpu = gpu_count()
+    if n_gpu > 1:
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n_gpu}"]
+    cmd = launcher + [str(ROOT / "train_ra_mla.py"), "--config", str(config), "--out-dir", str(run_dir),
+                      "--tracker-group", group, "--tracker-run-name", step or group]
+    if step:
+        cmd += ["--ablation-step", step]
+    if resume:
+        cmd.append("--resume")
+    return cmd + extra
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", required=True, help=".config to run")
+    ap.add_argument("--force", action="store_true", help="rerun steps that already completed")
+    ap.add_argument("--prepare-only", action="store_true", help="only prepare the dataset")
+    ap.add_argument("--steps", default=None, help="override CONFIG_ABLATION_STEPS (comma-separated)")
+    ours, extra = ap.parse_known_args(argv)
+    args = parse_with_config(build_parser(), ["--config", ours.config] + extra)
+    ensure_data(args)
+    if ours.prepare_only:
+        return 0
+
+    steps = [s.strip() for s in (ours.steps or args.ablation_steps).split(",") if s.strip()]
+    from gpt2.ablations import STEPS
+
+    unknown = [s for s in steps if s not in STEPS]
+    if unknown:
+        print(f"unknown ablation step(s) {unknown}; known steps: {', '.join(STEPS)}", file=sys.stderr)
+        return 2
+    out_dir = Path(args.out_dir)
+    group = out_dir.name
+    run_dirs, failed = [], []
+    for n, step in enumerate(steps or [""], 1):
+        run_dir = out_dir / step if step else out_dir
+        label = step or "(single run)"
+        if (run_dir / "summary.json").exists() and not ours.force:
+            print(f"[ablation] {label}: already complete in {run_dir}, skipped (FORCE=1 reruns it)")
+            run_dirs.append(run_dir)
+            continue
+        resume = (run_dir / "last.pt").exists() and not ours.force
+        print(f"\n[ablation] step {n}/{len(steps) or 1}: {label} -> {run_dir}"
+              f"{' (resuming)' if resume else ''}", flush=True)
+        t0 = time.time()
+        rc = subprocess.call(step_command(ours.config, step, run_dir, group, extra, resume), cwd=ROOT)
+        if rc != 0:
+            print(f"[ablation] {label} FAILED (exit {rc}) after {time.time() - t0:.0f}s; continuing")
+            failed.append(label)
+            continue
+        print(f"[ablation] {label} done in {time.time() - t0:.0f}s")
+        run_dirs.append(run_dir)
+
+    if len(steps) > 1 and run_dirs:
+        from scripts.compare_runs import write_comparison
+
+        write_comparison(run_dirs, out_dir)
+    if failed:
+        print(f"[ablation] failed steps: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,40 @@
+"""Shared fixtures: a small prepared corpus and tiny-model flags.
+
+Everything runs on CPU, offline, in seconds: the corpus is the first 60k
+tokens of the shipped Shakespeare, with a compact vocabulary.
+"""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+torch.set_flush_denormal(True)
+
+
+@pytest.fixture(scope="session")
+def tiny_data_dir(tmp_path_factory):
+    from gpt2.prepare_data import prepare
+
+    data_dir = tmp_path_factory.mktemp("data")
+    prepare("shakespeare", data_dir, compact_vocab=True, max_tokens=60_000)
+    return data_dir
+
+
+def tiny_argv(data_dir, out_dir, *extra):
+    """Flags for a 2-layer, 2-head, 64-dim model (head_dim 32) that trains in seconds."""
+    return ["--data-dir", str(data_dir), "--dataset", "shakespeare", "--out-dir", str(out_dir),
+            "--n-layer", "2", "--n-head", "2", "--n-embd", "64", "--block-size", "64",
+            "--batch-size", "4", "--learning-rate", "3e-3", "--warmup-iters", "5",
+            "--max-iters", "30", "--eval-interval", "10", "--eval-iters", "2",
+            "--log-interval", "1", "--tracker", "none", "--device", "cpu", *extra]
+
+
+def tiny_args(data_dir, out_dir, *extra):
+    from train_ra_mla import parse_args
+
+    return parse_args(tiny_argv(data_dir, out_dir, *extra))

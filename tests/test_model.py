@@ -1,0 +1,94 @@
+import pytest
+import torch
+
+from gpt2.model import GPT, GPTConfig, MLP, ReciprocalMLP
+
+
+def small_hf():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_layer=2, n_head=4, n_embd=64, n_positions=32, vocab_size=101,
+                     bos_token_id=0, eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    hf = GPT2LMHeadModel(cfg).eval()
+    with torch.no_grad():  # make biases and LayerNorms non-trivial, so a mis-mapping shows
+        for name, p in hf.named_parameters():
+            if name.endswith("bias") or ".ln_" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return hf
+
+
+def test_hf_weight_parity():
+    hf = small_hf()
+    model = GPT.from_hf_model(hf).eval()
+    idx = torch.randint(0, 101, (3, 32))
+    with torch.no_grad():
+        ours, _ = model(idx)
+        theirs = hf(idx).logits
+    assert torch.allclose(ours, theirs, atol=1e-4), (ours - theirs).abs().max()
+
+
+def test_from_pretrained_local_directory(tmp_path):
+    hf = small_hf()
+    hf.save_pretrained(tmp_path)  # safetensors
+    model = GPT.from_pretrained(str(tmp_path)).eval()
+    idx = torch.randint(0, 101, (2, 16))
+    with torch.no_grad():
+        assert torch.allclose(model(idx)[0], hf(idx).logits, atol=1e-4)
+
+
+def test_forward_returns_logits_and_loss():
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=50))
+    idx = torch.randint(0, 50, (2, 16))
+    logits, loss = model(idx, idx)
+    assert logits.shape == (2, 16, 50)
+    assert loss.ndim == 0 and abs(loss.item() - torch.log(torch.tensor(50.0)).item()) < 0.5
+    logits, loss = model(idx)
+    assert loss is None
+
+
+def test_too_long_sequence_is_an_error():
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=8, vocab_size=50))
+    with pytest.raises(ValueError, match="exceeds block_size 8"):
+        model(torch.zeros(1, 9, dtype=torch.long))
+
+
+@pytest.mark.parametrize("prune", [False, True])
+def test_generate_through_cache_matches_full_forward(prune):
+    torch.manual_seed(0)
+    cfg = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=48, vocab_size=40,
+                    kv_prune=prune, kv_prune_k_min=8, kv_prune_recency=4)
+    model = GPT(cfg).eval()
+    idx = torch.randint(0, 40, (2, 40))
+    with torch.no_grad():
+        full, _ = model(idx)
+        cache = model.make_cache()
+        steps = [model(idx[:, :10], caches=cache)[0]]
+        for t in range(10, 40):
+            steps.append(model(idx[:, t:t + 1], caches=cache)[0])
+    inc = torch.cat(steps, dim=1)
+    assert torch.allclose(inc, full, atol=1e-4), (inc - full).abs().max()
+    out = model.generate(idx[:, :5], 50, temperature=1.0, top_k=5)  # runs past block_size
+    assert out.shape == (2, 55)
+
+
+def test_rmlp_parameter_count_and_shape():
+    cfg = GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=8, vocab_size=10, rmlp=True, rmlp_rff=16)
+    std, rec = MLP(cfg), ReciprocalMLP(cfg)
+    n_std = sum(p.numel() for p in std.parameters())
+    assert sum(p.numel() for p in rec.parameters()) == n_std + 3  # alpha and two gates
+    x, a = torch.randn(2, 8, 32), torch.randn(2, 8, 32)
+    assert rec(x, a).shape == (2, 8, 32)
+    assert rec.gate_std.item() == pytest.approx((128 - 16) / 128)
+    assert rec.gate_rec.item() == pytest.approx(16 / 128)
+
+
+def test_rmlp_with_alpha_zero_and_unit_gates_is_a_standard_mlp():
+    cfg = GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=8, vocab_size=10, rmlp=True, rmlp_rff=16)
+    std, rec = MLP(cfg), ReciprocalMLP(cfg)
+    rec.load_state_dict({**std.state_dict(), "alpha": torch.tensor(0.0),
+                         "gate_std": torch.tensor(1.0), "gate_rec": torch.tensor(1.0)})
+    x, a = torch.randn(2, 8, 32), torch.randn(2, 8, 32)
+    assert torch.allclose(rec(x, a), std(x), atol=1e-6)
+    rec.alpha.data.fill_(1.0)  # and the reciprocal branch really sees the attention output
+    assert not torch.allclose(rec(x, a), std(x), atol=1e-4)

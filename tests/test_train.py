@@ -1,0 +1,78 @@
+import json
+
+import pytest
+import torch
+
+from conftest import tiny_args
+from gpt2.model import GPT
+from gpt2.train import train
+from lib.tracking import read_metrics
+
+
+def losses_by_iter(run_dir):
+    return {r["iter"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}
+
+
+def test_tiny_training_lowers_the_loss(tiny_data_dir, tmp_path):
+    summary = train(tiny_args(tiny_data_dir, tmp_path / "run"))
+    evals = [r for r in read_metrics(tmp_path / "run") if "val_loss" in r]
+    assert [e["iter"] for e in evals] == [10, 20, 30]
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 0.3
+    assert summary["final_val_loss"] < summary["unigram_entropy"] + 1.0
+    on_disk = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert on_disk["final_val_loss"] == pytest.approx(summary["final_val_loss"])
+    assert on_disk["iters"] == 30 and on_disk["tokens"] == 30 * 4 * 64
+    for name in ("best.pt", "last.pt"):
+        assert (tmp_path / "run" / name).exists()
+    assert not list((tmp_path / "run").glob("*.tmp"))
+
+
+def test_checkpoint_rebuilds_model_and_generates(tiny_data_dir, tmp_path):
+    train(tiny_args(tiny_data_dir, tmp_path / "run", "--max-iters", "10", "--kv-prune",
+                    "--kv-prune-k-min", "16", "--kv-prune-recency", "8"))
+    ckpt = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
+    assert ckpt["iter"] == 10 and ckpt["args"]["kv_prune"] is True
+    assert {"model", "optimizer", "rng", "model_config"} <= set(ckpt)
+    model = GPT.from_checkpoint(tmp_path / "run" / "last.pt")
+    assert model.config.kv_prune and model.config.n_layer == 2
+    out = model.eval().generate(torch.zeros(1, 1, dtype=torch.long), 20)
+    assert out.shape == (1, 21)
+
+
+def test_resume_reproduces_the_uninterrupted_run(tiny_data_dir, tmp_path):
+    extra = ("--max-iters", "40", "--dropout", "0.1")  # dropout: RNG state must be restored too
+    train(tiny_args(tiny_data_dir, tmp_path / "straight", *extra))
+
+    def kill_at_20(it):
+        if it == 20:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_args(tiny_data_dir, tmp_path / "killed", *extra), on_iter=kill_at_20)
+    assert torch.load(tmp_path / "killed" / "last.pt", weights_only=False)["iter"] == 20
+    train(tiny_args(tiny_data_dir, tmp_path / "killed", *extra, "--resume"))
+
+    straight, resumed = losses_by_iter(tmp_path / "straight"), losses_by_iter(tmp_path / "killed")
+    assert sorted(resumed) == list(range(1, 41))
+    for it in range(21, 41):
+        assert resumed[it] == pytest.approx(straight[it], abs=1e-6), it
+
+
+def test_missing_data_names_the_prepare_command(tmp_path):
+    with pytest.raises(FileNotFoundError, match="make data"):
+        train(tiny_args(tmp_path / "nowhere", tmp_path / "run"))
+
+
+def test_bad_arguments_fail_before_training(tiny_data_dir, tmp_path):
+    with pytest.raises(ValueError, match="kvsplice-k must be in"):
+        train(tiny_args(tiny_data_dir, tmp_path / "run", "--kvsplice-enable", "--kvsplice-k", "33"))
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+
+def test_time_budget_ends_the_schedule_at_min_lr(tiny_data_dir, tmp_path):
+    from gpt2.train import learning_rate, schedule_progress
+
+    args = tiny_args(tiny_data_dir, tmp_path / "run", "--max-iters", "100000", "--max-time", "60")
+    lr_end = learning_rate(50, schedule_progress(50, 60.0, args), args)
+    assert lr_end == pytest.approx(args.learning_rate * args.min_lr_ratio)
+    assert learning_rate(50, schedule_progress(50, 30.0, args), args) > lr_end

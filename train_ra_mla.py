@@ -1,0 +1,138 @@
+#!/usr/bin/env python3
+"""Train GPT-2 with optional V-only KV pruning and KVSplice compression.
+
+Single process:   python train_ra_mla.py --config .config [--flag value ...]
+Several GPUs:     torchrun --nproc_per_node=N train_ra_mla.py --config .config
+
+Every flag is declared here, once. A Kconfig symbol CONFIG_FOO_BAR sets the
+default of --foo-bar (lib/config.py); an --ablation-step applies its row of
+gpt2/ablations.py; a flag on the command line overrides both.
+"""
+
+import argparse
+import sys
+
+from lib.kv_pruning import KEEP_RATIO
+
+
+def build_parser():
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    B = argparse.BooleanOptionalAction
+
+    g = p.add_argument_group("run")
+    g.add_argument("--config", default=None, help="a .config file (Kconfig) giving the defaults")
+    g.add_argument("--out-dir", default="out/run", help="run directory: checkpoints, metrics.jsonl, summary.json")
+    g.add_argument("--resume", action=B, default=False, help="continue from OUT_DIR/last.pt")
+    g.add_argument("--seed", type=int, default=1337, help="seed for init, data order and dropout")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="autocast dtype; auto = bfloat16 on CUDA when supported, float32 on CPU")
+    g.add_argument("--compile", action=B, default=False, help="torch.compile the model")
+    g.add_argument("--sample-tokens", type=int, default=0,
+                   help="after training, generate this many tokens through the KV cache")
+    g.add_argument("--peak-flops", type=float, default=312e12,
+                   help="accelerator peak FLOP/s for MFU (A100 bf16: 312e12)")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", default="shakespeare",
+                   help="shakespeare, file:PATH, finewebedu or openwebtext")
+    g.add_argument("--data-dir", default="data", help="where prepared datasets live")
+    g.add_argument("--compact-vocab", action=B, default=False,
+                   help="when preparing data: remap to the ids present (small LM head)")
+    g.add_argument("--max-tokens", type=int, default=0,
+                   help="when preparing data: cap on tokens (0 = dataset default)")
+
+    g = p.add_argument_group("model")
+    g.add_argument("--init-from", default="scratch",
+                   help="scratch, a Hugging Face GPT-2 directory, or a hub name such as gpt2")
+    g.add_argument("--n-layer", type=int, default=12, help="transformer blocks")
+    g.add_argument("--n-head", type=int, default=12, help="attention heads (head_dim = n_embd / n_head)")
+    g.add_argument("--n-embd", type=int, default=768, help="embedding width")
+    g.add_argument("--block-size", type=int, default=1024, help="context length in tokens")
+    g.add_argument("--dropout", type=float, default=0.0, help="dropout probability (0 for pretraining)")
+    g.add_argument("--bias", action=B, default=True, help="biases in Linear and LayerNorm")
+    g.add_argument("--rmlp", action=B, default=False, help="Reciprocal MLP (V21)")
+    g.add_argument("--rmlp-rff", type=int, default=64, help="width of the reciprocal branch")
+
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--batch-size", type=int, default=12, help="micro-batch size per process")
+    g.add_argument("--grad-accum", type=int, default=1,
+                   help="micro-batches per iteration, over all processes (divided across DDP ranks)")
+    g.add_argument("--learning-rate", type=float, default=6e-4, help="peak learning rate (after warmup)")
+    g.add_argument("--min-lr-ratio", type=float, default=0.1, help="final LR as a fraction of --learning-rate")
+    g.add_argument("--warmup-iters", type=int, default=100, help="linear LR warmup iterations")
+    g.add_argument("--max-iters", type=int, default=5000, help="iterations; the LR schedule spans them")
+    g.add_argument("--max-time", type=float, default=0.0,
+                   help="time budget in seconds (0 = none); the LR schedule follows whichever budget "
+                        "runs out first, so a time-bounded run still ends at the minimum LR")
+    g.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay on weight matrices")
+    g.add_argument("--beta1", type=float, default=0.9, help="AdamW beta1")
+    g.add_argument("--beta2", type=float, default=0.95, help="AdamW beta2")
+    g.add_argument("--grad-clip", type=float, default=1.0, help="0 disables clipping")
+
+    g = p.add_argument_group("evaluation and logging")
+    g.add_argument("--eval-interval", type=int, default=250, help="also when checkpoints are written")
+    g.add_argument("--eval-iters", type=int, default=20, help="batches per split for each evaluation")
+    g.add_argument("--log-interval", type=int, default=10, help="iterations between progress lines")
+    g.add_argument("--tracker", default="auto", choices=["auto", "wandb", "none"],
+                   help="auto: wandb online when logged in, offline otherwise")
+    g.add_argument("--tracker-project", default="kvsplice", help="wandb project")
+    g.add_argument("--tracker-run-name", default=None, help="wandb run name (default: wandb picks one)")
+    g.add_argument("--tracker-group", default=None, help="wandb group (make train: the defconfig name)")
+
+    g = p.add_argument_group("V-only KV pruning")
+    g.add_argument("--kv-prune", action=B, default=False, help="keep V only for the most important tokens")
+    g.add_argument("--kv-prune-keep-ratio", type=float, default=KEEP_RATIO,
+                   help="fraction of block_size whose V is kept (1/(1+golden ratio): 391 of 1024)")
+    g.add_argument("--kv-prune-k-min", type=int, default=64, help="never keep fewer V than this")
+    g.add_argument("--kv-prune-recency", type=int, default=64, help="the most recent tokens always kept")
+
+    g = p.add_argument_group("KVSplice")
+    g.add_argument("--kvsplice-enable", action=B, default=False,
+                   help="calibrate a KVSplice geometry during warmup and use it in attention")
+    g.add_argument("--kvsplice-k", type=int, default=64, help="latent dims per head")
+    g.add_argument("--kvsplice-knots", type=int, default=7, help="spline knots per dimension")
+    g.add_argument("--kvsplice-samples", type=int, default=120000, help="max V vectors kept per layer")
+    g.add_argument("--kvsplice-save", default="kvsplice.pt", help="geometry file, relative to --out-dir")
+    g.add_argument("--kvsplice-max-batches", type=int, default=64, help="forward passes used for collection")
+    g.add_argument("--kvsplice-epochs", type=int, default=8, help="fit epochs")
+    g.add_argument("--kvsplice-lr", type=float, default=2e-3, help="fit learning rate")
+    g.add_argument("--kvsplice-load", default=None, help="use a saved geometry instead of calibrating")
+    g.add_argument("--kvsplice-calib-iter", type=int, default=None,
+                   help="iteration at which calibration runs (default: end of LR warmup)")
+    g.add_argument("--kvsplice-shared", action=B, default=False, help="one geometry for all layers")
+    g.add_argument("--kvsplice-strategy", default="A", choices=["A", "B"],
+                   help="with pruning: A prunes then compresses kept V, B compresses all then selects")
+    g.add_argument("--kvsplice-dump-samples", default=None,
+                   help="also save the collected V samples (per layer) to this .pt file")
+
+    g = p.add_argument_group("ablations")
+    g.add_argument("--ablation-step", default=None, help="apply one step of gpt2/ablations.py (e.g. V20)")
+    g.add_argument("--ablation-steps", default="",
+                   help="comma-separated steps that `make train` (scripts/run_ablation.py) runs")
+    g.add_argument("--list-steps", action="store_true", help="print the ablation steps and exit")
+    return p
+
+
+def parse_args(argv=None):
+    from lib.config import parse_with_config
+
+    return parse_with_config(build_parser(), argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.list_steps:
+        from gpt2.ablations import format_steps
+
+        print(format_steps())
+        return 0
+    from gpt2.train import train
+
+    train(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
