@@ -38,6 +38,8 @@ class GPTConfig:
     kv_prune_keep_ratio: float = KEEP_RATIO
     kv_prune_k_min: int = 64
     kv_prune_recency: int = 64
+    # with both pruning and KVSplice: "A" prunes then compresses, "B" compresses then selects
+    kvsplice_strategy: str = "A"
     # Reciprocal MLP (V21)
     rmlp: bool = False
     rmlp_rff: int = 64
@@ -75,6 +77,7 @@ class CausalSelfAttention(nn.Module):
             if config.kv_prune else None
         )
         self.kvsplice = None  # set by GPT.attach_kvsplice; frozen
+        self.kvsplice_strategy = config.kvsplice_strategy
 
     def forward(self, x, cache=None):
         B, T, C = x.size()
@@ -87,11 +90,14 @@ class CausalSelfAttention(nn.Module):
             # the cache applies the geometry itself: it stores the latent
             y = cache(q, k, v)
         else:
-            if self.kvsplice is not None:
-                v = self.kvsplice.roundtrip(v)
-            if self.pruner is not None:
-                y = self.pruner(q, k, v, dropout_p=dropout_p)
+            geometry = None if self.kvsplice is None else self.kvsplice.roundtrip
+            if self.pruner is not None and self.kvsplice_strategy == "A":
+                y = self.pruner(q, k, v, dropout_p=dropout_p, v_transform=geometry)  # prune, then compress
+            elif self.pruner is not None:
+                y = self.pruner(q, k, geometry(v) if geometry else v, dropout_p=dropout_p)  # compress all, select
             else:
+                if geometry is not None:
+                    v = geometry(v)
                 y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble all head outputs side by side
         return self.resid_dropout(self.c_proj(y))

@@ -92,7 +92,7 @@ def model_config_from_args(args, vocab_size):
         n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout, bias=args.bias,
         kv_prune=args.kv_prune, kv_prune_keep_ratio=args.kv_prune_keep_ratio,
         kv_prune_k_min=args.kv_prune_k_min, kv_prune_recency=args.kv_prune_recency,
-        rmlp=args.rmlp, rmlp_rff=args.rmlp_rff,
+        kvsplice_strategy=args.kvsplice_strategy, rmlp=args.rmlp, rmlp_rff=args.rmlp_rff,
     )
 
 
@@ -111,7 +111,8 @@ def build_model(args, data, ckpt):
                              f"{data.dir} was prepared with --compact-vocab")
         base = model_config_from_args(args, data.vocab_size)
         features = {k: getattr(base, k) for k in ("kv_prune", "kv_prune_keep_ratio", "kv_prune_k_min",
-                                                   "kv_prune_recency", "rmlp", "rmlp_rff")}
+                                                   "kv_prune_recency", "kvsplice_strategy",
+                                                   "rmlp", "rmlp_rff")}
         model = GPT.from_pretrained(args.init_from, dropout=args.dropout, **features)
         if args.block_size < model.config.block_size:
             model.crop_block_size(args.block_size)

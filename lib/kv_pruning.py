@@ -135,12 +135,21 @@ class VOnlyPruner(nn.Module):
     def extra_repr(self):
         return f"budget={self.budget}, recency={self.recency}, block_size={self.block_size}"
 
-    def forward(self, q, k, v, dropout_p=0.0):
-        """q, k, v: (B, nh, T, hs) -> y (B, nh, T, hs) in q's dtype."""
+    def forward(self, q, k, v, dropout_p=0.0, v_transform=None):
+        """q, k, v: (B, nh, T, hs) -> y (B, nh, T, hs) in q's dtype.
+
+        v_transform (e.g. a KVSplice roundtrip, vectors in, same shape out) is
+        applied after selection, to the values some query keeps: prune, then
+        compress (Strategy A). Every token is kept while in its own recency
+        window, so that is every value, and A equals compressing all values
+        before selection (Strategy B); a test holds the two equal.
+        """
         B, nh, T, hs = q.shape
         if T > self.block_size:
             raise ValueError(f"sequence length {T} exceeds block_size {self.block_size}")
         if T <= self.budget:  # every query keeps everything: plain (flash) attention
+            if v_transform is not None:
+                v = v_transform(v)
             return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
         att = (q.float() @ k.float().transpose(-2, -1)) * (1.0 / math.sqrt(hs))  # (B, nh, T, T)
         causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
@@ -148,6 +157,13 @@ class VOnlyPruner(nn.Module):
         with torch.no_grad():  # the selection is discrete: no gradient through it
             scores = importance_scores(F.softmax(att, dim=-1), self.recency)  # (B, nh, T)
             keep = keep_mask(scores, self.budget, self.recency)  # (B, nh, T, T)
+            used = keep.any(dim=-2)  # (B, nh, T): values that some query reads
+        if v_transform is not None:
+            if bool(used.all()):
+                v = v_transform(v)
+            else:
+                v = v.clone()
+                v[used] = v_transform(v[used])  # (N, hs) rows
         # softmax over the kept logits == P * keep renormalised, and never 0/0:
         # the diagonal is always kept
         att = F.softmax(att.masked_fill(~keep, float("-inf")), dim=-1)

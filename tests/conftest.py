@@ -14,6 +14,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 torch.set_flush_denormal(True)
+# Tiny models: one thread is as fast as two, and far faster when the other
+# core is busy (OpenMP threads spin-wait on each other).
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
