@@ -3,15 +3,18 @@
 
     python scripts/compare_runs.py RUN_DIR... [--out DIR]
 
-Reads each run's summary.json and metrics.jsonl (never wandb), writes
-DIR/summary.md (final val loss, perplexity, delta vs V0 and vs V19, V-cache
-elements and bytes per head at block_size, training tokens/s) and
-DIR/val_loss.png (val loss vs training tokens, one line per run).
+Reads each run's summary.json and metrics.jsonl (never wandb) and writes
+DIR/summary.md and DIR/val_loss.png. Runs of the same step (several seeds)
+are pooled: the table gives mean +- sd of the final val loss over seeds and
+the plot the mean curve. Columns: final val loss, perplexity, delta vs V0 and
+vs V19, V-cache elements and bytes per head at block_size (read off a real
+cache at the end of training), training tokens/s.
 """
 
 import argparse
 import json
 import math
+import statistics
 import sys
 from pathlib import Path
 
@@ -28,8 +31,19 @@ def load_run(run_dir):
         raise FileNotFoundError(f"{path} not found: the run did not finish")
     summary = json.loads(path.read_text())
     evals = [r for r in read_metrics(run_dir) if "val_loss" in r]
-    name = summary.get("step") or run_dir.name
-    return {"name": name, "dir": run_dir, "summary": summary, "evals": evals}
+    return {"name": summary.get("step") or run_dir.name, "dir": run_dir, "summary": summary, "evals": evals}
+
+
+def group_runs(runs):
+    """{step: [runs]} in first-seen order."""
+    groups = {}
+    for r in runs:
+        groups.setdefault(r["name"], []).append(r)
+    return groups
+
+
+def _mean_sd(values):
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
 def _delta(value, ref):
@@ -39,17 +53,20 @@ def _delta(value, ref):
 
 
 def summary_table(runs):
-    ref = {r["name"]: r["summary"]["final_val_loss"] for r in runs}
-    lines = ["| step | final val loss | ppl | vs V0 | vs V19 | V elements/head | V bytes/head | train tok/s |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in runs:
-        s = r["summary"]
-        vc = s.get("v_cache") or {}
-        tps = f"{s['tokens_per_s']:,.0f}" if s.get("tokens_per_s") else "n/a"
+    groups = group_runs(runs)
+    means = {name: _mean_sd([r["summary"]["final_val_loss"] for r in rs])[0] for name, rs in groups.items()}
+    seeded = any(len(rs) > 1 for rs in groups.values())
+    lines = ["| step | runs | final val loss | ppl | vs V0 | vs V19 | V elements/head | V bytes/head | train tok/s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, rs in groups.items():
+        mean, sd = _mean_sd([r["summary"]["final_val_loss"] for r in rs])
+        loss = f"{mean:.4f} +- {sd:.4f}" if seeded else f"{mean:.4f}"
+        vc = rs[0]["summary"].get("v_cache") or {}
+        tps = [r["summary"]["tokens_per_s"] for r in rs if r["summary"].get("tokens_per_s")]
         lines.append(
-            f"| {r['name']} | {s['final_val_loss']:.4f} | {math.exp(s['final_val_loss']):.2f} | "
-            f"{_delta(s['final_val_loss'], ref.get('V0'))} | {_delta(s['final_val_loss'], ref.get('V19'))} | "
-            f"{vc.get('elements_per_head', 'n/a'):,} | {vc.get('bytes_per_head', 'n/a'):,} | {tps} |")
+            f"| {name} | {len(rs)} | {loss} | {math.exp(mean):.2f} | {_delta(mean, means.get('V0'))} | "
+            f"{_delta(mean, means.get('V19'))} | {vc.get('elements_per_head', 'n/a'):,} | "
+            f"{vc.get('bytes_per_head', 'n/a'):,} | {statistics.fmean(tps) if tps else float('nan'):,.0f} |")
     return "\n".join(lines)
 
 
@@ -60,10 +77,16 @@ def plot_val_loss(runs, path):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in runs:
-        pts = [(e["tokens"], e["val_loss"]) for e in r["evals"]]
-        if pts:
-            ax.plot(*zip(*pts), marker="o", label=r["name"])
+    for name, rs in group_runs(runs).items():
+        by_tokens = {}
+        for r in rs:
+            for e in r["evals"]:
+                by_tokens.setdefault(e["tokens"], []).append(e["val_loss"])
+        if not by_tokens:
+            continue
+        xs = sorted(by_tokens)
+        ys = [statistics.fmean(by_tokens[x]) for x in xs]
+        ax.plot(xs, ys, marker="o", label=f"{name} (mean of {len(rs)})" if len(rs) > 1 else name)
     ax.set_xlabel("training tokens")
     ax.set_ylabel("val loss")
     ax.set_title("validation loss per ablation step")
@@ -80,8 +103,8 @@ def write_comparison(run_dirs, out_dir):
     runs = [load_run(d) for d in run_dirs]
     out_dir = Path(out_dir)
     table = summary_table(runs)
-    text = (f"# Ablation summary\n\nRuns: {', '.join(str(r['dir']) for r in runs)}\n\n{table}\n\n"
-            f"Regenerate: `python scripts/compare_runs.py {' '.join(str(r['dir']) for r in runs)}`\n")
+    dirs = " ".join(str(r["dir"]) for r in runs)
+    text = f"# Ablation summary\n\n{table}\n\nRegenerate: `python scripts/compare_runs.py {dirs} --out {out_dir}`\n"
     tmp = out_dir / "summary.md.tmp"
     tmp.write_text(text)
     tmp.replace(out_dir / "summary.md")

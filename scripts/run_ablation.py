@@ -66,6 +66,9 @@ def main(argv=None):
     ap.add_argument("--force", action="store_true", help="rerun steps that already completed")
     ap.add_argument("--prepare-only", action="store_true", help="only prepare the dataset")
     ap.add_argument("--steps", default=None, help="override CONFIG_ABLATION_STEPS (comma-separated)")
+    ap.add_argument("--seeds", default=None,
+                    help="comma-separated seeds: run the whole matrix once per seed into OUT_DIR/seed<N>/<step>/; "
+                         "the summary then gives mean +- sd per step")
     ours, extra = ap.parse_known_args(argv)
     args = parse_with_config(build_parser(), ["--config", ours.config] + extra)
     ensure_data(args)
@@ -81,19 +84,23 @@ def main(argv=None):
         return 2
     out_dir = Path(args.out_dir)
     group = out_dir.name
+    seeds = [int(s) for s in ours.seeds.split(",")] if ours.seeds else [None]
+    plan = [(seed, step) for seed in seeds for step in (steps or [""])]
     run_dirs, failed = [], []
-    for n, step in enumerate(steps or [""], 1):
-        run_dir = out_dir / step if step else out_dir
-        label = step or "(single run)"
+    for n, (seed, step) in enumerate(plan, 1):
+        base = out_dir if seed is None else out_dir / f"seed{seed}"
+        run_dir = base / step if step else base
+        label = (step or "(single run)") + ("" if seed is None else f" seed {seed}")
+        seed_flags = [] if seed is None else ["--seed", str(seed), "--tracker-run-name", f"{step}-seed{seed}"]
         if (run_dir / "summary.json").exists() and not ours.force:
             print(f"[ablation] {label}: already complete in {run_dir}, skipped (FORCE=1 reruns it)")
             run_dirs.append(run_dir)
             continue
         resume = (run_dir / "last.pt").exists() and not ours.force
-        print(f"\n[ablation] step {n}/{len(steps) or 1}: {label} -> {run_dir}"
+        print(f"\n[ablation] run {n}/{len(plan)}: {label} -> {run_dir}"
               f"{' (resuming)' if resume else ''}", flush=True)
         t0 = time.time()
-        rc = subprocess.call(step_command(ours.config, step, run_dir, group, extra, resume), cwd=ROOT)
+        rc = subprocess.call(step_command(ours.config, step, run_dir, group, extra + seed_flags, resume), cwd=ROOT)
         if rc != 0:
             print(f"[ablation] {label} FAILED (exit {rc}) after {time.time() - t0:.0f}s; continuing")
             failed.append(label)
@@ -101,7 +108,7 @@ def main(argv=None):
         print(f"[ablation] {label} done in {time.time() - t0:.0f}s")
         run_dirs.append(run_dir)
 
-    if len(steps) > 1 and run_dirs:
+    if len(plan) > 1 and run_dirs:
         from scripts.compare_runs import write_comparison
 
         write_comparison(run_dirs, out_dir)

@@ -1,0 +1,86 @@
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+from gpt2.ablations import STEPS, format_steps, step_overrides
+from train_ra_mla import build_parser, parse_args
+
+
+def test_every_step_overrides_declared_flags_only():
+    dests = {a.dest for a in build_parser()._actions}
+    for step in STEPS:
+        assert set(step_overrides(step, dests)) <= dests
+
+
+def test_step_table_lookup():
+    assert step_overrides("V0") == {"kv_prune": False, "kvsplice_enable": False, "rmlp": False}
+    assert step_overrides("V19")["kv_prune"] is True
+    v20 = step_overrides("V20")
+    assert v20["kv_prune"] and v20["kvsplice_enable"] and v20["kvsplice_k"] == 16 and not v20["rmlp"]
+    assert step_overrides("V21")["rmlp"] is True
+    args = parse_args(["--ablation-step", "V21"])
+    assert args.rmlp and args.kv_prune and args.kvsplice_enable and args.kvsplice_k == 16
+
+
+def test_unknown_step_lists_the_known_ones():
+    with pytest.raises(KeyError, match="known steps: V0, V19, V20, V21"):
+        step_overrides("V99")
+    r = subprocess.run([sys.executable, str(ROOT / "train_ra_mla.py"), "--ablation-step", "V99"],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 2 and "known steps: V0, V19, V20, V21" in r.stderr
+
+
+def test_list_steps_prints_the_table():
+    r = subprocess.run([sys.executable, str(ROOT / "train_ra_mla.py"), "--list-steps"],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0
+    for step in STEPS:
+        assert f"\n{step} " in r.stdout
+    assert r.stdout.strip() == format_steps()
+
+
+def tiny_config(path, data_dir, out_dir, extra=()):
+    lines = [f'CONFIG_DATA_DIR="{data_dir}"', f'CONFIG_OUT_DIR="{out_dir}"', "CONFIG_N_LAYER=1",
+             "CONFIG_N_HEAD=2", "CONFIG_N_EMBD=32", "CONFIG_BLOCK_SIZE=64", "CONFIG_BATCH_SIZE=4",
+             "CONFIG_MAX_ITERS=8", "CONFIG_WARMUP_ITERS=2", "CONFIG_EVAL_INTERVAL=4", "CONFIG_EVAL_ITERS=1",
+             'CONFIG_TRACKER="none"', 'CONFIG_DEVICE="cpu"', "CONFIG_KV_PRUNE_K_MIN=16",
+             "CONFIG_KV_PRUNE_RECENCY=8", 'CONFIG_ABLATION_STEPS="V0,V19"', *extra]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def run_matrix(config, *flags):
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / "run_ablation.py"), "--config", str(config),
+                           *flags], capture_output=True, text=True, cwd=ROOT, timeout=600,
+                          env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+
+
+def test_two_step_matrix_writes_summary_and_plot_and_skips_completed(tiny_data_dir, tmp_path):
+    out = tmp_path / "runs" / "tiny"
+    config = tiny_config(tmp_path / ".config", tiny_data_dir, out)
+    r = run_matrix(config)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    for step in ("V0", "V19"):
+        assert (out / step / "summary.json").exists() and (out / step / "metrics.jsonl").exists()
+    summary = (out / "summary.md").read_text()
+    assert "| V0 | 1 |" in summary and "| V19 | 1 |" in summary
+    assert "V elements/head" in summary and "vs V19" in summary
+    assert (out / "val_loss.png").stat().st_size > 5000
+    # V19 keeps V for max(16, int(64 * 0.382)) = 24 tokens x 16 dims, V0 all 64
+    assert "| 1,024 |" in summary and "| 384 |" in summary
+
+    again = run_matrix(config)
+    assert again.returncode == 0 and again.stdout.count("already complete") == 2
+
+
+def test_a_failing_step_is_reported_and_the_others_still_run(tiny_data_dir, tmp_path):
+    out = tmp_path / "runs" / "broken"
+    # recency 64 > budget max(8, 24): V19's pruner refuses to build; V0 is unaffected
+    config = tiny_config(tmp_path / ".config", tiny_data_dir, out,
+                         ["CONFIG_KV_PRUNE_K_MIN=8", "CONFIG_KV_PRUNE_RECENCY=64",
+                          'CONFIG_ABLATION_STEPS="V19,V0"'])
+    r = run_matrix(config)
+    assert r.returncode == 1
+    assert "V19 FAILED" in r.stdout and (out / "V0" / "summary.json").exists()
