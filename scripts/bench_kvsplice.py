@@ -1,0 +1,98 @@
+"""KVSplice speed, side by side with plain PCA (figures, not a pass/fail test).
+
+    python scripts/bench_kvsplice.py            (or: make bench-kvsplice)
+
+1. fit time for 120,000 x 64 fp32 samples, k=16, 7 knots, 8 epochs
+   (target: at most 15 s on 2 CPU cores), and its ratio to one PCA fit;
+2. compress + decompress throughput for 1,000,000 vectors, SplinePCA vs PCA
+   (target: SplinePCA takes at most 3x PCA's time);
+3. the training hot path: roundtrip forward + backward to V on an attention
+   shaped V (B=8, nh=4, T=256, hs=64, a transposed view), SplinePCA vs PCA.
+
+The samples are the warped source of scripts/kvsplice_validate.py, so the fit
+keeps a real (non-identity) spline and the timings include it.
+"""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from gpt2.kvsplice import PCA, SplinePCA  # noqa: E402
+from scripts.kvsplice_validate import warped_v  # noqa: E402
+
+
+def best_of(fn, repeats):
+    """Fastest of `repeats` timed calls, after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def verdict(ok):
+    return "MET" if ok else "NOT MET"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--samples", type=int, default=120_000)
+    ap.add_argument("--vectors", type=int, default=1_000_000)
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        torch.set_flush_denormal(True)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU")
+
+    X = warped_v(args.samples, 64, seed=0)
+    t0 = time.perf_counter()
+    pca = PCA(64, 16).fit(X)
+    pca_fit = time.perf_counter() - t0
+    model = SplinePCA(64, 16, knots=7)
+    stats = model.fit(X, epochs=8)
+    fit = stats["seconds"]
+    print(f"\nfit, {args.samples:,} x 64 fp32, k=16, 7 knots, 8 epochs "
+          f"(batch {stats['batch_size']}, spline kept: {stats['kept_spline']})")
+    print(f"  PCA fit        {pca_fit:8.3f} s")
+    print(f"  SplinePCA fit  {fit:8.3f} s   ({fit / pca_fit:,.0f}x one PCA fit)")
+    print(f"  target <= 15 s: {verdict(fit <= 15)}")
+
+    V = warped_v(args.vectors, 64, seed=1)
+
+    def codec(m):
+        return lambda: m.decompress(m.compress(V))
+
+    with torch.no_grad():
+        t_pca = best_of(codec(pca), args.repeats)
+        t_spl = best_of(codec(model), args.repeats)
+    print(f"\ncompress + decompress, {args.vectors:,} vectors of 64 fp32 -> 16 -> 64 (best of {args.repeats})")
+    print(f"  PCA        {t_pca:7.3f} s   {args.vectors / t_pca:14,.0f} vectors/s")
+    print(f"  SplinePCA  {t_spl:7.3f} s   {args.vectors / t_spl:14,.0f} vectors/s   ({t_spl / t_pca:.2f}x PCA's time)")
+    print(f"  target <= 3x PCA: {verdict(t_spl <= 3 * t_pca)}")
+
+    model.requires_grad_(False)
+    pca.requires_grad_(False)
+    v = warped_v(8 * 256 * 4, 64, seed=2).view(8, 256, 4, 64).transpose(1, 2)  # (B, nh, T, hs), a view
+
+    def step(m):
+        def run():
+            leaf = v.detach().requires_grad_(True)
+            m.roundtrip(leaf).sum().backward()
+        return run
+
+    t_pca = best_of(step(pca), 10 * args.repeats)
+    t_spl = best_of(step(model), 10 * args.repeats)
+    print("\nroundtrip forward + backward to V, V (8, 4, 256, 64), as inside attention")
+    print(f"  PCA        {t_pca * 1e3:7.2f} ms")
+    print(f"  SplinePCA  {t_spl * 1e3:7.2f} ms   ({t_spl / t_pca:.2f}x PCA's time)")
+
+
+if __name__ == "__main__":
+    main()
