@@ -19,12 +19,24 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gpt2.ablations import step_overrides  # noqa: E402
+from gpt2.calibrate import KVSpliceCalibrator  # noqa: E402
 from gpt2.model import GPT, GPTConfig  # noqa: E402
 
 
-def bench(cfg, batch, iters, warmup=2):
+def with_geometry(model, k, batch):
+    """Attach a geometry fitted on this model's own V (random tokens): the
+    timing depends on the spline's arithmetic, not on what it learned."""
+    cal = KVSpliceCalibrator(model, k, max_samples=20000)
+    cal.collect(torch.randint(0, model.config.vocab_size, (batch, model.config.block_size)) for _ in range(2))
+    model.attach_kvsplice(cal.fit(knots=7, epochs=1))
+    return model
+
+
+def bench(cfg, batch, iters, kvsplice_k=None, warmup=2):
     torch.manual_seed(0)
     model = GPT(cfg)
+    if kvsplice_k:
+        with_geometry(model, kvsplice_k, batch)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     x = torch.randint(0, cfg.vocab_size, (batch, cfg.block_size))
     times = []
@@ -43,7 +55,7 @@ def bench(cfg, batch, iters, warmup=2):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--iters", type=int, default=8)
-    ap.add_argument("--steps", default="V0,V19", help="attention variants (V20/V21 need a fitted geometry)")
+    ap.add_argument("--steps", default="V0,V19,V20,V21", help="ablation steps to time")
     ap.add_argument("--vocab", type=int, default=19083)
     ap.add_argument("--batch-size", type=int, default=8)
     a = ap.parse_args(argv)
@@ -55,7 +67,7 @@ def main(argv=None):
         o = step_overrides(step)
         cfg = GPTConfig(n_layer=4, n_head=4, n_embd=256, block_size=256, vocab_size=a.vocab,
                         kv_prune=o["kv_prune"], kv_prune_k_min=32, kv_prune_recency=32, rmlp=o["rmlp"])
-        dt = bench(cfg, a.batch_size, a.iters)
+        dt = bench(cfg, a.batch_size, a.iters, o.get("kvsplice_k") if o["kvsplice_enable"] else None)
         base = base or dt
         tok = a.batch_size * cfg.block_size / dt
         print(f"{step:<4} {dt * 1000:8.1f} ms/iter {tok:10,.0f} tokens/s   x{dt / base:.2f} of {a.steps.split(',')[0]}")

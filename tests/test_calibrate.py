@@ -1,0 +1,178 @@
+import pytest
+import torch
+
+from conftest import tiny_args
+from gpt2.calibrate import KVSpliceCalibrator, load_geometry
+from gpt2.model import GPT, GPTConfig
+from gpt2.train import train, v_cache_footprint
+
+
+def fitted_geometry(model, k=4, batches=3, T=32):
+    cal = KVSpliceCalibrator(model, k, max_samples=4000)
+    cal.collect(torch.randint(0, model.config.vocab_size, (2, T)) for _ in range(batches))
+    return cal.fit(knots=5, epochs=2)
+
+
+def tiny_model(**kw):
+    torch.manual_seed(0)
+    cfg = dict(n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=50)
+    return GPT(GPTConfig(**{**cfg, **kw}))
+
+
+def test_hooks_are_removed_and_samples_bounded_on_cpu():
+    model = tiny_model()
+    cal = KVSpliceCalibrator(model, k=4, max_samples=10_000)
+    assert cal.cap == 8000  # min(--kvsplice-samples, 2000 * k)
+    cal.register()
+    assert all(len(b.attn.c_attn._forward_hooks) == 1 for b in model.transformer.h)
+    cal.remove()
+    assert all(len(b.attn.c_attn._forward_hooks) == 0 for b in model.transformer.h)
+    cal.collect(torch.randint(0, 50, (4, 64)) for _ in range(20))  # 20 * 4 * 64 * 2 heads = 10,240 per layer
+    assert all(len(b.attn.c_attn._forward_hooks) == 0 for b in model.transformer.h)
+    for i, s in enumerate(cal.samples):
+        assert s.shape == (8000, 16) and s.dtype == torch.float32 and s.device.type == "cpu"
+        assert cal.seen[i] == 10_240
+
+
+def test_collected_vectors_are_the_v_third_of_c_attn():
+    model = tiny_model(n_layer=1)
+    cal = KVSpliceCalibrator(model, k=4, max_samples=10_000)
+    x = torch.randint(0, 50, (1, 8))
+    cal.collect([x])
+    with torch.no_grad():
+        h = model.transformer.wte(x) + model.transformer.wpe(torch.arange(8))
+        v = model.transformer.h[0].attn.c_attn(model.transformer.h[0].ln_1(h))[..., 64:]
+    expected = v.reshape(-1, 16)
+    got = cal.samples[0]
+    assert got.shape == expected.shape
+    # same set of rows (the subsample is a permutation when nothing is dropped)
+    assert torch.allclose(got[got[:, 0].argsort()], expected[expected[:, 0].argsort()])
+
+
+def test_nonfinite_vectors_are_dropped_and_all_nonfinite_is_an_error(capsys):
+    model = tiny_model(n_layer=1)
+    cal = KVSpliceCalibrator(model, k=4)
+    v = torch.randn(10, 16)
+    v[3, 2] = float("nan")
+    v[7, 0] = float("inf")
+    cal.add(0, v)
+    assert cal.samples[0].shape == (8, 16) and cal.dropped == 2
+    with torch.no_grad():
+        model.transformer.h[0].attn.c_attn.weight.fill_(float("nan"))
+    cal = KVSpliceCalibrator(model, k=4)
+    with pytest.raises(ValueError, match="no finite V vectors"):
+        cal.collect([torch.randint(0, 50, (1, 8))])
+    assert "dropped 16 V vectors with NaN/inf" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("prune", [False, True])
+def test_decode_through_compressed_cache_equals_full_forward(prune):
+    model = tiny_model(kv_prune=prune, kv_prune_k_min=8, kv_prune_recency=4).eval()
+    model.attach_kvsplice(fitted_geometry(model))
+    idx = torch.randint(0, 50, (2, 48))
+    with torch.no_grad():
+        full, _ = model(idx)
+        cache = model.make_cache()
+        parts = [model(idx[:, :7], caches=cache)[0]] + [model(idx[:, t:t + 1], caches=cache)[0]
+                                                       for t in range(7, 48)]
+    assert torch.allclose(torch.cat(parts, 1), full, atol=1e-4)
+    assert cache.layers[0].v.shape[-1] == 4  # the cache holds the k-dim latent, not V
+
+
+def test_strategy_a_equals_strategy_b():
+    torch.manual_seed(0)
+    a = tiny_model(kv_prune=True, kv_prune_k_min=8, kv_prune_recency=4, kvsplice_strategy="A")
+    b = tiny_model(kv_prune=True, kv_prune_k_min=8, kv_prune_recency=4, kvsplice_strategy="B")
+    b.load_state_dict(a.state_dict())
+    geometry = fitted_geometry(a)
+    a.attach_kvsplice(geometry)
+    b.attach_kvsplice(geometry)
+    idx = torch.randint(0, 50, (2, 64))
+    assert torch.allclose(a(idx)[0], b(idx)[0], atol=1e-5)
+
+
+def test_geometry_is_frozen_and_gradients_reach_the_model():
+    model = tiny_model()
+    model.attach_kvsplice(fitted_geometry(model))
+    geo = model.transformer.h[0].attn.kvsplice
+    assert all(not p.requires_grad for p in geo.parameters())
+    _, loss = model(torch.randint(0, 50, (2, 16)), torch.randint(0, 50, (2, 16)))
+    loss.backward()
+    w = model.transformer.h[0].attn.c_attn.weight.grad
+    assert w[64:].abs().sum() > 0  # the V rows of c_attn learn through the geometry
+    assert all(p.grad is None for p in geo.parameters())
+
+
+def test_v_cache_memory_table():
+    """T=1024, head_dim 64, k=16, 391 kept: 65,536 / 25,024 / 6,256 V elements per head per layer."""
+    def footprint(prune, k):
+        model = GPT(GPTConfig(n_layer=1, n_head=1, n_embd=64, block_size=1024, vocab_size=16, kv_prune=prune))
+        if k:
+            cal = KVSpliceCalibrator(model, k)
+            cal.add(0, torch.randn(2000, 64))
+            model.attach_kvsplice(cal.fit(knots=3, epochs=1))
+        return v_cache_footprint(model)["elements_per_head"]
+
+    assert footprint(False, None) == 65_536
+    assert footprint(True, None) == 25_024
+    assert footprint(True, 16) == 6_256
+
+
+def test_calibrated_training_run_end_to_end(tiny_data_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    dump = tmp_path / "v_samples.pt"
+    train(tiny_args(tiny_data_dir, run, "--max-iters", "20", "--kvsplice-enable", "--kvsplice-k", "16",
+                    "--kvsplice-max-batches", "4", "--kvsplice-calib-iter", "10", "--kvsplice-epochs", "2",
+                    "--kvsplice-dump-samples", str(dump), "--kv-prune", "--kv-prune-k-min", "16",
+                    "--kv-prune-recency", "8"))
+    out = capsys.readouterr().out
+    assert "[KVSplice] calibrating at iteration 10" in out
+    assert "[KVSplice] batch 4, collected" in out and f"[KVSplice] Saved to {run / 'kvsplice.pt'}" in out
+    assert out.index("iter 10/20") < out.index("[KVSplice] calibrating") < out.index("iter 11/20")
+    model = GPT.from_checkpoint(run / "last.pt")  # the geometry comes with the checkpoint
+    geometry = load_geometry(run / "kvsplice.pt", model.config, expected_k=16)
+    saved = geometry["state_dict"][0]
+    live = model.transformer.h[0].attn.kvsplice.state_dict()
+    assert all(torch.equal(saved[n], live[n]) for n in saved)  # frozen through training
+    out = model.eval().generate(torch.zeros(1, 1, dtype=torch.long), 30)
+    assert out.shape == (1, 31)
+    assert torch.load(dump)[0].shape[1] == 32
+
+
+def test_resume_after_calibration_keeps_the_geometry(tiny_data_dir, tmp_path, capsys):
+    extra = ("--max-iters", "20", "--kvsplice-enable", "--kvsplice-k", "8", "--kvsplice-max-batches", "2",
+             "--kvsplice-calib-iter", "5", "--kvsplice-epochs", "1")
+    train(tiny_args(tiny_data_dir, tmp_path / "straight", *extra))
+
+    def stop(it):
+        if it == 10:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_args(tiny_data_dir, tmp_path / "killed", *extra), on_iter=stop)
+    capsys.readouterr()
+    train(tiny_args(tiny_data_dir, tmp_path / "killed", *extra, "--resume"))
+    assert "[KVSplice] calibrating" not in capsys.readouterr().out
+    from lib.tracking import read_metrics
+
+    a = {r["iter"]: r["loss"] for r in read_metrics(tmp_path / "straight") if "loss" in r}
+    b = {r["iter"]: r["loss"] for r in read_metrics(tmp_path / "killed") if "loss" in r}
+    assert all(b[i] == pytest.approx(a[i], abs=1e-6) for i in range(11, 21))
+
+
+def test_kvsplice_load_checks_the_model(tmp_path):
+    model = tiny_model()
+    path = tmp_path / "kvsplice.pt"
+    torch.save(fitted_geometry(model), path)
+    with pytest.raises(ValueError, match="Hd is 16, but the model needs Hd = 32"):
+        load_geometry(path, GPTConfig(n_layer=2, n_head=1, n_embd=32))
+    with pytest.raises(ValueError, match="n_layer is 2, but the model needs n_layer = 3"):
+        load_geometry(path, GPTConfig(n_layer=3, n_head=2, n_embd=32))
+    with pytest.raises(ValueError, match="k is 4, but the model needs k = 8"):
+        load_geometry(path, model.config, expected_k=8)
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(ValueError, match="not a readable KVSplice geometry"):
+        load_geometry(path, model.config)
+    torch.save({"model": 1}, path)
+    with pytest.raises(ValueError, match="is not a KVSplice geometry: missing keys"):
+        load_geometry(path, model.config)
