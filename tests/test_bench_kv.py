@@ -1,0 +1,137 @@
+import json
+import math
+
+import pytest
+import torch
+
+from conftest import tiny_args
+from gpt2.kv_cache import KVCache, LayerKVCache
+from gpt2.model import GPT, GPTConfig
+from gpt2.train import train
+from lib.kv_baselines import VQuantizer
+from scripts.bench_kv import Method, QuantCodec, apply_method, format_table, main, trained_in_changes
+
+FAMILIES = ["none", "pca", "pca", "splinepca", "splinepca", "prune", "prune+splinepca", "int8", "int4", "h2o"]
+
+
+@pytest.fixture(scope="module")
+def bench_run(tiny_data_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench")
+    run = root / "matrix" / "V0"
+    train(tiny_args(tiny_data_dir, run, "--max-iters", "10", "--kv-prune-k-min", "16", "--kv-prune-recency", "8"))
+    out_md, out_png = root / "out" / "benchmarks.md", root / "out" / "kv_pareto.png"
+    rows = main(["--ckpt", str(run / "last.pt"), "--out-md", str(out_md), "--out-png", str(out_png),
+                 "--ks", "8,16", "--eval-batches", "2", "--batch-size", "2", "--calib-batches", "2",
+                 "--decode-steps", "4", "--decode-repeats", "1", "--fit-epochs", "2", "--threads", "1"])
+    return rows, out_md, out_png
+
+
+def test_every_method_row_and_consistent_numbers(bench_run):
+    rows, out_md, out_png = bench_run
+    assert [r["family"] for r in rows] == FAMILIES
+    by = {(r["family"], r["k"]): r for r in rows}
+    ref = by["none", None]
+    assert ref["v_bytes_per_token"] == 2 * 32 * 4  # fp32, 2 heads x head_dim 32
+    assert by["int4", None]["v_bytes_per_token"] < by["int8", None]["v_bytes_per_token"] < ref["v_bytes_per_token"]
+    assert by["int8", None]["v_bytes_per_token"] == 2 * (32 + 4)  # codes + float16 scale and zero per group
+    assert by["splinepca", 8]["v_bytes_per_token"] < by["splinepca", 16]["v_bytes_per_token"]
+    assert by["prune+splinepca", 16]["v_bytes_per_token"] < by["prune", None]["v_bytes_per_token"]
+    # budget 24 of 64 tokens (k_min 16, recency 8); H2O holds 24 * 16 / 32 = 12 tokens of full V
+    assert by["prune", None]["v_bytes_per_token"] == 24 * 2 * 32 * 4 / 64
+    assert by["h2o", None]["v_bytes_per_token"] == 12 * 2 * 32 * 4 / 64
+    for r in rows:
+        assert r["compression"] == pytest.approx(ref["v_bytes_per_token"] / r["v_bytes_per_token"])
+        assert r["ppl"] == pytest.approx(math.exp(r["val_loss"]))
+        assert r["ppl_change_pct"] == pytest.approx(100 * (r["ppl"] / ref["ppl"] - 1))
+        assert r["decode_tok_s"] > 0
+        assert (r["calib_s"] > 0) == (r["family"] in ("pca", "splinepca", "prune+splinepca"))
+        assert r["trained_in_pct"] is None  # the matrix dir holds only V0
+    assert all(math.isfinite(by["splinepca", k]["val_loss"]) for k in (8, 16))
+    text = out_md.read_text()
+    assert "| method | V bytes/token/layer |" in text and "python scripts/bench_kv.py --ckpt" in text
+    assert "torch " + torch.__version__ in text and ("MET:" in text)
+    assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bad_settings_fail_before_writing(bench_run, tmp_path):
+    rows, out_md, _ = bench_run
+    ckpt = out_md.parent.parent / "matrix" / "V0" / "last.pt"
+    outs = ["--out-md", str(tmp_path / "b.md"), "--out-png", str(tmp_path / "b.png")]
+    with pytest.raises(ValueError, match=r"head_dim = 32\], found \[64\]"):
+        main(["--ckpt", str(ckpt), "--ks", "8,64", *outs])
+    with pytest.raises(ValueError, match="--decode-steps"):
+        main(["--ckpt", str(ckpt), "--decode-steps", "33", *outs])
+    with pytest.raises(FileNotFoundError, match="not found"):
+        main(["--ckpt", str(tmp_path / "missing.pt"), *outs])
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantizer_full_forward_equals_decode_through_the_cache(bits):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=64, vocab_size=50)).eval()
+    idx = torch.randint(0, 50, (2, 48))
+    apply_method(model, Method("q", f"int{bits}", codecs=[QuantCodec(bits)] * 2))
+    quant = VQuantizer(bits, 32)
+    with torch.no_grad():
+        full, _ = model(idx)  # V through decode(encode(v)) in the full-sequence attention
+        cache = KVCache(2, lambda i: LayerKVCache(v_encode=quant.encode, v_decode=quant.decode))
+        parts = [model(idx[:, :7], caches=cache)[0]] + [model(idx[:, t:t + 1], caches=cache)[0]
+                                                       for t in range(7, 48)]
+    assert cache.layers[0].v.dtype == torch.uint8  # the cache really holds the packed codes
+    assert torch.allclose(torch.cat(parts, 1), full, atol=1e-4)
+    apply_method(model, Method("none", "none"))
+    assert not torch.allclose(model(idx)[0], full, atol=1e-4)  # quantization did change something
+
+
+def _row(method, family, k, nbytes, loss, tps, calib=0.0, trained=None):
+    return {"method": method, "family": family, "k": k, "v_bytes_per_token": nbytes, "compression": 1024 / nbytes,
+            "val_loss": loss, "ppl": math.exp(loss), "ppl_change_pct": 100 * (math.exp(loss - 2.0) - 1),
+            "decode_tok_s": tps, "calib_s": calib, "trained_in_pct": trained}
+
+
+def test_format_table_lines_and_targets():
+    rows = [_row("none", "none", None, 1024, 2.0, 100.0),
+            _row("PCA k=8", "pca", 8, 128, 2.1, 95.0, 1.5),
+            _row("PCA k=16", "pca", 16, 256, 2.05, 95.0, 1.5),
+            _row("SplinePCA k=8", "splinepca", 8, 128, 2.09, 90.0, 3.25),
+            _row("SplinePCA k=16", "splinepca", 16, 256, 2.06, 90.0, 3.25),
+            _row("prune + SplinePCA k=16", "prune+splinepca", 16, 97.5, 2.2, 79.0, 3.25, trained=1.234)]
+    rows[-1]["v_mse_ratio"] = 0.9
+    rows[4]["v_mse_ratio"] = 0.95
+    lines = format_table(rows, wall_s=42.0).splitlines()
+    assert lines[0] == ("| method | V bytes/token/layer | compression | val loss | perplexity | ppl change "
+                        "| decode tok/s | calib s | trained-in ppl change |")
+    assert lines[1] == "|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+    assert lines[2] == "| none | 1024.0 | 1.00x | 2.0000 | 7.389 | +0.00% | 100.0 | 0.0 | n/a |"
+    assert lines[5] == "| SplinePCA k=8 | 128.0 | 8.00x | 2.0900 | 8.085 | +9.42% | 90.0 | 3.2 | n/a |"
+    assert lines[7] == "| prune + SplinePCA k=16 | 97.5 | 10.50x | 2.2000 | 9.025 | +22.14% | 79.0 | 3.2 | +1.23% |"
+    assert lines[8] == ""
+    assert lines[9] == ("- NOT MET: SplinePCA perplexity <= PCA perplexity at every k (k=8: 8.085 vs 8.166 "
+                        "(-0.9950%); k=16: 7.846 vs 7.768 (+1.0050%)); at k=16 the reconstruction-MSE gain "
+                        "does not carry over to perplexity (held-out V MSE SplinePCA/PCA k=16: 0.950)")
+    assert lines[10] == "- MET: whole benchmark wall time 42.0 s < 600 s (2 cores, quick-start checkpoint)"
+    assert lines[11] == ("- NOT MET: decode at V20 settings 79.0 tok/s = 0.79x the uncompressed cache's "
+                         "100.0 tok/s (target >= 0.8x)")
+    assert len(lines) == 12
+    rows[4]["val_loss"], rows[4]["ppl"] = 2.05, math.exp(2.05)
+    rows[-1]["decode_tok_s"] = 80.0
+    lines = format_table(rows).splitlines()  # no wall time: no wall-time line
+    assert lines[-2].startswith("- MET: SplinePCA perplexity <= PCA perplexity at every k")
+    assert lines[-1].startswith("- MET: decode at V20 settings 80.0 tok/s = 0.80x")
+
+
+def test_trained_in_column_averages_seeds(tmp_path):
+    def summary(path, loss):
+        path.mkdir(parents=True)
+        (path / "summary.json").write_text(json.dumps({"final_val_loss": loss}))
+
+    summary(tmp_path / "seed1" / "V0", 3.0)
+    summary(tmp_path / "seed2" / "V0", 3.2)
+    summary(tmp_path / "seed1" / "V19", 3.15)
+    summary(tmp_path / "seed2" / "V19", 3.25)
+    changes, runs = trained_in_changes(tmp_path)
+    assert runs == {"V0": 2, "V19": 2}
+    assert changes["V19"] == pytest.approx(100 * math.expm1(0.1))
+    assert changes["V20"] is None
+    assert trained_in_changes(tmp_path / "absent") == ({"V19": None, "V20": None}, {})
