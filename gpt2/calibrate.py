@@ -82,8 +82,8 @@ class KVSpliceCalibrator:
                 with autocast or torch.autocast("cpu", enabled=False):
                     self.model(x)
                 if i % 4 == 0:
-                    print(f"[KVSplice] batch {i}, collected {sum(s.shape[0] for s in self.samples):,} vectors",
-                          flush=True)
+                    print(f"[KVSplice] batch {i}, collected {sum(self.seen):,} vectors "
+                          f"(keeping {sum(s.shape[0] for s in self.samples):,})", flush=True)
         finally:
             self.remove()
             self.model.train(was_training)
@@ -217,3 +217,33 @@ def calibrate_model(model, data, args, rt, tracker, step):
         dist.broadcast_object_list(box, src=0)
         geometry = box[0]
     model.attach_kvsplice(geometry)
+
+
+def main(argv=None):
+    """Dump V samples of a trained checkpoint for scripts/kvsplice_validate.py --source."""
+    import argparse
+
+    from gpt2.data import TokenData
+    from gpt2.model import GPT, load_checkpoint
+
+    ap = argparse.ArgumentParser(description="Collect per-layer V samples from a trained checkpoint "
+                                             "(training split) and save them as {layer: [N, head_dim]}.")
+    ap.add_argument("--ckpt", required=True, help="a training checkpoint (best.pt / last.pt)")
+    ap.add_argument("--out", required=True, help="where to save the samples (.pt)")
+    ap.add_argument("--batches", type=int, default=8, help="forward passes of training batches")
+    ap.add_argument("--samples", type=int, default=120000, help="max V vectors kept per layer")
+    ap.add_argument("--batch-size", type=int, default=None, help="default: the run's")
+    a = ap.parse_args(argv)
+    run = load_checkpoint(a.ckpt)["args"]
+    model = GPT.from_checkpoint(a.ckpt)
+    data = TokenData(run["data_dir"], run["dataset"])
+    bs, T = a.batch_size or run["batch_size"], model.config.block_size
+    # k only sets the sample cap (2000 per latent dim): ask for head_dim so --samples rules
+    cal = KVSpliceCalibrator(model, model.config.head_dim, a.samples, seed=run["seed"])
+    cal.collect(data.get_batch("train", bs, T, run["seed"] + 104729, 0, j)[0] for j in range(a.batches))
+    cal.dump_samples(a.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -275,6 +275,7 @@ def _train(args, rt, on_iter):
         return losses
 
     model.train()
+    it_start = it
     t_start = time.time() - elapsed
     t_train = 0.0  # seconds spent in training steps only (throughput)
     losses = None
@@ -327,7 +328,7 @@ def _train(args, rt, on_iter):
                     record["mfu"] = raw_model.estimate_mfu(tokens_per_iter / args.block_size, dt,
                                                            args.peak_flops * rt.world)
                     line += f" | mfu {record['mfu'] * 100:.1f}%"
-                remaining = (args.max_iters - it) * (elapsed / max(it, 1))
+                remaining = (args.max_iters - it) * t_train / (it - it_start)
                 if args.max_time > 0:
                     remaining = min(remaining, args.max_time - elapsed)
                 tracker.log(record, step=it)
