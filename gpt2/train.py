@@ -239,6 +239,8 @@ def _train(args, rt, on_iter):
     calib_iter = args.kvsplice_calib_iter if args.kvsplice_calib_iter is not None else args.warmup_iters
     tracker = Tracker(out_dir, vars(args), kind=args.tracker, project=args.tracker_project,
                       run_name=args.tracker_run_name, group=args.tracker_group, rank=rt.rank)
+    if args.resume:
+        tracker.truncate_after(it)
     log(f"model: {raw_model.get_num_params() / 1e6:.2f}M parameters, {cfg.n_layer} layers, "
         f"{cfg.n_head} heads, head_dim {cfg.head_dim}, block {cfg.block_size}, vocab {cfg.vocab_size}")
     log(f"data: {data.dir} ({len(data.splits['train']):,} train / {len(data.splits['val']):,} val tokens); "
@@ -342,7 +344,7 @@ def _train(args, rt, on_iter):
         if rt.master:
             save_checkpoint(out_dir / "last.pt", checkpoint_state())
             log(f"interrupted: saved {out_dir / 'last.pt'} at iteration {it}; continue with --resume")
-        tracker.finish()
+        tracker.close(exit_code=1)
         raise
     if losses is None or it % args.eval_interval:
         losses = evaluate_and_checkpoint()

@@ -126,17 +126,36 @@ class Tracker:
         if self.wandb_run is not None:
             self.wandb_run.summary.update(dict(values))
 
+    def truncate_after(self, step: int):
+        """Drop records past `step`: a run resumed from an earlier checkpoint
+        logs those iterations again, and must not log them twice."""
+        if not self.active:
+            return
+        path = self.run_dir / "metrics.jsonl"
+        self._metrics_file.close()
+        kept = [json.dumps(r) for r in read_metrics(self.run_dir) if r.get("step", 0) <= step]
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, path)
+        self._metrics_file = open(path, "a", buffering=1, encoding="utf-8")
+
     def finish(self, summary=None):
         """Write summary.json (atomically), close metrics.jsonl and the wandb run."""
         if not self.active or self._finished:
             return
-        self._finished = True
         if summary:
             self.summary(summary)
         _write_json_atomic(self.run_dir / "summary.json", self._summary)
+        self.close()
+
+    def close(self, exit_code=0):
+        """Close without a summary.json: an interrupted run is not a finished one."""
+        if not self.active or self._finished:
+            return
+        self._finished = True
         self._metrics_file.close()
         if self.wandb_run is not None:
-            self.wandb_run.finish()
+            self.wandb_run.finish(exit_code=exit_code)
 
 
 def read_metrics(run_dir) -> list[dict]:

@@ -41,3 +41,17 @@ def tiny_args(data_dir, out_dir, *extra):
     from train_ra_mla import parse_args
 
     return parse_args(tiny_argv(data_dir, out_dir, *extra))
+
+
+def fail_at(iteration, exc=KeyboardInterrupt):
+    """An on_iter callback for gpt2.train.train that raises after `iteration`."""
+    def on_iter(it):
+        if it == iteration:
+            raise exc("stopped by the test")
+    return on_iter
+
+
+def losses_by_iter(run_dir):
+    from lib.tracking import read_metrics
+
+    return {r["iter"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from conftest import tiny_args
+from conftest import fail_at, losses_by_iter, tiny_args
 from gpt2.calibrate import KVSpliceCalibrator, load_geometry
 from gpt2.model import GPT, GPTConfig
 from gpt2.train import train, v_cache_footprint
@@ -143,20 +143,12 @@ def test_resume_after_calibration_keeps_the_geometry(tiny_data_dir, tmp_path, ca
     extra = ("--max-iters", "20", "--kvsplice-enable", "--kvsplice-k", "8", "--kvsplice-max-batches", "2",
              "--kvsplice-calib-iter", "5", "--kvsplice-epochs", "1")
     train(tiny_args(tiny_data_dir, tmp_path / "straight", *extra))
-
-    def stop(it):
-        if it == 10:
-            raise KeyboardInterrupt
-
     with pytest.raises(KeyboardInterrupt):
-        train(tiny_args(tiny_data_dir, tmp_path / "killed", *extra), on_iter=stop)
+        train(tiny_args(tiny_data_dir, tmp_path / "killed", *extra), on_iter=fail_at(10))
     capsys.readouterr()
     train(tiny_args(tiny_data_dir, tmp_path / "killed", *extra, "--resume"))
     assert "[KVSplice] calibrating" not in capsys.readouterr().out
-    from lib.tracking import read_metrics
-
-    a = {r["iter"]: r["loss"] for r in read_metrics(tmp_path / "straight") if "loss" in r}
-    b = {r["iter"]: r["loss"] for r in read_metrics(tmp_path / "killed") if "loss" in r}
+    a, b = losses_by_iter(tmp_path / "straight"), losses_by_iter(tmp_path / "killed")
     assert all(b[i] == pytest.approx(a[i], abs=1e-6) for i in range(11, 21))
 
 
@@ -176,3 +168,16 @@ def test_kvsplice_load_checks_the_model(tmp_path):
     torch.save({"model": 1}, path)
     with pytest.raises(ValueError, match="is not a KVSplice geometry: missing keys"):
         load_geometry(path, model.config)
+
+
+def test_dump_samples_of_a_trained_checkpoint_feeds_the_validation_script(tiny_data_dir, tmp_path):
+    from gpt2.calibrate import main
+    from scripts.kvsplice_validate import validate_tensor
+
+    train(tiny_args(tiny_data_dir, tmp_path / "run", "--max-iters", "4"))
+    out = tmp_path / "v.pt"
+    assert main(["--ckpt", str(tmp_path / "run" / "best.pt"), "--out", str(out), "--batches", "2"]) == 0
+    samples = torch.load(out)
+    assert sorted(samples) == [0, 1] and samples[0].shape == (2 * 4 * 64 * 2, 32)
+    rows = validate_tensor(samples[1], [4], epochs=1)
+    assert rows[0]["spline_mse"] <= rows[0]["pca_mse"] * 1.02

@@ -3,14 +3,10 @@ import json
 import pytest
 import torch
 
-from conftest import tiny_args
+from conftest import fail_at, losses_by_iter, tiny_args
 from gpt2.model import GPT
 from gpt2.train import train
 from lib.tracking import read_metrics
-
-
-def losses_by_iter(run_dir):
-    return {r["iter"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}
 
 
 def test_tiny_training_lowers_the_loss(tiny_data_dir, tmp_path):
@@ -42,14 +38,10 @@ def test_checkpoint_rebuilds_model_and_generates(tiny_data_dir, tmp_path):
 def test_resume_reproduces_the_uninterrupted_run(tiny_data_dir, tmp_path):
     extra = ("--max-iters", "40", "--dropout", "0.1")  # dropout: RNG state must be restored too
     train(tiny_args(tiny_data_dir, tmp_path / "straight", *extra))
-
-    def kill_at_20(it):
-        if it == 20:
-            raise KeyboardInterrupt
-
     with pytest.raises(KeyboardInterrupt):
-        train(tiny_args(tiny_data_dir, tmp_path / "killed", *extra), on_iter=kill_at_20)
+        train(tiny_args(tiny_data_dir, tmp_path / "killed", *extra), on_iter=fail_at(20))
     assert torch.load(tmp_path / "killed" / "last.pt", weights_only=False)["iter"] == 20
+    assert not (tmp_path / "killed" / "summary.json").exists()  # interrupted is not finished
     train(tiny_args(tiny_data_dir, tmp_path / "killed", *extra, "--resume"))
 
     straight, resumed = losses_by_iter(tmp_path / "straight"), losses_by_iter(tmp_path / "killed")
@@ -76,3 +68,18 @@ def test_time_budget_ends_the_schedule_at_min_lr(tiny_data_dir, tmp_path):
     lr_end = learning_rate(50, schedule_progress(50, 60.0, args), args)
     assert lr_end == pytest.approx(args.learning_rate * args.min_lr_ratio)
     assert learning_rate(50, schedule_progress(50, 30.0, args), args) > lr_end
+
+
+def test_resume_after_a_crash_logs_each_iteration_once(tiny_data_dir, tmp_path):
+    """A crash at 25 loses iterations 21-25 (last.pt is from 20): the resumed
+    run redoes them, and metrics.jsonl holds each iteration once."""
+    extra = ("--max-iters", "30")
+    train(tiny_args(tiny_data_dir, tmp_path / "straight", *extra))
+    with pytest.raises(RuntimeError):
+        train(tiny_args(tiny_data_dir, tmp_path / "crashed", *extra), on_iter=fail_at(25, RuntimeError))
+    train(tiny_args(tiny_data_dir, tmp_path / "crashed", *extra, "--resume"))
+    iters = [r["iter"] for r in read_metrics(tmp_path / "crashed") if "loss" in r]
+    assert iters == list(range(1, 31))
+    straight = losses_by_iter(tmp_path / "straight")
+    resumed = losses_by_iter(tmp_path / "crashed")
+    assert all(resumed[i] == pytest.approx(straight[i], abs=1e-6) for i in range(21, 31))
