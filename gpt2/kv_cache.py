@@ -59,6 +59,10 @@ class LayerKVCache:
 
     def forward(self, q, k, v):
         """q, k, v: (B, nh, T_new, hs) for the new tokens -> y (B, nh, T_new, hs)."""
+        with torch.autocast(q.device.type, enabled=False):  # fp32 scores, as in training
+            return self._forward(q, k, v)
+
+    def _forward(self, q, k, v):
         t0 = self.length
         self.k = k if self.k is None else torch.cat([self.k, k], dim=-2)
         self.length = t0 + q.size(-2)
@@ -68,7 +72,45 @@ class LayerKVCache:
             self.v = v_new if self.v is None else torch.cat([self.v, v_new], dim=-2)
             att = F.softmax(att, dim=-1)
             return (att @ self.v_decode(self.v).float()).to(q.dtype)
+        if q.size(-2) == 1 and self.v is not None:
+            return self._step_pruned(q, att, v_new, t0)
         return self._attend_pruned(q, att, v_new, t0)
+
+    def _step_pruned(self, q, att, v_new, t0):
+        """One new token, O(held) instead of ranking every candidate pair.
+
+        At most one token changes status per step: position t0-W leaves the
+        window with its final score. It joins the old tokens if a slot is
+        free, else it and the held old tokens lose the worst of them (lowest
+        score; on a tie the older one, as keep_mask orders ties). That is the
+        incremental form of keep_mask's top-k over a growing set, so the held
+        tokens are the same.
+        """
+        W, slots = self.pruner.recency, self.pruner.budget - self.pruner.recency
+        B, nh = q.shape[:2]
+        n_old = self.old_score.size(-1)
+        probs = F.softmax(att, dim=-1)  # (B, nh, 1, t): full keys, for the scores
+        tail_start = t0 - self.window_sum.size(-1)
+        lag = t0 - torch.arange(tail_start, t0 + 1, device=q.device)
+        received = F.pad(self.window_sum, (0, 1)) + probs[..., 0, tail_start:].masked_fill(lag >= W, 0.0)
+        v_all = torch.cat([self.v, v_new], dim=-2)  # (B, nh, n + 1, kdim): old, window, new
+        pos = torch.cat([self.v_pos, self.v_pos.new_full((B, nh, 1), t0)], dim=-1)
+        old_score = self.old_score
+        if t0 >= W:  # position t0-W leaves the window: its score is final
+            leaving = received[..., :1] / W  # (B, nh, 1)
+            received = received[..., 1:]
+            old_score = torch.cat([old_score, leaving], dim=-1)  # candidates in position order
+            if n_old + 1 > slots:  # one of the candidates goes, for good
+                worst = old_score.argmin(dim=-1, keepdim=True)  # first = oldest among equal scores
+                drop = torch.zeros_like(pos, dtype=torch.bool).scatter_(-1, worst, True)
+                keep = ~drop
+                v_all = v_all[keep].view(B, nh, -1, v_all.size(-1))
+                pos = pos[keep].view(B, nh, -1)
+                old_score = old_score[keep[..., :n_old + 1]].view(B, nh, -1)
+        held_att = F.softmax(att.gather(-1, pos[..., None, :]), dim=-1)  # (B, nh, 1, held)
+        y = (held_att @ self.v_decode(v_all).float()).to(q.dtype)
+        self.v, self.v_pos, self.old_score, self.window_sum = v_all, pos, old_score, received
+        return y
 
     def _logits(self, q, t0):
         T, t = q.size(-2), self.k.size(-2)

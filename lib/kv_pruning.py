@@ -144,13 +144,20 @@ class VOnlyPruner(nn.Module):
         window, so that is every value, and A equals compressing all values
         before selection (Strategy B); a test holds the two equal.
         """
-        B, nh, T, hs = q.shape
+        T = q.size(-2)
         if T > self.block_size:
             raise ValueError(f"sequence length {T} exceeds block_size {self.block_size}")
         if T <= self.budget:  # every query keeps everything: plain (flash) attention
             if v_transform is not None:
                 v = v_transform(v)
             return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+        # fp32 even under autocast: the ranking compares scores, and the
+        # decode cache must rank them the same way
+        with torch.autocast(q.device.type, enabled=False):
+            return self._pruned(q, k, v, dropout_p, v_transform)
+
+    def _pruned(self, q, k, v, dropout_p, v_transform):
+        T, hs = q.shape[-2:]
         att = (q.float() @ k.float().transpose(-2, -1)) * (1.0 / math.sqrt(hs))  # (B, nh, T, T)
         causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
         att = att.masked_fill(~causal, float("-inf"))
@@ -158,12 +165,8 @@ class VOnlyPruner(nn.Module):
             scores = importance_scores(F.softmax(att, dim=-1), self.recency)  # (B, nh, T)
             keep = keep_mask(scores, self.budget, self.recency)  # (B, nh, T, T)
             used = keep.any(dim=-2)  # (B, nh, T): values that some query reads
-        if v_transform is not None:
-            if bool(used.all()):
-                v = v_transform(v)
-            else:
-                v = v.clone()
-                v[used] = v_transform(v[used])  # (N, hs) rows
+        if v_transform is not None:  # a select, not a gather: no host sync, compile-friendly
+            v = torch.where(used[..., None], v_transform(v), v)
         # softmax over the kept logits == P * keep renormalised, and never 0/0:
         # the diagonal is always kept
         att = F.softmax(att.masked_fill(~keep, float("-inf")), dim=-1)
