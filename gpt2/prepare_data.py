@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from gpt2.data import dataset_dir_name
 from gpt2.tokenizer import EOT_ID, N_VOCAB, get_encoding
 
 # Online corpora: name -> (HF dataset path, config, text field).
@@ -96,7 +97,7 @@ def _resolve(dataset: str):
         if dataset == "file:":
             raise ValueError("expected --dataset file:PATH, found an empty PATH")
         path = Path(dataset[len("file:"):]).expanduser()
-        return f"file-{path.stem}", _file_documents(path), None
+        return dataset_dir_name(dataset), _file_documents(path), None
     if dataset in _HF_DATASETS:
         return dataset, _hf_documents(dataset), _ONLINE_DEFAULT_MAX_TOKENS
     raise ValueError(f"unknown dataset {dataset!r}: expected shakespeare, file:PATH, "
