@@ -327,7 +327,7 @@ def _train(args, rt, on_iter):
                 line = (f"iter {it}/{args.max_iters} | loss {loss_val:.4f} | lr {lr:.2e} | "
                         f"{dt * 1000:.0f} ms/iter | {tokens_per_iter / dt:,.0f} tok/s")
                 if rt.device.startswith("cuda"):
-                    record["mfu"] = raw_model.estimate_mfu(tokens_per_iter / args.block_size, dt,
+                    record["mfu"] = raw_model.estimate_mfu(tokens_per_iter, dt,
                                                            args.peak_flops * rt.world)
                     line += f" | mfu {record['mfu'] * 100:.1f}%"
                 remaining = (args.max_iters - it) * t_train / (it - it_start)

@@ -92,3 +92,10 @@ def test_rmlp_with_alpha_zero_and_unit_gates_is_a_standard_mlp():
     assert torch.allclose(rec(x, a), std(x), atol=1e-6)
     rec.alpha.data.fill_(1.0)  # and the reciprocal branch really sees the attention output
     assert not torch.allclose(rec(x, a), std(x), atol=1e-4)
+
+
+def test_mfu_counts_flops_per_token_times_tokens():
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=50))
+    n = model.get_num_params()
+    flops_per_token = 6 * n + 12 * 2 * 2 * 16 * 16  # PaLM: 6N + 12 L H Q T
+    assert model.estimate_mfu(1000, 2.0, 1e9) == pytest.approx(flops_per_token * 1000 / 2.0 / 1e9)
