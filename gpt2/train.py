@@ -102,8 +102,7 @@ def build_model(args, data, ckpt):
         model.load_state_dict(ckpt["model"])
         if ckpt.get("kvsplice") is not None:
             model.attach_kvsplice(ckpt["kvsplice"])
-        return model
-    if args.init_from == "scratch":
+    elif args.init_from == "scratch":
         model = GPT(model_config_from_args(args, data.vocab_size))
     else:
         if data.meta.get("compact"):
@@ -116,7 +115,7 @@ def build_model(args, data, ckpt):
         model = GPT.from_pretrained(args.init_from, dropout=args.dropout, **features)
         if args.block_size < model.config.block_size:
             model.crop_block_size(args.block_size)
-    if args.kvsplice_load:
+    if args.kvsplice_load and model.kvsplice_meta is None:
         from gpt2.calibrate import load_geometry
 
         model.attach_kvsplice(load_geometry(args.kvsplice_load, model.config, args.kvsplice_k))

@@ -181,3 +181,21 @@ def test_dump_samples_of_a_trained_checkpoint_feeds_the_validation_script(tiny_d
     assert sorted(samples) == [0, 1] and samples[0].shape == (2 * 4 * 64 * 2, 32)
     rows = validate_tensor(samples[1], [4], epochs=1)
     assert rows[0]["spline_mse"] <= rows[0]["pca_mse"] * 1.02
+
+
+def test_kvsplice_load_replaces_calibration(tiny_data_dir, tmp_path, capsys):
+    first = tmp_path / "first"
+    train(tiny_args(tiny_data_dir, first, "--max-iters", "6", "--kvsplice-enable", "--kvsplice-k", "8",
+                    "--kvsplice-max-batches", "2", "--kvsplice-calib-iter", "2", "--kvsplice-epochs", "1"))
+    capsys.readouterr()
+    geometry = first / "kvsplice.pt"
+    train(tiny_args(tiny_data_dir, tmp_path / "second", "--max-iters", "4", "--kvsplice-enable",
+                    "--kvsplice-k", "8", "--kvsplice-load", str(geometry)))
+    assert "[KVSplice] calibrating" not in capsys.readouterr().out
+    ckpt = torch.load(tmp_path / "second" / "last.pt", weights_only=False)
+    saved = torch.load(geometry)
+    assert all(torch.equal(a[n], b[n]) for a, b in zip(ckpt["kvsplice"]["state_dict"], saved["state_dict"])
+               for n in a)
+    with pytest.raises(ValueError, match="k is 8, but the model needs k = 16"):
+        train(tiny_args(tiny_data_dir, tmp_path / "third", "--kvsplice-k", "16", "--kvsplice-load", str(geometry)))
+    assert not (tmp_path / "third" / "last.pt").exists()
