@@ -106,3 +106,16 @@ def test_every_defconfig_loads(defconfig, tmp_path, monkeypatch):
     kconf.write_config(str(out))
     args = parse_args(["--config", str(out)])
     assert args.out_dir == f"runs/{defconfig}"
+
+
+@pytest.mark.parametrize("defconfig", sorted(p.name for p in (ROOT / "defconfigs").iterdir()))
+def test_every_defconfig_is_minimal(defconfig, tmp_path, monkeypatch):
+    """What `make savedefconfig` would write: no line that repeats a default."""
+    import kconfiglib
+
+    monkeypatch.chdir(ROOT)
+    kconf = kconfiglib.Kconfig("Kconfig", warn_to_stderr=False)
+    kconf.load_config(str(ROOT / "defconfigs" / defconfig))
+    kconf.write_min_config(str(tmp_path / "min"))
+    lines = lambda p: {l for l in Path(p).read_text().splitlines() if l and not l.startswith("#")}
+    assert lines(ROOT / "defconfigs" / defconfig) == lines(tmp_path / "min")
