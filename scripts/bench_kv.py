@@ -33,7 +33,8 @@ Columns, and what each is measured from:
                            through its cache token by token
     decode tok/s           batch 1: prefill block_size/2 tokens into the
                            method's real cache, then time --decode-steps
-                           single-token steps (median of --decode-repeats)
+                           single-token steps; --decode-repeats rounds over all
+                           methods (round-robin), median per method
     calib s                V collection + fit (geometry methods), else 0
     trained-in             perplexity change of the trained-in ablation runs
                            (V19 vs V0, V20 vs V0) under --matrix, if they exist
@@ -147,17 +148,27 @@ def v_bytes_per_token(model, method, tokens):
 
 
 @torch.no_grad()
-def decode_tokens_per_s(model, method, tokens, prefill, steps, repeats):
-    """Median tokens/s of `steps` single-token steps after a `prefill`-token prompt (batch 1)."""
-    rates = []
+def decode_tokens_per_s(model, method, tokens, prefill, steps):
+    """Tokens/s of `steps` single-token steps after a `prefill`-token prompt (batch 1)."""
+    cache = make_cache(model, method)
+    model(tokens[:, :prefill], caches=cache)
+    t0 = time.perf_counter()
+    for t in range(prefill, prefill + steps):
+        model(tokens[:, t:t + 1], caches=cache)
+    return steps / (time.perf_counter() - t0)
+
+
+def decode_rates(model, methods, tokens, prefill, steps, repeats):
+    """Median decode tokens/s per method, timed round-robin: a drift in machine
+    speed (other load, clocks) then hits every method alike, not whichever
+    happened to run during it."""
+    rates = {m.name: [] for m in methods}
     for _ in range(repeats):
-        cache = make_cache(model, method)
-        model(tokens[:, :prefill], caches=cache)
-        t0 = time.perf_counter()
-        for t in range(prefill, prefill + steps):
-            model(tokens[:, t:t + 1], caches=cache)
-        rates.append(steps / (time.perf_counter() - t0))
-    return statistics.median(rates)
+        for m in methods:
+            apply_method(model, m)
+            rates[m.name].append(decode_tokens_per_s(model, m, tokens, prefill, steps))
+    apply_method(model, methods[0])
+    return {name: statistics.median(r) for name, r in rates.items()}
 
 
 def fit_geometry(cal, k, spline, knots, epochs, lr, seed):
@@ -208,7 +219,7 @@ def _log(msg):
 
 
 def run_benchmark(ckpt_path, ks=DEFAULT_KS, eval_batches=20, batch_size=8, calib_batches=8,
-                  decode_steps=64, decode_repeats=3, matrix_dir=None, data_dir=None,
+                  decode_steps=None, decode_repeats=5, matrix_dir=None, data_dir=None,
                   fit_epochs=None, seed=None, log=_log):
     """Evaluate every method on the checkpoint; returns one dict per method (the table's rows)."""
     t_start = time.perf_counter()
@@ -229,6 +240,7 @@ def run_benchmark(ckpt_path, ks=DEFAULT_KS, eval_batches=20, batch_size=8, calib
     if V20_K > hd:
         raise ValueError(f"the V20 row needs k = {V20_K} <= head_dim, but head_dim is {hd}")
     prefill = bs // 2
+    decode_steps = bs - prefill if decode_steps is None else decode_steps
     if not 1 <= decode_steps <= bs - prefill:
         raise ValueError(f"--decode-steps must be in [1, block_size - block_size/2 = {bs - prefill}], "
                          f"found {decode_steps}")
@@ -307,9 +319,8 @@ def run_benchmark(ckpt_path, ks=DEFAULT_KS, eval_batches=20, batch_size=8, calib
         t0 = time.perf_counter()
         nbytes = v_bytes_per_token(model, m, row0)
         loss = eval_loss(model, m, val)
-        tps = decode_tokens_per_s(model, m, row0, prefill, decode_steps, decode_repeats)
         row = {"method": m.name, "family": m.family, "k": m.k, "v_bytes_per_token": nbytes,
-               "val_loss": loss, "ppl": math.exp(loss), "decode_tok_s": tps, "calib_s": m.calib_s,
+               "val_loss": loss, "ppl": math.exp(loss), "calib_s": m.calib_s,
                "trained_in_pct": {"prune": trained["V19"], "prune+splinepca": trained["V20"]}.get(m.family),
                "v_mse_ratio": m.v_mse_ratio}
         ref = rows[0] if rows else row
@@ -318,7 +329,12 @@ def run_benchmark(ckpt_path, ks=DEFAULT_KS, eval_batches=20, batch_size=8, calib
         rows.append(row)
         log(f"[bench] {m.name:<24} V {nbytes:8.1f} B/token/layer ({row['compression']:5.2f}x)  "
             f"loss {loss:.4f}  ppl {row['ppl']:9.3f} ({row['ppl_change_pct']:+.2f}%)  "
-            f"decode {tps:7.1f} tok/s  calib {m.calib_s:5.1f}s  [{time.perf_counter() - t0:.1f}s]")
+            f"calib {m.calib_s:5.1f}s  [{time.perf_counter() - t0:.1f}s]")
+    log(f"[bench] decode speed: {decode_repeats} round(s) over all methods, {decode_steps} steps each")
+    rates = decode_rates(model, methods, row0, prefill, decode_steps, decode_repeats)
+    for row in rows:
+        row["decode_tok_s"] = rates[row["method"]]
+        log(f"[bench] {row['method']:<24} decode {row['decode_tok_s']:7.1f} tok/s")
     apply_method(model, methods[0])
 
     info = {"n_eval_tokens": eval_batches * batch_size * bs, "block_size": bs, "prune_budget": pruner.budget,
@@ -418,7 +434,8 @@ def notes(rows):
         f"- H2O: token budget {info['h2o_budget']} = V20 budget x {V20_K} / head_dim (the same number of V "
         f"values), recency {info['h2o_recency']}; evaluated through its cache token by token.",
         f"- Decode tok/s: batch 1, prefill {info['decode_prefill']} tokens, then {info['decode_steps']} "
-        f"single-token steps through the method's cache; median of {info['decode_repeats']}.",
+        f"single-token steps through the method's cache; median of {info['decode_repeats']} rounds, "
+        f"methods timed round-robin.",
     ]
     ratios = [(r["k"], r["v_mse_ratio"]) for r in rows if r.get("v_mse_ratio") is not None]
     if ratios:
@@ -478,8 +495,10 @@ def parse_args(argv=None):
     ap.add_argument("--batch-size", type=int, default=8, help="sequences per eval / calibration batch")
     ap.add_argument("--calib-batches", type=int, default=8,
                     help="training batches whose V the geometries are fitted on")
-    ap.add_argument("--decode-steps", type=int, default=64, help="timed single-token decode steps (<= block_size/2)")
-    ap.add_argument("--decode-repeats", type=int, default=3, help="decode timings per method; the median is reported")
+    ap.add_argument("--decode-steps", type=int, default=None,
+                    help="timed single-token decode steps (default and at most: block_size/2)")
+    ap.add_argument("--decode-repeats", type=int, default=5,
+                    help="rounds of decode timing over all methods; the median per method is reported")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--ks", default=",".join(map(str, DEFAULT_KS)), help="latent dims for the PCA / SplinePCA rows")
     ap.add_argument("--fit-epochs", type=int, default=None, help="SplinePCA fit epochs (default: the checkpoint's)")
