@@ -355,7 +355,7 @@ def _fmt_pct(x):
 
 
 def targets(rows, wall_s=None):
-    """[(met: bool, text)] for the issue's targets that the rows (and wall time) allow judging."""
+    """[(met: bool, text)] for the benchmark's targets that the rows (and wall time) allow judging."""
     out = []
     pca = {r["k"]: r for r in rows if r["family"] == "pca"}
     spl = {r["k"]: r for r in rows if r["family"] == "splinepca"}
