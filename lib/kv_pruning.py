@@ -164,8 +164,8 @@ class VOnlyPruner(nn.Module):
         with torch.no_grad():  # the selection is discrete: no gradient through it
             scores = importance_scores(F.softmax(att, dim=-1), self.recency)  # (B, nh, T)
             keep = keep_mask(scores, self.budget, self.recency)  # (B, nh, T, T)
-            used = keep.any(dim=-2)  # (B, nh, T): values that some query reads
         if v_transform is not None:  # a select, not a gather: no host sync, compile-friendly
+            used = keep.any(dim=-2)  # (B, nh, T): values that some query reads
             v = torch.where(used[..., None], v_transform(v), v)
         # softmax over the kept logits == P * keep renormalised, and never 0/0:
         # the diagonal is always kept
