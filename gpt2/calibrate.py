@@ -12,7 +12,6 @@ The geometry file (and the "kvsplice" entry of a checkpoint) is
 with state_dict a list of SplinePCA state dicts: one per layer, or one shared.
 """
 
-import os
 import time
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import torch
 
 from gpt2.kvsplice import FORMAT_VERSION as SPLINEPCA_FORMAT
 from gpt2.kvsplice import SplinePCA
+from lib.atomic import atomic_torch_save
 
 GEOMETRY_FORMAT = 1
 SAMPLES_PER_LATENT_DIM = 2000
@@ -126,20 +126,12 @@ class KVSpliceCalibrator:
         }
 
     def dump_samples(self, path):
-        _atomic_save({i: s for i, s in enumerate(self.samples)}, path)
+        atomic_torch_save({i: s for i, s in enumerate(self.samples)}, path)
         print(f"[KVSplice] V samples saved to {path}")
 
 
-def _atomic_save(obj, path):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def save_geometry(geometry, path):
-    _atomic_save(geometry, path)
+    atomic_torch_save(geometry, path)
     print(f"[KVSplice] Saved to {path}")
 
 
@@ -234,8 +226,8 @@ def main(argv=None):
     ap.add_argument("--samples", type=int, default=120000, help="max V vectors kept per layer")
     ap.add_argument("--batch-size", type=int, default=None, help="default: the run's")
     a = ap.parse_args(argv)
-    run = load_checkpoint(a.ckpt)["args"]
-    model = GPT.from_checkpoint(a.ckpt)
+    ckpt = load_checkpoint(a.ckpt)
+    run, model = ckpt["args"], GPT.from_checkpoint_state(ckpt)
     data = TokenData(run["data_dir"], run["dataset"])
     bs, T = a.batch_size or run["batch_size"], model.config.block_size
     # k only sets the sample cap (2000 per latent dim): ask for head_dim so --samples rules

@@ -323,7 +323,11 @@ class GPT(nn.Module):
     @classmethod
     def from_checkpoint(cls, path, map_location="cpu"):
         """Rebuild a model with everything its run used (config, geometry)."""
-        ckpt = load_checkpoint(path, map_location)
+        return cls.from_checkpoint_state(load_checkpoint(path, map_location))
+
+    @classmethod
+    def from_checkpoint_state(cls, ckpt):
+        """The same, from a checkpoint dict already loaded (see load_checkpoint)."""
         model = cls(GPTConfig(**ckpt["model_config"]))
         model.load_state_dict(ckpt["model"])
         if ckpt.get("kvsplice") is not None:

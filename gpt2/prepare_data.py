@@ -17,7 +17,6 @@ import argparse
 import itertools
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ import numpy as np
 
 from gpt2.data import dataset_dir_name
 from gpt2.tokenizer import EOT_ID, N_VOCAB, get_encoding
+from lib.atomic import atomic_write, atomic_write_text
 
 # Online corpora: name -> (HF dataset path, config, text field).
 _HF_DATASETS = {
@@ -139,19 +139,6 @@ def _tokenize(documents, max_tokens, progress) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- writing
 
-def _write_atomic(path: Path, write):
-    """Run write(file) on a temp file next to path, then rename it over path."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _meta_json(meta: dict) -> str:
     """One key per line, each value on one line (id_map would be 19k lines with indent)."""
     lines = [f" {json.dumps(k)}: {json.dumps(v)}" for k, v in meta.items()]
@@ -200,9 +187,9 @@ def prepare(dataset, data_dir="data", compact_vocab=False, max_tokens=None,
     out_dir.mkdir(parents=True, exist_ok=True)
     # meta.json marks a complete dataset: drop the old one before replacing the .bin files.
     (out_dir / "meta.json").unlink(missing_ok=True)
-    _write_atomic(out_dir / "train.bin", lambda f: tokens[:n_train].tofile(f))
-    _write_atomic(out_dir / "val.bin", lambda f: tokens[n_train:].tofile(f))
-    _write_atomic(out_dir / "meta.json", lambda f: f.write(_meta_json(meta).encode()))
+    atomic_write(out_dir / "train.bin", lambda f: tokens[:n_train].tofile(f))
+    atomic_write(out_dir / "val.bin", lambda f: tokens[n_train:].tofile(f))
+    atomic_write_text(out_dir / "meta.json", _meta_json(meta))
 
     vocab_note = "compact" if compact_vocab else "GPT-2"
     print(f"{dataset}: train {n_train:,} tokens, val {n_val:,} tokens, "

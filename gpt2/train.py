@@ -19,6 +19,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from gpt2.data import TokenData
 from gpt2.model import GPT, GPTConfig, load_checkpoint
+from lib.atomic import atomic_torch_save
 from lib.tracking import Tracker
 
 CHECKPOINT_FORMAT = 1
@@ -98,10 +99,7 @@ def model_config_from_args(args, vocab_size):
 
 def build_model(args, data, ckpt):
     if ckpt is not None:
-        model = GPT(GPTConfig(**ckpt["model_config"]))
-        model.load_state_dict(ckpt["model"])
-        if ckpt.get("kvsplice") is not None:
-            model.attach_kvsplice(ckpt["kvsplice"])
+        model = GPT.from_checkpoint_state(ckpt)
     elif args.init_from == "scratch":
         model = GPT(model_config_from_args(args, data.vocab_size))
     else:
@@ -168,14 +166,6 @@ def estimate_loss(model, data, args, rt, amp):
         out[split] = (total[0] / total[1]).item()
     model.train()
     return out
-
-
-def save_checkpoint(path, state):
-    """Atomic: write a temp file beside the target, then rename over it."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
 
 
 def format_eta(seconds):
@@ -271,8 +261,8 @@ def _train(args, rt, on_iter):
         if rt.master:
             if val < best_val:
                 best_val = val
-                save_checkpoint(out_dir / "best.pt", checkpoint_state())
-            save_checkpoint(out_dir / "last.pt", checkpoint_state())
+                atomic_torch_save(checkpoint_state(), out_dir / "best.pt")
+            atomic_torch_save(checkpoint_state(), out_dir / "last.pt")
         return losses
 
     model.train()
@@ -341,7 +331,7 @@ def _train(args, rt, on_iter):
     except KeyboardInterrupt:
         # nothing lost: the completed iterations go to last.pt, --resume continues
         if rt.master:
-            save_checkpoint(out_dir / "last.pt", checkpoint_state())
+            atomic_torch_save(checkpoint_state(), out_dir / "last.pt")
             log(f"interrupted: saved {out_dir / 'last.pt'} at iteration {it}; continue with --resume")
         tracker.close(exit_code=1)
         raise

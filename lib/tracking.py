@@ -18,6 +18,8 @@ import warnings
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from lib.atomic import atomic_write_text
+
 _DEFAULT_WANDB_HOST = "https://api.wandb.ai"
 
 
@@ -26,15 +28,6 @@ def _to_json(value):
     if hasattr(value, "item"):
         return value.item()
     raise TypeError(f"cannot log a {type(value).__name__} as a metric: {value!r}")
-
-
-def _write_json_atomic(path: Path, obj):
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(obj, indent=1, default=_to_json) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def wandb_logged_in() -> bool:
@@ -134,9 +127,7 @@ class Tracker:
         path = self.run_dir / "metrics.jsonl"
         self._metrics_file.close()
         kept = [json.dumps(r) for r in read_metrics(self.run_dir) if r.get("step", 0) <= step]
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, path)
+        atomic_write_text(path, "".join(line + "\n" for line in kept))
         self._metrics_file = open(path, "a", buffering=1, encoding="utf-8")
 
     def finish(self, summary=None):
@@ -145,7 +136,8 @@ class Tracker:
             return
         if summary:
             self.summary(summary)
-        _write_json_atomic(self.run_dir / "summary.json", self._summary)
+        atomic_write_text(self.run_dir / "summary.json",
+                          json.dumps(self._summary, indent=1, default=_to_json) + "\n")
         self.close()
 
     def close(self, exit_code=0):

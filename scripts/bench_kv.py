@@ -67,7 +67,8 @@ sys.path.insert(0, str(ROOT))
 from gpt2.calibrate import KVSpliceCalibrator, geometry_modules  # noqa: E402
 from gpt2.data import TokenData  # noqa: E402
 from gpt2.kv_cache import KVCache  # noqa: E402
-from gpt2.model import GPT, GPTConfig, load_checkpoint  # noqa: E402
+from gpt2.model import GPT, load_checkpoint  # noqa: E402
+from lib.atomic import atomic_write, atomic_write_text  # noqa: E402
 from lib.kv_baselines import H2OLayerCache, VQuantizer  # noqa: E402
 from lib.kv_pruning import KEEP_RATIO, VOnlyPruner  # noqa: E402
 
@@ -225,8 +226,7 @@ def run_benchmark(ckpt_path, ks=DEFAULT_KS, eval_batches=20, batch_size=8, calib
     t_start = time.perf_counter()
     ckpt = load_checkpoint(ckpt_path)
     args = ckpt.get("args") or {}
-    model = GPT(GPTConfig(**ckpt["model_config"]))
-    model.load_state_dict(ckpt["model"])
+    model = GPT.from_checkpoint_state(ckpt)  # apply_method replaces its pruner and geometry per method
     model.eval()
     cfg = model.config
     bs, hd = cfg.block_size, cfg.head_dim
@@ -450,14 +450,6 @@ def notes(rows):
     return "\n".join(lines)
 
 
-def _atomic_write_text(path, text):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_plot(rows, path):
     import matplotlib
 
@@ -480,10 +472,8 @@ def write_plot(rows, path):
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
-    fig.savefig(tmp, dpi=120)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def parse_args(argv=None):
@@ -538,7 +528,7 @@ def main(argv=None):
            f"## Regenerate\n\n    {command}\n\n"
            f"Machine: {machine_description(torch.get_num_threads())}. Wall time {wall_s:.1f} s.\n")
     write_plot(rows, args.out_png)
-    _atomic_write_text(args.out_md, doc)
+    atomic_write_text(args.out_md, doc)
     print(f"wrote {args.out_md} and {args.out_png}")
     return rows
 

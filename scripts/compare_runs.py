@@ -21,6 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from lib.atomic import atomic_write, atomic_write_text  # noqa: E402
 from lib.tracking import read_metrics  # noqa: E402
 
 
@@ -93,10 +94,8 @@ def plot_val_loss(runs, path):
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = Path(path).with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=120)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
     plt.close(fig)
-    tmp.replace(path)
 
 
 def write_comparison(run_dirs, out_dir):
@@ -105,9 +104,7 @@ def write_comparison(run_dirs, out_dir):
     table = summary_table(runs)
     dirs = " ".join(str(r["dir"]) for r in runs)
     text = f"# Ablation summary\n\n{table}\n\nRegenerate: `python scripts/compare_runs.py {dirs} --out {out_dir}`\n"
-    tmp = out_dir / "summary.md.tmp"
-    tmp.write_text(text)
-    tmp.replace(out_dir / "summary.md")
+    atomic_write_text(out_dir / "summary.md", text)
     plot_val_loss(runs, out_dir / "val_loss.png")
     print("\n" + table)
     print(f"\nwrote {out_dir / 'summary.md'} and {out_dir / 'val_loss.png'}")
