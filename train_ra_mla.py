@@ -64,8 +64,9 @@ def build_parser():
     g.add_argument("--warmup-iters", type=int, default=100, help="linear LR warmup iterations")
     g.add_argument("--max-iters", type=int, default=5000, help="iterations; the LR schedule spans them")
     g.add_argument("--max-time", type=float, default=0.0,
-                   help="time budget in seconds (0 = none); the LR schedule follows whichever budget "
-                        "runs out first, so a time-bounded run still ends at the minimum LR")
+                   help="time budget in seconds (0 = none); if, at the end of warmup, the measured pace "
+                        "says --max-iters will not fit, the LR schedule is shortened once to the "
+                        "iterations that do, so the run still ends at the minimum LR")
     g.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay on weight matrices")
     g.add_argument("--beta1", type=float, default=0.9, help="AdamW beta1")
     g.add_argument("--beta2", type=float, default=0.95, help="AdamW beta2")

@@ -131,13 +131,26 @@ def configure_optimizer(model, args, device):
     return torch.optim.AdamW(groups, lr=args.learning_rate, betas=(args.beta1, args.beta2), fused=fused)
 
 
-def schedule_progress(it, elapsed, args):
-    """How far through the budget we are, in [0, 1]: iterations or time, whichever is further."""
-    span = max(1, args.max_iters - args.warmup_iters)
-    p = (it - args.warmup_iters) / span
-    if args.max_time > 0:
-        p = max(p, elapsed / args.max_time)
-    return min(max(p, 0.0), 1.0)
+def schedule_iters_for_budget(it, elapsed, args):
+    """How many iterations the LR schedule spans: --max-iters, unless --max-time
+    would end the run first; then the iterations that fit the budget at the
+    pace measured so far (it iterations in `elapsed` seconds).
+
+    Decided once, at the end of warmup: every later LR is a function of the
+    iteration alone, so a run whose time budget does not bind is reproducible
+    however fast the machine happens to be, and one whose budget binds still
+    ends at the minimum LR.
+    """
+    if args.max_time <= 0 or it == 0 or elapsed <= 0:
+        return args.max_iters
+    fit = it + int((args.max_time - elapsed) * it / elapsed)
+    return max(it + 1, min(args.max_iters, fit))
+
+
+def schedule_progress(it, schedule_iters, args):
+    """How far through the decay we are, in [0, 1]."""
+    span = max(1, schedule_iters - args.warmup_iters)
+    return min(max((it - args.warmup_iters) / span, 0.0), 1.0)
 
 
 def learning_rate(it, progress, args):
@@ -209,9 +222,12 @@ def _train(args, rt, on_iter):
     cfg = raw_model.config
     optimizer = configure_optimizer(raw_model, args, rt.device)
     it, best_val, elapsed, tokens = 0, float("inf"), 0.0, 0
+    schedule_iters = args.max_iters
+    decide_at = max(args.warmup_iters, 1)  # when a time budget fixes schedule_iters
     if ckpt is not None:
         optimizer.load_state_dict(ckpt["optimizer"])
         it, best_val, elapsed, tokens = ckpt["iter"], ckpt["best_val_loss"], ckpt["elapsed"], ckpt["tokens"]
+        schedule_iters = ckpt["schedule_iters"]
         torch.set_rng_state(ckpt["rng"]["torch"].cpu())
         if rt.device.startswith("cuda") and ckpt["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"].cpu())
@@ -243,7 +259,8 @@ def _train(args, rt, on_iter):
             "model_config": asdict(cfg),
             "kvsplice": raw_model.kvsplice_meta,
             "optimizer": optimizer.state_dict(),
-            "iter": it, "best_val_loss": best_val, "elapsed": elapsed, "tokens": tokens,
+            "iter": it, "schedule_iters": schedule_iters, "best_val_loss": best_val, "elapsed": elapsed,
+            "tokens": tokens,
             "rng": {"torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state() if rt.device.startswith("cuda") else None},
             "args": vars(args),
@@ -271,12 +288,21 @@ def _train(args, rt, on_iter):
     t_train = 0.0  # seconds spent in training steps only (throughput)
     losses = None
     try:
-        while it < args.max_iters and not (args.max_time > 0 and elapsed >= args.max_time):
+        while it < schedule_iters and not (args.max_time > 0 and elapsed >= args.max_time):
             if args.kvsplice_enable and raw_model.kvsplice_meta is None and it >= calib_iter:
                 from gpt2.calibrate import calibrate_model
 
                 calibrate_model(raw_model, data, args, rt, tracker, step=it)
-            lr = learning_rate(it, schedule_progress(it, elapsed, args), args)
+            if it == decide_at and args.max_time > 0:
+                schedule_iters = schedule_iters_for_budget(it, elapsed, args)
+                if rt.ddp:  # every rank follows rank 0's decision
+                    n = torch.tensor([schedule_iters], device=rt.device)
+                    dist.broadcast(n, 0)
+                    schedule_iters = int(n.item())
+                if schedule_iters < args.max_iters:
+                    log(f"time budget: {args.max_time:.0f}s fits {schedule_iters} iterations at "
+                        f"{elapsed / it:.2f}s each; the LR schedule ends there")
+            lr = learning_rate(it, schedule_progress(it, schedule_iters, args), args)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             t0 = time.time()
@@ -307,19 +333,19 @@ def _train(args, rt, on_iter):
                 e = torch.tensor([elapsed], dtype=torch.float64, device=rt.device)
                 dist.broadcast(e, 0)
                 elapsed = e.item()
-            if it % args.log_interval == 0 or it == args.max_iters:
+            if it % args.log_interval == 0 or it == schedule_iters:
                 if rt.ddp:
                     dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
                 loss_val = loss_sum.item() / per_rank
                 record = {"iter": it, "tokens": tokens, "loss": loss_val, "lr": lr,
                           "ms_per_iter": dt * 1000, "tokens_per_s": tokens_per_iter / dt}
-                line = (f"iter {it}/{args.max_iters} | loss {loss_val:.4f} | lr {lr:.2e} | "
+                line = (f"iter {it}/{schedule_iters} | loss {loss_val:.4f} | lr {lr:.2e} | "
                         f"{dt * 1000:.0f} ms/iter | {tokens_per_iter / dt:,.0f} tok/s")
                 if rt.device.startswith("cuda"):
                     record["mfu"] = raw_model.estimate_mfu(tokens_per_iter, dt,
                                                            args.peak_flops * rt.world)
                     line += f" | mfu {record['mfu'] * 100:.1f}%"
-                remaining = (args.max_iters - it) * t_train / (it - it_start)
+                remaining = (schedule_iters - it) * t_train / (it - it_start)
                 if args.max_time > 0:
                     remaining = min(remaining, args.max_time - elapsed)
                 tracker.log(record, step=it)

@@ -62,12 +62,28 @@ def test_bad_arguments_fail_before_training(tiny_data_dir, tmp_path):
 
 
 def test_time_budget_ends_the_schedule_at_min_lr(tiny_data_dir, tmp_path):
-    from gpt2.train import learning_rate, schedule_progress
+    from gpt2.train import learning_rate, schedule_iters_for_budget, schedule_progress
 
     args = tiny_args(tiny_data_dir, tmp_path / "run", "--max-iters", "100000", "--max-time", "60")
-    lr_end = learning_rate(50, schedule_progress(50, 60.0, args), args)
+    # 5 warmup iterations took 3 s: 100 iterations fit the 60 s budget, and the schedule ends there
+    n = schedule_iters_for_budget(5, 3.0, args)
+    assert n == 100
+    lr_end = learning_rate(n, schedule_progress(n, n, args), args)
     assert lr_end == pytest.approx(args.learning_rate * args.min_lr_ratio)
-    assert learning_rate(50, schedule_progress(50, 30.0, args), args) > lr_end
+    assert learning_rate(50, schedule_progress(50, n, args), args) > lr_end
+    # a budget that does not bind leaves the schedule to --max-iters, whatever the pace
+    fast = tiny_args(tiny_data_dir, tmp_path / "run", "--max-iters", "100", "--max-time", "60")
+    assert schedule_iters_for_budget(5, 0.5, fast) == schedule_iters_for_budget(5, 2.9, fast) == 100
+
+
+def test_time_budget_run_stops_at_the_scheduled_iteration(tiny_data_dir, tmp_path, capsys):
+    summary = train(tiny_args(tiny_data_dir, tmp_path / "run", "--max-iters", "100000", "--max-time", "4",
+                              "--eval-interval", "100000"))
+    out = capsys.readouterr().out
+    assert "time budget: 4s fits" in out
+    assert 5 < summary["iters"] < 100000
+    ckpt = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
+    assert ckpt["schedule_iters"] >= summary["iters"]
 
 
 def test_resume_after_a_crash_logs_each_iteration_once(tiny_data_dir, tmp_path):
