@@ -12,6 +12,9 @@ gpt2/ablations.py; a flag on the command line overrides both.
 import argparse
 import sys
 
+from gpt2.ablations import format_steps, step_overrides
+from gpt2.train import train
+from lib.config import parse_with_config
 from lib.kv_pruning import KEEP_RATIO
 
 
@@ -103,8 +106,6 @@ def build_parser():
     g.add_argument("--kvsplice-calib-iter", type=int, default=None,
                    help="iteration at which calibration runs (default: end of LR warmup)")
     g.add_argument("--kvsplice-shared", action=B, default=False, help="one geometry for all layers")
-    g.add_argument("--kvsplice-strategy", default="A", choices=["A", "B"],
-                   help="with pruning: A prunes then compresses kept V, B compresses all then selects")
     g.add_argument("--kvsplice-dump-samples", default=None,
                    help="also save the collected V samples (per layer) to this .pt file")
 
@@ -117,20 +118,14 @@ def build_parser():
 
 
 def parse_args(argv=None):
-    from lib.config import parse_with_config
-
-    return parse_with_config(build_parser(), argv)
+    return parse_with_config(build_parser(), argv, step_overrides)
 
 
 def main(argv=None):
     args = parse_args(argv)
     if args.list_steps:
-        from gpt2.ablations import format_steps
-
         print(format_steps())
         return 0
-    from gpt2.train import train
-
     train(args)
     return 0
 

@@ -5,25 +5,26 @@ keeps V as [B*T*n_head, head_dim] vectors, moved to CPU float32 at once so
 accelerator memory never grows with the number of batches. Per layer it
 keeps a uniform random subsample of at most min(--kvsplice-samples, 2000*k)
 vectors (bottom-k of random keys: exactly uniform over everything seen), so
-host memory is bounded however many batches run.
+host memory is bounded however many batches run. fit() returns the geometry
+dict of gpt2/geometry.py.
 
-The geometry file (and the "kvsplice" entry of a checkpoint) is
-    {"Hd", "k", "knots", "n_layer", "shared", "state_dict", "format_version", "fit_stats"}
-with state_dict a list of SplinePCA state dicts: one per layer, or one shared.
+The calibrator needs only a model with `config` and `transformer.h[i].attn.c_attn`;
+the training loop calls it (gpt2/train.py), never the reverse.
 """
 
+import argparse
 import time
-from pathlib import Path
 
 import torch
 
-from gpt2.kvsplice import FORMAT_VERSION as SPLINEPCA_FORMAT
+from gpt2.data import TokenData
+from gpt2.geometry import GEOMETRY_FORMAT
 from gpt2.kvsplice import SplinePCA
+from gpt2.model import GPT, load_checkpoint
 from lib.atomic import atomic_torch_save
 
-GEOMETRY_FORMAT = 1
 SAMPLES_PER_LATENT_DIM = 2000
-_KEYS = ("Hd", "k", "knots", "n_layer", "shared", "state_dict", "format_version")
+CALIB_SEED_SALT = 104729  # calibration batches: seed + this, so they differ from the training batches
 
 
 class KVSpliceCalibrator:
@@ -130,94 +131,8 @@ class KVSpliceCalibrator:
         print(f"[KVSplice] V samples saved to {path}")
 
 
-def save_geometry(geometry, path):
-    atomic_torch_save(geometry, path)
-    print(f"[KVSplice] Saved to {path}")
-
-
-def check_geometry(geometry, config, where, expected_k=None):
-    """Raise ValueError naming expected and found values when a geometry does not fit a model."""
-    if not isinstance(geometry, dict) or any(key not in geometry for key in _KEYS):
-        missing = [key for key in _KEYS if not isinstance(geometry, dict) or key not in geometry]
-        raise ValueError(f"{where} is not a KVSplice geometry: missing keys {missing}")
-    if geometry["format_version"] != GEOMETRY_FORMAT:
-        raise ValueError(f"{where}: format_version {geometry['format_version']!r}, expected {GEOMETRY_FORMAT}")
-    head_dim = config.n_embd // config.n_head
-    for key, expected in (("Hd", head_dim), ("n_layer", config.n_layer), ("k", expected_k)):
-        if expected is not None and geometry[key] != expected:
-            raise ValueError(f"{where}: {key} is {geometry[key]}, but the model needs {key} = {expected}")
-    n_sd = 1 if geometry["shared"] else geometry["n_layer"]
-    if len(geometry["state_dict"]) != n_sd:
-        raise ValueError(f"{where}: {len(geometry['state_dict'])} state dicts, expected {n_sd}")
-
-
-def load_geometry(path, config, expected_k=None):
-    """Read a kvsplice.pt for `config` (a GPTConfig); clear errors for bad files."""
-    try:
-        geometry = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"KVSplice geometry {path} not found") from None
-    except Exception as e:
-        raise ValueError(f"{path}: not a readable KVSplice geometry file ({type(e).__name__}: {e})") from None
-    check_geometry(geometry, config, str(path), expected_k)
-    return geometry
-
-
-def geometry_modules(geometry, config):
-    """One frozen SplinePCA per layer (the same object everywhere when shared)."""
-    check_geometry(geometry, config, "KVSplice geometry")
-    mods = [SplinePCA.from_dict({"Hd": geometry["Hd"], "k": geometry["k"], "knots": geometry["knots"],
-                                 "state_dict": sd, "format_version": SPLINEPCA_FORMAT})
-            for sd in geometry["state_dict"]]
-    if geometry["shared"]:
-        mods = mods * config.n_layer
-    return mods
-
-
-def calibrate_model(model, data, args, rt, tracker, step):
-    """Calibrate on the model as trained so far and put the geometry into its attention.
-
-    Under DDP, rank 0 collects and fits; the geometry is broadcast so every
-    rank uses the identical one. `model` is the raw module (not the compiled
-    or DDP wrapper): hooks see plain c_attn calls.
-    """
-    from gpt2.train import autocast_context
-
-    geometry = None
-    if rt.master:
-        print(f"[KVSplice] calibrating at iteration {step}: {args.kvsplice_max_batches} batches, "
-              f"k={args.kvsplice_k}, knots={args.kvsplice_knots}", flush=True)
-        t0 = time.time()
-        cal = KVSpliceCalibrator(model, args.kvsplice_k, args.kvsplice_samples, seed=args.seed)
-        batches = (data.get_batch("train", args.batch_size, args.block_size, args.seed + 104729, step, j,
-                                  rt.device)[0] for j in range(args.kvsplice_max_batches))
-        cal.collect(batches, autocast_context(rt.device, args.dtype)[0])
-        geometry = cal.fit(args.kvsplice_knots, args.kvsplice_epochs, args.kvsplice_lr,
-                           args.kvsplice_shared, seed=args.seed)
-        save_geometry(geometry, Path(args.out_dir) / args.kvsplice_save)
-        if args.kvsplice_dump_samples:
-            cal.dump_samples(args.kvsplice_dump_samples)
-        record = {"kvsplice/seconds": time.time() - t0, "kvsplice/fit_seconds": geometry["fit_stats"]["seconds"]}
-        for i, s in enumerate(geometry["fit_stats"]["layers"]):
-            record[f"kvsplice/layer{i}_pca_val_mse"] = s["pca_val_mse"]
-            record[f"kvsplice/layer{i}_splinepca_val_mse"] = s["spline_val_mse"]
-        tracker.log(record, step=step)
-    if rt.ddp:
-        import torch.distributed as dist
-
-        box = [geometry]
-        dist.broadcast_object_list(box, src=0)
-        geometry = box[0]
-    model.attach_kvsplice(geometry)
-
-
 def main(argv=None):
     """Dump V samples of a trained checkpoint for scripts/kvsplice_validate.py --source."""
-    import argparse
-
-    from gpt2.data import TokenData
-    from gpt2.model import GPT, load_checkpoint
-
     ap = argparse.ArgumentParser(description="Collect per-layer V samples from a trained checkpoint "
                                              "(training split) and save them as {layer: [N, head_dim]}.")
     ap.add_argument("--ckpt", required=True, help="a training checkpoint (best.pt / last.pt)")
@@ -232,7 +147,7 @@ def main(argv=None):
     bs, T = a.batch_size or run["batch_size"], model.config.block_size
     # k only sets the sample cap (2000 per latent dim): ask for head_dim so --samples rules
     cal = KVSpliceCalibrator(model, model.config.head_dim, a.samples, seed=run["seed"])
-    cal.collect(data.get_batch("train", bs, T, run["seed"] + 104729, 0, j)[0] for j in range(a.batches))
+    cal.collect(data.get_batch("train", bs, T, run["seed"] + CALIB_SEED_SALT, 0, j)[0] for j in range(a.batches))
     cal.dump_samples(a.out)
     return 0
 

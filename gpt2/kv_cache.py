@@ -1,17 +1,19 @@
 """The inference KV cache that really stores fewer bytes.
 
 One LayerKVCache per attention layer. Keys are kept in full. V is stored as
-v_encode(v) (a KVSplice latent, or V itself) and read back through v_decode.
-With a VOnlyPruner, only the values of kept tokens are held, at most
-pruner.budget per (batch, head), and a token is evicted for good by the rule
-in lib/kv_pruning.py: the recency window plus the top (budget - W) older
-tokens by a score that is final once the token leaves the window.
+v_encode(v) (a KVSplice latent, int8 codes, or V itself) and read back
+through v_decode. With a token selector (lib.kv_pruning.TokenKeep: V-only
+pruning, a sliding window, a random keep), only the values of kept tokens
+are held, at most selector.budget per (batch, head), and a token is evicted
+for good by the rule in lib/kv_pruning.py: the recency window plus the top
+(budget - W) older tokens by selector.score, final once the token leaves the
+window.
 
 Every call, a prefill of a prompt or one new token, runs the same math: the
 candidates are the held old tokens plus the tail (window + new tokens), the
 tail's scores are the running sums carried over plus the attention the new
 queries give, and lib.kv_pruning.keep_mask decides per query. The result is
-the full-sequence VOnlyPruner.forward on v_decode(v_encode(v)), up to float
+the full-sequence selector.forward on v_decode(v_encode(v)), up to float
 rounding (see the caveat in the tests: an exact near-tie between two scores
 may be ordered differently when rounding differs).
 
@@ -36,12 +38,12 @@ def _identity(v):
 
 
 class LayerKVCache:
-    """Keys in full, values encoded and (with a pruner) only for kept tokens."""
+    """Keys in full, values encoded and (with a token selector) only for kept tokens."""
 
-    def __init__(self, pruner=None, v_encode=None, v_decode=None):
+    def __init__(self, selector=None, v_encode=None, v_decode=None):
         if (v_encode is None) != (v_decode is None):
             raise ValueError("v_encode and v_decode come as a pair: got only one of them")
-        self.pruner = pruner
+        self.selector = selector
         self.v_encode = v_encode or _identity
         self.v_decode = v_decode or _identity
         self.reset()
@@ -68,7 +70,7 @@ class LayerKVCache:
         self.length = t0 + q.size(-2)
         v_new = self.v_encode(v)  # (B, nh, T_new, kdim)
         att = self._logits(q, t0)  # (B, nh, T_new, t), causal
-        if self.pruner is None:
+        if self.selector is None:
             self.v = v_new if self.v is None else torch.cat([self.v, v_new], dim=-2)
             att = F.softmax(att, dim=-1)
             return (att @ self.v_decode(self.v).float()).to(q.dtype)
@@ -86,7 +88,7 @@ class LayerKVCache:
         incremental form of keep_mask's top-k over a growing set, so the held
         tokens are the same.
         """
-        W, slots = self.pruner.recency, self.pruner.budget - self.pruner.recency
+        W, slots = self.selector.recency, self.selector.budget - self.selector.recency
         B, nh = q.shape[:2]
         n_old = self.old_score.size(-1)
         probs = F.softmax(att, dim=-1)  # (B, nh, 1, t): full keys, for the scores
@@ -97,16 +99,17 @@ class LayerKVCache:
         pos = torch.cat([self.v_pos, self.v_pos.new_full((B, nh, 1), t0)], dim=-1)
         old_score = self.old_score
         if t0 >= W:  # position t0-W leaves the window: its score is final
-            leaving = received[..., :1] / W  # (B, nh, 1)
+            leaving = self.selector.score(received[..., :1] / W, pos[..., n_old:n_old + 1])  # (B, nh, 1)
             received = received[..., 1:]
             old_score = torch.cat([old_score, leaving], dim=-1)  # candidates in position order
             if n_old + 1 > slots:  # one of the candidates goes, for good
                 worst = old_score.argmin(dim=-1, keepdim=True)  # first = oldest among equal scores
                 drop = torch.zeros_like(pos, dtype=torch.bool).scatter_(-1, worst, True)
                 keep = ~drop
-                v_all = v_all[keep].view(B, nh, -1, v_all.size(-1))
-                pos = pos[keep].view(B, nh, -1)
-                old_score = old_score[keep[..., :n_old + 1]].view(B, nh, -1)
+                n = pos.size(-1) - 1
+                v_all = v_all[keep].view(B, nh, n, v_all.size(-1))
+                pos = pos[keep].view(B, nh, n)
+                old_score = old_score[keep[..., :n_old + 1]].view(B, nh, n_old)
         held_att = F.softmax(att.gather(-1, pos[..., None, :]), dim=-1)  # (B, nh, 1, held)
         y = (held_att @ self.v_decode(v_all).float()).to(q.dtype)
         self.v, self.v_pos, self.old_score, self.window_sum = v_all, pos, old_score, received
@@ -120,7 +123,7 @@ class LayerKVCache:
         return att.masked_fill(key_pos[None, :] > query_pos[:, None], float("-inf"))
 
     def _attend_pruned(self, q, att, v_new, t0):
-        W, budget = self.pruner.recency, self.pruner.budget
+        W, budget = self.selector.recency, self.selector.budget
         B, nh, T, _ = q.shape
         t = t0 + T
         new_pos = torch.arange(t0, t, device=q.device)
@@ -140,7 +143,8 @@ class LayerKVCache:
         in_window = (lag >= 0) & (lag < W)
         probs = F.softmax(att, dim=-1)[..., tail_start:]  # (B, nh, T, L), full keys
         received = F.pad(self.window_sum, (0, T)) + probs.masked_fill(~in_window, 0.0).sum(-2)
-        scores = torch.cat([self.old_score, received / W], dim=-1)  # (B, nh, C)
+        tail_scores = self.selector.score(received / W, pos[..., n_old:])
+        scores = torch.cat([self.old_score, tail_scores], dim=-1)  # (B, nh, C)
 
         keep = keep_mask(scores, budget, W, key_pos=pos, query_pos=new_pos)  # (B, nh, T, C)
         held_att = att.gather(-1, pos[..., None, :].expand(B, nh, T, pos.size(-1)))

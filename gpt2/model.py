@@ -1,27 +1,28 @@
 """GPT-2 in plain PyTorch, after nanoGPT's model.py.
 
 Attention keeps GPT-2's ONE combined `c_attn` projection (Q, K, V in one GEMM)
-so Hugging Face GPT-2 weights load as they are. Two research hooks live in
-the attention, both off by default:
+so Hugging Face GPT-2 weights load as they are. The research hook is one
+V-cache method per attention, `attn.vcache` (gpt2/vcache.py), built from the
+record GPTConfig.v_cache: full attention by default; V-only pruning, a
+KVSplice geometry, int8/int4 V, H2O or a composition otherwise.
 
-- `attn.pruner`: V-only pruning (lib/kv_pruning.py). Keys stay in full; only
-  the kept tokens' V contribute.
-- `attn.kvsplice`: a frozen KVSplice geometry (gpt2/kvsplice.py). V passes
-  through decompress(compress(V)), so training sees exactly what a cache
-  holding the latent would return.
-
-The same attention serves training (full sequence) and decoding (a
-`gpt2.kv_cache.LayerKVCache` per layer), so the two cannot drift apart.
+The same method serves training (attend, full sequence) and decoding (its
+cache, one per layer), so the two cannot drift apart.
 """
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lib.kv_pruning import KEEP_RATIO, VOnlyPruner
+from gpt2.geometry import geometry_modules
+from gpt2.kv_cache import KVCache
+from gpt2.vcache import FULL, build_method, describe
+
+# GPTConfig fields of checkpoints written before GPTConfig.v_cache held the method
+_LEGACY_FIELDS = ("kv_prune", "kv_prune_keep_ratio", "kv_prune_k_min", "kv_prune_recency", "kvsplice_strategy")
 
 
 @dataclass
@@ -33,13 +34,8 @@ class GPTConfig:
     n_embd: int = 768
     dropout: float = 0.0
     bias: bool = True  # GPT-2 uses biases in Linear and LayerNorm
-    # V-only pruning (V19 and later ablation steps)
-    kv_prune: bool = False
-    kv_prune_keep_ratio: float = KEEP_RATIO
-    kv_prune_k_min: int = 64
-    kv_prune_recency: int = 64
-    # with both pruning and KVSplice: "A" prunes then compresses, "B" compresses then selects
-    kvsplice_strategy: str = "A"
+    # the V-cache method of every attention layer: a gpt2.vcache record
+    v_cache: dict = field(default_factory=lambda: {"select": dict(FULL["select"]), "codec": dict(FULL["codec"])})
     # Reciprocal MLP (V21)
     rmlp: bool = False
     rmlp_rff: int = 64
@@ -71,13 +67,7 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
         self.n_head = config.n_head
         self.n_embd = config.n_embd
-        self.pruner = (
-            VOnlyPruner(config.kv_prune_keep_ratio, config.kv_prune_k_min,
-                        config.kv_prune_recency, config.block_size)
-            if config.kv_prune else None
-        )
-        self.kvsplice = None  # set by GPT.attach_kvsplice; frozen
-        self.kvsplice_strategy = config.kvsplice_strategy
+        self.vcache = build_method(config.v_cache, config.block_size, config.head_dim)
 
     def forward(self, x, cache=None):
         B, T, C = x.size()
@@ -85,20 +75,10 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        dropout_p = self.attn_dropout if self.training else 0.0
-        if cache is not None:
-            # the cache applies the geometry itself: it stores the latent
+        if cache is not None:  # made by self.vcache.make_cache(): the same method, incrementally
             y = cache(q, k, v)
         else:
-            geometry = None if self.kvsplice is None else self.kvsplice.roundtrip
-            if self.pruner is not None and self.kvsplice_strategy == "A":
-                y = self.pruner(q, k, v, dropout_p=dropout_p, v_transform=geometry)  # prune, then compress
-            elif self.pruner is not None:
-                y = self.pruner(q, k, geometry(v) if geometry else v, dropout_p=dropout_p)  # compress all, select
-            else:
-                if geometry is not None:
-                    v = geometry(v)
-                y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+            y = self.vcache.attend(q, k, v, dropout_p=self.attn_dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble all head outputs side by side
         return self.resid_dropout(self.c_proj(y))
 
@@ -177,6 +157,7 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # weight tying
         self.kvsplice_meta = None  # the geometry's dict, when one is attached
+        config.v_cache = self.transformer.h[0].attn.vcache.record()  # every setting, defaults filled in
         self.apply(self._init_weights)
         # GPT-2 paper: scaled init of the residual projections
         for pn, p in self.named_parameters():
@@ -218,21 +199,34 @@ class GPT(nn.Module):
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
         return logits, loss
 
-    # ---- KVSplice geometry -------------------------------------------------
+    # ---- the V-cache method --------------------------------------------------
+
+    def set_v_cache(self, record, geometry=None):
+        """Put the method of `record` (a gpt2.vcache record) into every attention
+        layer, with a KVSplice geometry dict for a geometry codec."""
+        device = self.lm_head.weight.device
+        for block in self.transformer.h:
+            block.attn.vcache = build_method(record, self.config.block_size, self.config.head_dim).to(device)
+        self.config.v_cache = self.transformer.h[0].attn.vcache.record()
+        self.kvsplice_meta = None
+        if geometry is not None:
+            self.attach_kvsplice(geometry)
 
     def attach_kvsplice(self, geometry):
-        """Put a frozen KVSplice geometry into every attention layer.
+        """Put a frozen KVSplice geometry into every attention layer's codec.
 
-        `geometry` is the calibrator's dict (gpt2.calibrate.load_geometry
-        format): one SplinePCA per layer, or one shared by all layers.
+        `geometry` is the calibrator's dict (gpt2/geometry.py): one SplinePCA
+        per layer, or one shared by all layers.
         """
-        from gpt2.calibrate import geometry_modules
-
+        codec = self.config.v_cache["codec"]["kind"]
+        if codec not in ("splinepca", "pca"):
+            raise ValueError(f"a KVSplice geometry needs a splinepca or pca V codec; "
+                             f"this model's method is {describe(self.config.v_cache)}")
         mods = geometry_modules(geometry, self.config)
         device = self.lm_head.weight.device
         for block, mod in zip(self.transformer.h, mods):
-            mod.requires_grad_(False)
-            block.attn.kvsplice = mod.to(device)
+            block.attn.vcache.codec.attach(mod.to(device))
+        self.config.v_cache = self.transformer.h[0].attn.vcache.record()
         self.kvsplice_meta = geometry
 
     def model_state_dict(self):
@@ -242,24 +236,16 @@ class GPT(nn.Module):
     # ---- generation with a KV cache ----------------------------------------
 
     def make_cache(self):
-        from gpt2.kv_cache import KVCache, LayerKVCache
-
-        def make_layer(i):
-            attn = self.transformer.h[i].attn
-            geo = attn.kvsplice
-            return LayerKVCache(pruner=attn.pruner,
-                                v_encode=None if geo is None else geo.compress,
-                                v_decode=None if geo is None else geo.decompress)
-
-        return KVCache(self.config.n_layer, make_layer)
+        """One decode cache per layer, each made by that layer's method."""
+        return KVCache(self.config.n_layer, lambda i: self.transformer.h[i].attn.vcache.make_cache())
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
         """Sample max_new_tokens after idx (B, T), decoding through a KV cache.
 
-        The cache holds keys in full and V as the model's attention would use
-        it: only kept tokens (with pruning) and as the k-dim latent (with
-        KVSplice). When the context reaches block_size, the cache is rebuilt
+        The cache holds what the model's V-cache method stores: only kept
+        tokens (with pruning) and as the k-dim latent (with KVSplice), for
+        example. When the context reaches block_size, the cache is rebuilt
         from the last block_size // 2 tokens.
         """
         bs = self.config.block_size
@@ -328,7 +314,7 @@ class GPT(nn.Module):
     @classmethod
     def from_checkpoint_state(cls, ckpt):
         """The same, from a checkpoint dict already loaded (see load_checkpoint)."""
-        model = cls(GPTConfig(**ckpt["model_config"]))
+        model = cls(config_from_checkpoint(ckpt))
         model.load_state_dict(ckpt["model"])
         if ckpt.get("kvsplice") is not None:
             model.attach_kvsplice(ckpt["kvsplice"])
@@ -339,11 +325,7 @@ class GPT(nn.Module):
         assert block_size <= self.config.block_size
         self.config.block_size = block_size
         self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
-        for block in self.transformer.h:
-            if block.attn.pruner is not None:
-                c = self.config
-                block.attn.pruner = VOnlyPruner(c.kv_prune_keep_ratio, c.kv_prune_k_min,
-                                                c.kv_prune_recency, block_size)
+        self.set_v_cache(self.config.v_cache)  # budgets follow block_size
 
     def estimate_mfu(self, tokens_per_iter, dt, peak_flops):
         """Model FLOPs utilisation (PaLM appendix B), as in nanoGPT."""
@@ -352,6 +334,28 @@ class GPT(nn.Module):
         L, H, Q, T = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head, cfg.block_size
         flops_per_token = 6 * N + 12 * L * H * Q * T
         return flops_per_token * tokens_per_iter / dt / peak_flops
+
+
+def config_from_checkpoint(ckpt):
+    """The GPTConfig a checkpoint was trained with. Checkpoints written before
+    the V-cache method was one record (kv_prune, kv_prune_* and
+    kvsplice_strategy fields) are translated; strategies A and B were equal."""
+    saved = dict(ckpt["model_config"])
+    if any(name in saved for name in _LEGACY_FIELDS):
+        legacy = {name: saved.pop(name) for name in _LEGACY_FIELDS if name in saved}
+        select = ({"kind": "prune", "keep_ratio": legacy.get("kv_prune_keep_ratio"),
+                   "k_min": legacy.get("kv_prune_k_min"), "recency": legacy.get("kv_prune_recency")}
+                  if legacy.get("kv_prune") else {"kind": "full"})
+        geometry = ckpt.get("kvsplice")
+        codec = ({"kind": "splinepca", "k": geometry["k"], "knots": geometry["knots"]}
+                 if geometry is not None else {"kind": "none"})
+        saved["v_cache"] = {"select": select, "codec": codec}
+    known = {f.name for f in fields(GPTConfig)}
+    unknown = sorted(set(saved) - known)
+    if unknown:
+        raise ValueError(f"checkpoint's model_config has fields this version does not know: {unknown} "
+                         f"(expected {sorted(known)})")
+    return GPTConfig(**saved)
 
 
 def load_checkpoint(path, map_location="cpu"):

@@ -17,8 +17,11 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from gpt2.calibrate import CALIB_SEED_SALT, KVSpliceCalibrator
 from gpt2.data import TokenData
+from gpt2.geometry import load_geometry, save_geometry
 from gpt2.model import GPT, GPTConfig, load_checkpoint
+from gpt2.prepare_data import decode_tokens, unigram_entropy
 from lib.atomic import atomic_torch_save
 from lib.tracking import Tracker
 
@@ -87,13 +90,20 @@ def validate_args(args, world):
         raise ValueError("bad arguments:\n  " + "\n  ".join(problems))
 
 
+def v_cache_record(args):
+    """The V-cache method the flags ask for, as a gpt2.vcache record."""
+    select = ({"kind": "prune", "keep_ratio": args.kv_prune_keep_ratio, "k_min": args.kv_prune_k_min,
+               "recency": args.kv_prune_recency} if args.kv_prune else {"kind": "full"})
+    codec = ({"kind": "splinepca", "k": args.kvsplice_k, "knots": args.kvsplice_knots}
+             if args.kvsplice_enable or args.kvsplice_load else {"kind": "none"})
+    return {"select": select, "codec": codec}
+
+
 def model_config_from_args(args, vocab_size):
     return GPTConfig(
         block_size=args.block_size, vocab_size=vocab_size, n_layer=args.n_layer,
         n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout, bias=args.bias,
-        kv_prune=args.kv_prune, kv_prune_keep_ratio=args.kv_prune_keep_ratio,
-        kv_prune_k_min=args.kv_prune_k_min, kv_prune_recency=args.kv_prune_recency,
-        kvsplice_strategy=args.kvsplice_strategy, rmlp=args.rmlp, rmlp_rff=args.rmlp_rff,
+        v_cache=v_cache_record(args), rmlp=args.rmlp, rmlp_rff=args.rmlp_rff,
     )
 
 
@@ -106,18 +116,46 @@ def build_model(args, data, ckpt):
         if data.meta.get("compact"):
             raise ValueError(f"--init-from {args.init_from} needs the full GPT-2 vocabulary, but "
                              f"{data.dir} was prepared with --compact-vocab")
-        base = model_config_from_args(args, data.vocab_size)
-        features = {k: getattr(base, k) for k in ("kv_prune", "kv_prune_keep_ratio", "kv_prune_k_min",
-                                                   "kv_prune_recency", "kvsplice_strategy",
-                                                   "rmlp", "rmlp_rff")}
-        model = GPT.from_pretrained(args.init_from, dropout=args.dropout, **features)
+        model = GPT.from_pretrained(args.init_from, dropout=args.dropout, v_cache=v_cache_record(args),
+                                    rmlp=args.rmlp, rmlp_rff=args.rmlp_rff)
         if args.block_size < model.config.block_size:
             model.crop_block_size(args.block_size)
     if args.kvsplice_load and model.kvsplice_meta is None:
-        from gpt2.calibrate import load_geometry
-
         model.attach_kvsplice(load_geometry(args.kvsplice_load, model.config, args.kvsplice_k))
     return model
+
+
+def calibrate_model(model, data, args, rt, tracker, step):
+    """Calibrate on the model as trained so far and put the geometry into its attention.
+
+    Under DDP, rank 0 collects and fits; the geometry is broadcast so every
+    rank uses the identical one. `model` is the raw module (not the compiled
+    or DDP wrapper): hooks see plain c_attn calls.
+    """
+    geometry = None
+    if rt.master:
+        print(f"[KVSplice] calibrating at iteration {step}: {args.kvsplice_max_batches} batches, "
+              f"k={args.kvsplice_k}, knots={args.kvsplice_knots}", flush=True)
+        t0 = time.time()
+        cal = KVSpliceCalibrator(model, args.kvsplice_k, args.kvsplice_samples, seed=args.seed)
+        batches = (data.get_batch("train", args.batch_size, args.block_size, args.seed + CALIB_SEED_SALT,
+                                  step, j, rt.device)[0] for j in range(args.kvsplice_max_batches))
+        cal.collect(batches, autocast_context(rt.device, args.dtype)[0])
+        geometry = cal.fit(args.kvsplice_knots, args.kvsplice_epochs, args.kvsplice_lr,
+                           args.kvsplice_shared, seed=args.seed)
+        save_geometry(geometry, Path(args.out_dir) / args.kvsplice_save)
+        if args.kvsplice_dump_samples:
+            cal.dump_samples(args.kvsplice_dump_samples)
+        record = {"kvsplice/seconds": time.time() - t0, "kvsplice/fit_seconds": geometry["fit_stats"]["seconds"]}
+        for i, s in enumerate(geometry["fit_stats"]["layers"]):
+            record[f"kvsplice/layer{i}_pca_val_mse"] = s["pca_val_mse"]
+            record[f"kvsplice/layer{i}_splinepca_val_mse"] = s["spline_val_mse"]
+        tracker.log(record, step=step)
+    if rt.ddp:
+        box = [geometry]
+        dist.broadcast_object_list(box, src=0)
+        geometry = box[0]
+    model.attach_kvsplice(geometry)
 
 
 def configure_optimizer(model, args, device):
@@ -188,6 +226,32 @@ def format_eta(seconds):
     return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
 
 
+@dataclass
+class Run:
+    """Everything one training run holds; its progress is what checkpoints save."""
+    args: object
+    rt: Runtime
+    out_dir: Path
+    data: TokenData
+    raw_model: GPT          # the module itself: hooks, checkpoints, geometry
+    model: object           # what the step calls: raw_model, compiled and/or DDP-wrapped
+    optimizer: object
+    scaler: object
+    amp: object             # the autocast context
+    tracker: Tracker
+    tokens_per_iter: int
+    it: int = 0
+    schedule_iters: int = 0
+    best_val: float = float("inf")
+    elapsed: float = 0.0    # wall seconds since the run started, across resumes
+    tokens: int = 0
+    t_train: float = 0.0    # seconds spent in training steps only (throughput)
+
+    def log(self, *a, **k):
+        if self.rt.master:
+            print(*a, **k)
+
+
 def train(args, on_iter=None):
     """Train as args say; returns the summary dict. `on_iter(it)` is called after each step."""
     rt = setup_runtime(args.device)
@@ -199,6 +263,47 @@ def train(args, on_iter=None):
 
 
 def _train(args, rt, on_iter):
+    run = setup(args, rt)
+    calib_iter = args.kvsplice_calib_iter if args.kvsplice_calib_iter is not None else args.warmup_iters
+    decide_at = max(args.warmup_iters, 1)  # when a time budget fixes schedule_iters
+    it_start, t_start = run.it, time.time() - run.elapsed
+    losses = None
+    run.model.train()
+    try:
+        while run.it < run.schedule_iters and not (args.max_time > 0 and run.elapsed >= args.max_time):
+            if args.kvsplice_enable and run.raw_model.kvsplice_meta is None and run.it >= calib_iter:
+                calibrate_model(run.raw_model, run.data, args, rt, run.tracker, step=run.it)
+            if run.it == decide_at and args.max_time > 0:
+                fix_schedule(run)
+            lr, loss_sum, dt = train_step(run)
+            run.elapsed = agreed_elapsed(run, time.time() - t_start)
+            if run.it % args.log_interval == 0 or run.it == run.schedule_iters:
+                log_step(run, lr, loss_sum, dt, it_start)
+            if run.it % args.eval_interval == 0:
+                losses = evaluate_and_checkpoint(run)
+            if on_iter is not None:
+                on_iter(run.it)
+    except KeyboardInterrupt:
+        # nothing lost: the completed iterations go to last.pt, --resume continues
+        if rt.master:
+            atomic_torch_save(checkpoint_state(run), run.out_dir / "last.pt")
+            run.log(f"interrupted: saved {run.out_dir / 'last.pt'} at iteration {run.it}; continue with --resume")
+        run.tracker.close(exit_code=1)
+        raise
+    if losses is None or run.it % args.eval_interval:
+        losses = evaluate_and_checkpoint(run)
+    summary = finish_summary(run.raw_model, run.data, args, losses, run.best_val, run.it, run.tokens,
+                             run.t_train, run.elapsed)
+    if rt.master:
+        print_results(summary)
+        if args.sample_tokens > 0:
+            print_sample(run.raw_model, run.data, args.sample_tokens, rt.device)
+    run.tracker.finish(summary)
+    return summary
+
+
+def setup(args, rt):
+    """Validate, then build data, model, optimizer and tracker; restore them on --resume."""
     validate_args(args, rt.world)
     if rt.device == "cpu":
         torch.set_flush_denormal(True)  # denormals make CPU backward passes ~10x slower
@@ -209,172 +314,153 @@ def _train(args, rt, on_iter):
     out_dir = Path(args.out_dir)
     if rt.master:
         out_dir.mkdir(parents=True, exist_ok=True)
-    log = print if rt.master else (lambda *a, **k: None)
-
     data = TokenData(args.data_dir, args.dataset)
     data.check_block_size(args.block_size)
     ckpt = None
     if args.resume:
         ckpt = load_checkpoint(out_dir / "last.pt", map_location=rt.device)
-        log(f"resuming from {out_dir / 'last.pt'} at iteration {ckpt['iter']}")
-    model = build_model(args, data, ckpt).to(rt.device)
-    raw_model = model
-    cfg = raw_model.config
+        if rt.master:
+            print(f"resuming from {out_dir / 'last.pt'} at iteration {ckpt['iter']}")
+    raw_model = build_model(args, data, ckpt).to(rt.device)
     optimizer = configure_optimizer(raw_model, args, rt.device)
-    it, best_val, elapsed, tokens = 0, float("inf"), 0.0, 0
-    schedule_iters = args.max_iters
-    decide_at = max(args.warmup_iters, 1)  # when a time budget fixes schedule_iters
+    progress = {"schedule_iters": args.max_iters}
     if ckpt is not None:
         optimizer.load_state_dict(ckpt["optimizer"])
-        it, best_val, elapsed, tokens = ckpt["iter"], ckpt["best_val_loss"], ckpt["elapsed"], ckpt["tokens"]
-        schedule_iters = ckpt["schedule_iters"]
+        progress = {"it": ckpt["iter"], "best_val": ckpt["best_val_loss"], "elapsed": ckpt["elapsed"],
+                    "tokens": ckpt["tokens"], "schedule_iters": ckpt["schedule_iters"]}
         torch.set_rng_state(ckpt["rng"]["torch"].cpu())
         if rt.device.startswith("cuda") and ckpt["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"].cpu())
         del ckpt
-    if args.compile:
-        model = torch.compile(model)
+    model = torch.compile(raw_model) if args.compile else raw_model
     if rt.ddp:
         model = DDP(model, device_ids=[rt.local_rank] if rt.device.startswith("cuda") else None)
     amp, dtype_name = autocast_context(rt.device, args.dtype)
-    scaler = torch.amp.GradScaler(enabled=(dtype_name == "float16"))
-
-    per_rank = args.grad_accum // rt.world
-    tokens_per_iter = args.batch_size * args.block_size * args.grad_accum
-    calib_iter = args.kvsplice_calib_iter if args.kvsplice_calib_iter is not None else args.warmup_iters
     tracker = Tracker(out_dir, vars(args), kind=args.tracker, project=args.tracker_project,
                       run_name=args.tracker_run_name, group=args.tracker_group, rank=rt.rank)
+    run = Run(args, rt, out_dir, data, raw_model, model, optimizer,
+              torch.amp.GradScaler(enabled=(dtype_name == "float16")), amp, tracker,
+              args.batch_size * args.block_size * args.grad_accum, **progress)
     if args.resume:
-        tracker.truncate_after(it)
-    log(f"model: {raw_model.get_num_params() / 1e6:.2f}M parameters, {cfg.n_layer} layers, "
-        f"{cfg.n_head} heads, head_dim {cfg.head_dim}, block {cfg.block_size}, vocab {cfg.vocab_size}")
-    log(f"data: {data.dir} ({len(data.splits['train']):,} train / {len(data.splits['val']):,} val tokens); "
-        f"{tokens_per_iter:,} tokens/iter = {args.batch_size} x {args.block_size} x {args.grad_accum} "
-        f"over {rt.world} process(es); device {rt.device}, {dtype_name}")
+        tracker.truncate_after(run.it)
+    cfg = raw_model.config
+    run.log(f"model: {raw_model.get_num_params() / 1e6:.2f}M parameters, {cfg.n_layer} layers, "
+            f"{cfg.n_head} heads, head_dim {cfg.head_dim}, block {cfg.block_size}, vocab {cfg.vocab_size}")
+    run.log(f"data: {data.dir} ({len(data.splits['train']):,} train / {len(data.splits['val']):,} val tokens); "
+            f"{run.tokens_per_iter:,} tokens/iter = {args.batch_size} x {args.block_size} x {args.grad_accum} "
+            f"over {rt.world} process(es); device {rt.device}, {dtype_name}")
+    return run
 
-    def checkpoint_state():
-        return {
-            "format_version": CHECKPOINT_FORMAT,
-            "model": raw_model.model_state_dict(),
-            "model_config": asdict(cfg),
-            "kvsplice": raw_model.kvsplice_meta,
-            "optimizer": optimizer.state_dict(),
-            "iter": it, "schedule_iters": schedule_iters, "best_val_loss": best_val, "elapsed": elapsed,
-            "tokens": tokens,
-            "rng": {"torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state() if rt.device.startswith("cuda") else None},
-            "args": vars(args),
-        }
 
-    def evaluate_and_checkpoint():
-        nonlocal best_val
-        losses = estimate_loss(model, data, args, rt, amp)
-        val = losses["val"]
-        record = {"iter": it, "tokens": tokens, "train_loss": losses["train"], "val_loss": val,
-                  "val_ppl": math.exp(min(val, 50))}
-        tracker.log(record, step=it)
-        log(f"eval  {it}: train loss {losses['train']:.4f}, val loss {val:.4f}, "
+def fix_schedule(run):
+    """At the end of warmup, let a time budget shorten the LR schedule, once."""
+    run.schedule_iters = schedule_iters_for_budget(run.it, run.elapsed, run.args)
+    if run.rt.ddp:  # every rank follows rank 0's decision
+        n = torch.tensor([run.schedule_iters], device=run.rt.device)
+        dist.broadcast(n, 0)
+        run.schedule_iters = int(n.item())
+    if run.schedule_iters < run.args.max_iters:
+        run.log(f"time budget: {run.args.max_time:.0f}s fits {run.schedule_iters} iterations at "
+                f"{run.elapsed / run.it:.2f}s each; the LR schedule ends there")
+
+
+def train_step(run):
+    """One optimizer step over --grad-accum micro-batches; returns (lr, summed loss, seconds)."""
+    args, rt = run.args, run.rt
+    lr = learning_rate(run.it, schedule_progress(run.it, run.schedule_iters, args), args)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    t0 = time.time()
+    per_rank = args.grad_accum // rt.world
+    loss_sum = torch.zeros((), device=rt.device)
+    for j in range(per_rank):
+        x, y = run.data.get_batch("train", args.batch_size, args.block_size, args.seed, run.it,
+                                  rt.rank * per_rank + j, rt.device)
+        sync = nullcontext() if (not rt.ddp or j == per_rank - 1) else run.model.no_sync()
+        with sync:
+            with run.amp:
+                _, loss = run.model(x, y)
+            run.scaler.scale(loss / per_rank).backward()
+        loss_sum += loss.detach()
+    if args.grad_clip > 0:
+        run.scaler.unscale_(run.optimizer)
+        torch.nn.utils.clip_grad_norm_(run.raw_model.parameters(), args.grad_clip)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.it += 1
+    run.tokens += run.tokens_per_iter
+    if rt.device.startswith("cuda"):
+        torch.cuda.synchronize()
+    dt = time.time() - t0
+    run.t_train += dt
+    return lr, loss_sum, dt
+
+
+def agreed_elapsed(run, elapsed):
+    """Under DDP with a time budget every rank must agree on when time is up: rank 0's clock."""
+    if run.args.max_time > 0 and run.rt.ddp:
+        e = torch.tensor([elapsed], dtype=torch.float64, device=run.rt.device)
+        dist.broadcast(e, 0)
+        elapsed = e.item()
+    return elapsed
+
+
+def log_step(run, lr, loss_sum, dt, it_start):
+    """The progress line, and the same figures to the tracker."""
+    args, rt = run.args, run.rt
+    per_rank = args.grad_accum // rt.world
+    if rt.ddp:
+        dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
+    loss_val = loss_sum.item() / per_rank
+    tpi = run.tokens_per_iter
+    record = {"iter": run.it, "tokens": run.tokens, "loss": loss_val, "lr": lr,
+              "ms_per_iter": dt * 1000, "tokens_per_s": tpi / dt}
+    line = (f"iter {run.it}/{run.schedule_iters} | loss {loss_val:.4f} | lr {lr:.2e} | "
+            f"{dt * 1000:.0f} ms/iter | {tpi / dt:,.0f} tok/s")
+    if rt.device.startswith("cuda"):
+        record["mfu"] = run.raw_model.estimate_mfu(tpi, dt, args.peak_flops * rt.world)
+        line += f" | mfu {record['mfu'] * 100:.1f}%"
+    remaining = (run.schedule_iters - run.it) * run.t_train / (run.it - it_start)
+    if args.max_time > 0:
+        remaining = min(remaining, args.max_time - run.elapsed)
+    run.tracker.log(record, step=run.it)
+    run.log(line + f" | ETA {format_eta(remaining)}")
+
+
+def checkpoint_state(run):
+    return {
+        "format_version": CHECKPOINT_FORMAT,
+        "model": run.raw_model.model_state_dict(),
+        "model_config": asdict(run.raw_model.config),
+        "kvsplice": run.raw_model.kvsplice_meta,
+        "optimizer": run.optimizer.state_dict(),
+        "iter": run.it, "schedule_iters": run.schedule_iters, "best_val_loss": run.best_val,
+        "elapsed": run.elapsed, "tokens": run.tokens,
+        "rng": {"torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state() if run.rt.device.startswith("cuda") else None},
+        "args": vars(run.args),
+    }
+
+
+def evaluate_and_checkpoint(run):
+    """Evaluate both splits; write best.pt when val improved and last.pt always."""
+    losses = estimate_loss(run.model, run.data, run.args, run.rt, run.amp)
+    val = losses["val"]
+    record = {"iter": run.it, "tokens": run.tokens, "train_loss": losses["train"], "val_loss": val,
+              "val_ppl": math.exp(min(val, 50))}
+    run.tracker.log(record, step=run.it)
+    run.log(f"eval  {run.it}: train loss {losses['train']:.4f}, val loss {val:.4f}, "
             f"val ppl {record['val_ppl']:.2f}")
-        if rt.master:
-            if val < best_val:
-                best_val = val
-                atomic_torch_save(checkpoint_state(), out_dir / "best.pt")
-            atomic_torch_save(checkpoint_state(), out_dir / "last.pt")
-        return losses
-
-    model.train()
-    it_start = it
-    t_start = time.time() - elapsed
-    t_train = 0.0  # seconds spent in training steps only (throughput)
-    losses = None
-    try:
-        while it < schedule_iters and not (args.max_time > 0 and elapsed >= args.max_time):
-            if args.kvsplice_enable and raw_model.kvsplice_meta is None and it >= calib_iter:
-                from gpt2.calibrate import calibrate_model
-
-                calibrate_model(raw_model, data, args, rt, tracker, step=it)
-            if it == decide_at and args.max_time > 0:
-                schedule_iters = schedule_iters_for_budget(it, elapsed, args)
-                if rt.ddp:  # every rank follows rank 0's decision
-                    n = torch.tensor([schedule_iters], device=rt.device)
-                    dist.broadcast(n, 0)
-                    schedule_iters = int(n.item())
-                if schedule_iters < args.max_iters:
-                    log(f"time budget: {args.max_time:.0f}s fits {schedule_iters} iterations at "
-                        f"{elapsed / it:.2f}s each; the LR schedule ends there")
-            lr = learning_rate(it, schedule_progress(it, schedule_iters, args), args)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            t0 = time.time()
-            loss_sum = torch.zeros((), device=rt.device)
-            for j in range(per_rank):
-                x, y = data.get_batch("train", args.batch_size, args.block_size, args.seed, it,
-                                      rt.rank * per_rank + j, rt.device)
-                sync = nullcontext() if (not rt.ddp or j == per_rank - 1) else model.no_sync()
-                with sync:
-                    with amp:
-                        _, loss = model(x, y)
-                    scaler.scale(loss / per_rank).backward()
-                loss_sum += loss.detach()
-            if args.grad_clip > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            it += 1
-            tokens += tokens_per_iter
-            if rt.device.startswith("cuda"):
-                torch.cuda.synchronize()
-            dt = time.time() - t0
-            t_train += dt
-            elapsed = time.time() - t_start
-            if args.max_time > 0 and rt.ddp:  # every rank must agree on when time is up
-                e = torch.tensor([elapsed], dtype=torch.float64, device=rt.device)
-                dist.broadcast(e, 0)
-                elapsed = e.item()
-            if it % args.log_interval == 0 or it == schedule_iters:
-                if rt.ddp:
-                    dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
-                loss_val = loss_sum.item() / per_rank
-                record = {"iter": it, "tokens": tokens, "loss": loss_val, "lr": lr,
-                          "ms_per_iter": dt * 1000, "tokens_per_s": tokens_per_iter / dt}
-                line = (f"iter {it}/{schedule_iters} | loss {loss_val:.4f} | lr {lr:.2e} | "
-                        f"{dt * 1000:.0f} ms/iter | {tokens_per_iter / dt:,.0f} tok/s")
-                if rt.device.startswith("cuda"):
-                    record["mfu"] = raw_model.estimate_mfu(tokens_per_iter, dt,
-                                                           args.peak_flops * rt.world)
-                    line += f" | mfu {record['mfu'] * 100:.1f}%"
-                remaining = (schedule_iters - it) * t_train / (it - it_start)
-                if args.max_time > 0:
-                    remaining = min(remaining, args.max_time - elapsed)
-                tracker.log(record, step=it)
-                log(line + f" | ETA {format_eta(remaining)}")
-            if it % args.eval_interval == 0:
-                losses = evaluate_and_checkpoint()
-            if on_iter is not None:
-                on_iter(it)
-    except KeyboardInterrupt:
-        # nothing lost: the completed iterations go to last.pt, --resume continues
-        if rt.master:
-            atomic_torch_save(checkpoint_state(), out_dir / "last.pt")
-            log(f"interrupted: saved {out_dir / 'last.pt'} at iteration {it}; continue with --resume")
-        tracker.close(exit_code=1)
-        raise
-    if losses is None or it % args.eval_interval:
-        losses = evaluate_and_checkpoint()
-    summary = finish_summary(raw_model, data, args, losses, best_val, it, tokens, t_train, elapsed)
-    if rt.master:
-        print_results(summary)
-        if args.sample_tokens > 0:
-            print_sample(raw_model, data, args.sample_tokens, rt.device)
-    tracker.finish(summary)
-    return summary
+    if run.rt.master:
+        if val < run.best_val:
+            run.best_val = val
+            atomic_torch_save(checkpoint_state(run), run.out_dir / "best.pt")
+        atomic_torch_save(checkpoint_state(run), run.out_dir / "last.pt")
+    return losses
 
 
 def finish_summary(model, data, args, losses, best_val, it, tokens, t_train, elapsed):
-    from gpt2.prepare_data import unigram_entropy
-
     val = losses["val"]
     return {
         "step": args.ablation_step, "final_val_loss": val, "final_train_loss": losses["train"],
@@ -414,8 +500,6 @@ def print_results(s):
 
 
 def print_sample(model, data, n, device):
-    from gpt2.prepare_data import decode_tokens
-
     model.eval()
     start = torch.tensor([[data.splits["val"][0]]], dtype=torch.long, device=device)
     out = model.generate(start, n, temperature=0.8, top_k=50)

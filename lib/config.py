@@ -97,8 +97,12 @@ def config_to_argv(path, parser):
     return argv
 
 
-def parse_with_config(parser, argv=None):
-    """Parse argv with defaults taken from --config and --ablation-step."""
+def parse_with_config(parser, argv=None, step_overrides=None):
+    """Parse argv with defaults taken from --config and --ablation-step.
+
+    step_overrides(step, known_dests) -> {dest: value} is the ablation table's
+    lookup (gpt2.ablations.step_overrides), passed in so that lib/ never
+    imports gpt2/."""
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config")
     pre.add_argument("--ablation-step")
@@ -108,8 +112,8 @@ def parse_with_config(parser, argv=None):
             parser.set_defaults(**config_defaults(parser, read_config(early.config)))
         step = early.ablation_step or parser.get_default("ablation_step")
         if step:
-            from gpt2.ablations import step_overrides
-
+            if step_overrides is None:
+                raise ConfigError(f"--ablation-step {step}: no ablation table given to parse_with_config")
             parser.set_defaults(**step_overrides(step, _flag_actions(parser)))
     except (ConfigError, KeyError) as e:
         parser.error(str(e.args[0] if isinstance(e, KeyError) else e))

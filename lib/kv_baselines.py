@@ -116,7 +116,8 @@ class H2OLayerCache:
 
     Held per (batch, head), in position order (every row holds the same
     number of tokens, so the tensors stay dense):
-        k, v   (B, nh, n, hs)  keys and values, stored in the input dtype
+        k      (B, nh, n, hs)  keys, in the input dtype
+        v      (B, nh, n, X)   values as v_encode stores them (default: V itself)
         pos    (B, nh, n)      their positions
         score  (B, nh, n)      attention each received from all queries so far
 
@@ -130,10 +131,14 @@ class H2OLayerCache:
     full-sequence forward, so it is only ever evaluated through this cache.
     """
 
-    def __init__(self, budget, recency):
+    def __init__(self, budget, recency, v_encode=None, v_decode=None):
         if not 1 <= recency <= budget:
             raise ValueError(f"need 1 <= recency <= budget, got recency {recency}, budget {budget}")
+        if (v_encode is None) != (v_decode is None):
+            raise ValueError("v_encode and v_decode come as a pair: got only one of them")
         self.budget, self.recency = budget, recency
+        self.v_encode = v_encode or (lambda v: v)
+        self.v_decode = v_decode or (lambda v: v)
         self.reset()
 
     def reset(self):
@@ -159,6 +164,7 @@ class H2OLayerCache:
         self.length = t + 1
         pos = torch.full((B, nh, 1), t, dtype=torch.long, device=q.device)
         score = torch.zeros(B, nh, 1, device=q.device)
+        v = self.v_encode(v)
         if self.k is None:  # start empty, so no held tensor is a view of the caller's
             self.k, self.v = k[..., :0, :], v[..., :0, :]
             self.pos, self.score = pos[..., :0], score[..., :0]
@@ -171,7 +177,7 @@ class H2OLayerCache:
         att = (q.float() @ self.k.float().transpose(-2, -1)) * (1.0 / math.sqrt(hs))
         att = F.softmax(att, dim=-1)  # (B, nh, 1, n)
         self.score = self.score + att[..., 0, :]
-        return (att @ self.v.float()).to(q.dtype)
+        return (att @ self.v_decode(self.v).float()).to(q.dtype)
 
     def _evict_one(self, t):
         """Drop, per (batch, head), the non-recent held token with the lowest score."""
@@ -185,7 +191,7 @@ class H2OLayerCache:
         self.score = self.score[keep].view(B, nh, n - 1)
 
     def v_elements_per_head(self):
-        """V elements held per (batch, head): n tokens x hs."""
+        """V elements held per (batch, head): n tokens x stored width."""
         return 0 if self.v is None else self.v.size(-2) * self.v.size(-1)
 
     def nbytes(self):

@@ -80,9 +80,12 @@ def eviction_positions(scores, positions, slots):
     the position of the slots-th candidate that beats c, or NEVER. An old
     token c is among the top `slots` of the old tokens {positions <= p} iff
     p < eviction_positions[c]; the number of tokens beating it only grows
-    with p, so once it drops out it never returns.
+    with p, so once it drops out it never returns. With no slots, a token
+    drops out at its own position: as soon as it is old.
     """
     positions = positions.expand_as(scores)
+    if slots <= 0:
+        return positions
     s_c, s_o = scores.unsqueeze(-1), scores.unsqueeze(-2)  # (B, nh, C, 1), (B, nh, 1, C)
     p_c, p_o = positions.unsqueeze(-1), positions.unsqueeze(-2)
     beats = (s_o > s_c) | ((s_o == s_c) & (p_o > p_c))  # (B, nh, C, C): [c, o]
@@ -114,62 +117,106 @@ def keep_mask(scores, budget, recency, key_pos=None, query_pos=None):
     return causal & (recent | top_old)
 
 
-class VOnlyPruner(nn.Module):
-    """Causal attention in which each query keeps the values of `budget` tokens."""
+class TokenKeep(nn.Module):
+    """Causal attention, keys in full, in which each query keeps the values
+    of its recency window plus the top (budget - recency) older tokens by
+    `score`, a score final once a token leaves the window.
 
-    def __init__(self, keep_ratio=KEEP_RATIO, k_min=64, recency=64, block_size=1024):
+    Subclasses choose the score (V-only pruning: the attention a token
+    received in its window; a random control: a hash of its position) and
+    the budget. gpt2/kv_cache.py evicts by the same rule, so any subclass
+    trains and decodes alike.
+    """
+
+    def __init__(self, budget, recency, block_size):
         super().__init__()
-        if not 0 < keep_ratio <= 1:
-            raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio}")
         if recency < 1:
             raise ValueError(f"recency window must be >= 1 token, got {recency}")
-        self.keep_ratio, self.k_min = keep_ratio, k_min
-        self.recency, self.block_size = recency, block_size
-        self.budget = keep_budget(keep_ratio, block_size, k_min)
-        if self.budget < recency:
-            raise ValueError(
-                f"keep budget {self.budget} (block_size {block_size} x keep_ratio "
-                f"{keep_ratio:.4f}, k_min {k_min}) is smaller than the recency window "
-                f"{recency}; raise k_min or lower recency")
+        if budget < recency:
+            raise ValueError(f"keep budget {budget} is smaller than the recency window {recency}")
+        self.budget, self.recency, self.block_size = budget, recency, block_size
 
     def extra_repr(self):
         return f"budget={self.budget}, recency={self.recency}, block_size={self.block_size}"
 
-    def forward(self, q, k, v, dropout_p=0.0, v_transform=None):
-        """q, k, v: (B, nh, T, hs) -> y (B, nh, T, hs) in q's dtype.
+    def score(self, received, positions):
+        """Final scores (B, nh, C) of tokens at `positions` ((C,) or (B, nh, C))
+        that left the window, from `received` (B, nh, C): the attention each
+        got from the queries of its window, divided by the window."""
+        return received
 
-        v_transform (e.g. a KVSplice roundtrip, vectors in, same shape out) is
-        applied after selection, to the values some query keeps: prune, then
-        compress (Strategy A). Every token is kept while in its own recency
-        window, so that is every value, and A equals compressing all values
-        before selection (Strategy B); a test holds the two equal.
-        """
+    def forward(self, q, k, v, dropout_p=0.0):
+        """q, k, v: (B, nh, T, hs) -> y (B, nh, T, hs) in q's dtype."""
         T = q.size(-2)
         if T > self.block_size:
             raise ValueError(f"sequence length {T} exceeds block_size {self.block_size}")
         if T <= self.budget:  # every query keeps everything: plain (flash) attention
-            if v_transform is not None:
-                v = v_transform(v)
             return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
         # fp32 even under autocast: the ranking compares scores, and the
         # decode cache must rank them the same way
         with torch.autocast(q.device.type, enabled=False):
-            return self._pruned(q, k, v, dropout_p, v_transform)
+            return self._pruned(q, k, v, dropout_p)
 
-    def _pruned(self, q, k, v, dropout_p, v_transform):
+    def _pruned(self, q, k, v, dropout_p):
         T, hs = q.shape[-2:]
         att = (q.float() @ k.float().transpose(-2, -1)) * (1.0 / math.sqrt(hs))  # (B, nh, T, T)
         causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
         att = att.masked_fill(~causal, float("-inf"))
         with torch.no_grad():  # the selection is discrete: no gradient through it
-            scores = importance_scores(F.softmax(att, dim=-1), self.recency)  # (B, nh, T)
-            keep = keep_mask(scores, self.budget, self.recency)  # (B, nh, T, T)
-        if v_transform is not None:  # a select, not a gather: no host sync, compile-friendly
-            used = keep.any(dim=-2)  # (B, nh, T): values that some query reads
-            v = torch.where(used[..., None], v_transform(v), v)
+            pos = torch.arange(T, device=q.device)
+            received = importance_scores(F.softmax(att, dim=-1), self.recency)  # (B, nh, T)
+            keep = keep_mask(self.score(received, pos), self.budget, self.recency)  # (B, nh, T, T)
         # softmax over the kept logits == P * keep renormalised, and never 0/0:
         # the diagonal is always kept
         att = F.softmax(att.masked_fill(~keep, float("-inf")), dim=-1)
         if dropout_p > 0:
             att = F.dropout(att, p=dropout_p)
         return (att @ v.float()).to(q.dtype)
+
+
+class VOnlyPruner(TokenKeep):
+    """V-only pruning: each query keeps the values of `budget` tokens, the
+    recency window and the older tokens that received the most attention."""
+
+    def __init__(self, keep_ratio=KEEP_RATIO, k_min=64, recency=64, block_size=1024):
+        if not 0 < keep_ratio <= 1:
+            raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio}")
+        if k_min < 0:
+            raise ValueError(f"k_min must be >= 0, got {k_min}")
+        budget = keep_budget(keep_ratio, block_size, k_min)
+        if budget < recency:
+            raise ValueError(
+                f"keep budget {budget} (block_size {block_size} x keep_ratio "
+                f"{keep_ratio:.4f}, k_min {k_min}) is smaller than the recency window "
+                f"{recency}; raise k_min or lower recency")
+        super().__init__(budget, recency, block_size)
+        self.keep_ratio, self.k_min = keep_ratio, k_min
+
+
+class SlidingWindow(TokenKeep):
+    """The control that keeps only the last `window` tokens' values (keys in full)."""
+
+    def __init__(self, window, block_size=1024):
+        if window < 1:
+            raise ValueError(f"window must be >= 1 token, got {window}")
+        super().__init__(window, window, block_size)
+
+
+_HASH_MOD = 2147483647  # 2^31 - 1, prime: (a * x) % p permutes 1 .. p-1
+
+
+class RandomKeep(TokenKeep):
+    """The control for pruning: the same budget and recency window, but the
+    older tokens kept are chosen at random (a fixed hash of seed, head and
+    position, so training and the decode cache draw the same tokens)."""
+
+    def __init__(self, keep_ratio=KEEP_RATIO, k_min=64, recency=64, block_size=1024, seed=0):
+        pruner = VOnlyPruner(keep_ratio, k_min, recency, block_size)  # the same checks and budget
+        super().__init__(pruner.budget, recency, block_size)
+        self.keep_ratio, self.k_min, self.seed = keep_ratio, k_min, seed
+
+    def score(self, received, positions):
+        heads = torch.arange(received.size(1), device=received.device)[:, None]  # (nh, 1)
+        h = (positions.long() * 1103515245 + heads * 2654435 + 12345 + self.seed * 69069) % _HASH_MOD
+        h = (h * 48271) % _HASH_MOD
+        return (h.double() / _HASH_MOD).to(received.dtype).expand_as(received)

@@ -18,9 +18,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gpt2.ablations import step_overrides  # noqa: E402
 from gpt2.calibrate import KVSpliceCalibrator  # noqa: E402
-from gpt2.model import GPT, GPTConfig  # noqa: E402
+from gpt2.model import GPT  # noqa: E402
+from gpt2.train import model_config_from_args  # noqa: E402
+from train_ra_mla import parse_args  # noqa: E402
 
 
 def with_geometry(model, k, batch):
@@ -32,11 +33,12 @@ def with_geometry(model, k, batch):
     return model
 
 
-def bench(cfg, batch, iters, kvsplice_k=None, warmup=2):
+def bench(cfg, batch, iters, warmup=2):
     torch.manual_seed(0)
     model = GPT(cfg)
-    if kvsplice_k:
-        with_geometry(model, kvsplice_k, batch)
+    codec = cfg.v_cache["codec"]
+    if codec["kind"] == "splinepca":
+        with_geometry(model, codec["k"], batch)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     x = torch.randint(0, cfg.vocab_size, (batch, cfg.block_size))
     times = []
@@ -64,10 +66,10 @@ def main(argv=None):
           f"4 heads, 256 dims, block 256, batch {a.batch_size}, vocab {a.vocab}; median of {a.iters} iters")
     base = None
     for step in a.steps.split(","):
-        o = step_overrides(step)
-        cfg = GPTConfig(n_layer=4, n_head=4, n_embd=256, block_size=256, vocab_size=a.vocab,
-                        kv_prune=o["kv_prune"], kv_prune_k_min=32, kv_prune_recency=32, rmlp=o["rmlp"])
-        dt = bench(cfg, a.batch_size, a.iters, o.get("kvsplice_k") if o["kvsplice_enable"] else None)
+        args = parse_args(["--ablation-step", step, "--n-layer", "4", "--n-head", "4", "--n-embd", "256",
+                           "--block-size", "256", "--kv-prune-k-min", "32", "--kv-prune-recency", "32"])
+        cfg = model_config_from_args(args, a.vocab)
+        dt = bench(cfg, a.batch_size, a.iters)
         base = base or dt
         tok = a.batch_size * cfg.block_size / dt
         print(f"{step:<4} {dt * 1000:8.1f} ms/iter {tok:10,.0f} tokens/s   x{dt / base:.2f} of {a.steps.split(',')[0]}")

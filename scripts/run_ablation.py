@@ -21,6 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from gpt2.ablations import STEPS, step_overrides  # noqa: E402
 from gpt2.data import dataset_dir_name  # noqa: E402
 from lib.config import parse_with_config  # noqa: E402
 from train_ra_mla import build_parser  # noqa: E402
@@ -70,14 +71,12 @@ def main(argv=None):
                     help="comma-separated seeds: run the whole matrix once per seed into OUT_DIR/seed<N>/<step>/; "
                          "the summary then gives mean +- sd per step")
     ours, extra = ap.parse_known_args(argv)
-    args = parse_with_config(build_parser(), ["--config", ours.config] + extra)
+    args = parse_with_config(build_parser(), ["--config", ours.config] + extra, step_overrides)
     ensure_data(args)
     if ours.prepare_only:
         return 0
 
     steps = [s.strip() for s in (ours.steps or args.ablation_steps).split(",") if s.strip()]
-    from gpt2.ablations import STEPS
-
     unknown = [s for s in steps if s not in STEPS]
     if unknown:
         print(f"unknown ablation step(s) {unknown}; known steps: {', '.join(STEPS)}", file=sys.stderr)

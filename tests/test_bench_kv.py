@@ -9,7 +9,8 @@ from gpt2.kv_cache import KVCache, LayerKVCache
 from gpt2.model import GPT, GPTConfig
 from gpt2.train import train
 from lib.kv_baselines import VQuantizer
-from scripts.bench_kv import Method, QuantCodec, apply_method, format_table, main, trained_in_changes
+from scripts.bench_kv import main, trained_in_changes
+from scripts.bench_kv_report import format_table
 
 FAMILIES = ["none", "pca", "pca", "splinepca", "splinepca", "prune", "prune+splinepca", "int8", "int4", "h2o"]
 
@@ -71,7 +72,7 @@ def test_quantizer_full_forward_equals_decode_through_the_cache(bits):
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=64, vocab_size=50)).eval()
     idx = torch.randint(0, 50, (2, 48))
-    apply_method(model, Method("q", f"int{bits}", codecs=[QuantCodec(bits)] * 2))
+    model.set_v_cache({"select": {"kind": "full"}, "codec": {"kind": f"int{bits}", "group_size": 32}})
     quant = VQuantizer(bits, 32)
     with torch.no_grad():
         full, _ = model(idx)  # V through decode(encode(v)) in the full-sequence attention
@@ -80,7 +81,7 @@ def test_quantizer_full_forward_equals_decode_through_the_cache(bits):
                                                        for t in range(7, 48)]
     assert cache.layers[0].v.dtype == torch.uint8  # the cache really holds the packed codes
     assert torch.allclose(torch.cat(parts, 1), full, atol=1e-4)
-    apply_method(model, Method("none", "none"))
+    model.set_v_cache({"select": {"kind": "full"}, "codec": {"kind": "none"}})
     assert not torch.allclose(model(idx)[0], full, atol=1e-4)  # quantization did change something
 
 

@@ -2,9 +2,11 @@ import pytest
 import torch
 
 from conftest import fail_at, losses_by_iter, tiny_args
-from gpt2.calibrate import KVSpliceCalibrator, load_geometry
+from gpt2.calibrate import KVSpliceCalibrator
+from gpt2.geometry import load_geometry
 from gpt2.model import GPT, GPTConfig
 from gpt2.train import train, v_cache_footprint
+from lib.kv_pruning import importance_scores, keep_mask
 
 
 def fitted_geometry(model, k=4, batches=3, T=32):
@@ -13,9 +15,14 @@ def fitted_geometry(model, k=4, batches=3, T=32):
     return cal.fit(knots=5, epochs=2)
 
 
+def v_cache(prune=False, k_min=8, recency=4, codec="splinepca"):
+    select = {"kind": "prune", "k_min": k_min, "recency": recency} if prune else {"kind": "full"}
+    return {"select": select, "codec": {"kind": codec}}
+
+
 def tiny_model(**kw):
     torch.manual_seed(0)
-    cfg = dict(n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=50)
+    cfg = dict(n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=50, v_cache=v_cache())
     return GPT(GPTConfig(**{**cfg, **kw}))
 
 
@@ -67,7 +74,7 @@ def test_nonfinite_vectors_are_dropped_and_all_nonfinite_is_an_error(capsys):
 
 @pytest.mark.parametrize("prune", [False, True])
 def test_decode_through_compressed_cache_equals_full_forward(prune):
-    model = tiny_model(kv_prune=prune, kv_prune_k_min=8, kv_prune_recency=4).eval()
+    model = tiny_model(v_cache=v_cache(prune)).eval()
     model.attach_kvsplice(fitted_geometry(model))
     idx = torch.randint(0, 50, (2, 48))
     with torch.no_grad():
@@ -79,22 +86,29 @@ def test_decode_through_compressed_cache_equals_full_forward(prune):
     assert cache.layers[0].v.shape[-1] == 4  # the cache holds the k-dim latent, not V
 
 
-def test_strategy_a_equals_strategy_b():
-    torch.manual_seed(0)
-    a = tiny_model(kv_prune=True, kv_prune_k_min=8, kv_prune_recency=4, kvsplice_strategy="A")
-    b = tiny_model(kv_prune=True, kv_prune_k_min=8, kv_prune_recency=4, kvsplice_strategy="B")
-    b.load_state_dict(a.state_dict())
-    geometry = fitted_geometry(a)
-    a.attach_kvsplice(geometry)
-    b.attach_kvsplice(geometry)
-    idx = torch.randint(0, 50, (2, 64))
-    assert torch.allclose(a(idx)[0], b(idx)[0], atol=1e-5)
+def test_prune_then_compress_equals_compress_then_prune():
+    """Strategy A (compress only the values some query keeps) equals B (compress
+    all, then select), the one the model runs: every token is kept while in its
+    own recency window, so every value is read by some query."""
+    model = tiny_model(v_cache=v_cache(prune=True)).eval()
+    model.attach_kvsplice(fitted_geometry(model))
+    attn = model.transformer.h[0].attn
+    rule, geo = attn.vcache.selector.rule, attn.vcache.codec.kvsplice
+    q, k, v = (torch.randn(2, 2, 64, 16) for _ in range(3))
+    with torch.no_grad():
+        probs = torch.softmax((q @ k.transpose(-2, -1) / 4).masked_fill(
+            ~torch.ones(64, 64, dtype=torch.bool).tril(), float("-inf")), -1)
+    keep = keep_mask(importance_scores(probs, rule.recency), rule.budget, rule.recency)
+    used = keep.any(dim=-2)  # (B, nh, T): values some query reads
+    assert used.all()
+    strategy_a = rule(q, k, torch.where(used[..., None], geo.roundtrip(v), v))
+    assert torch.allclose(strategy_a, attn.vcache.attend(q, k, v), atol=1e-6)
 
 
 def test_geometry_is_frozen_and_gradients_reach_the_model():
     model = tiny_model()
     model.attach_kvsplice(fitted_geometry(model))
-    geo = model.transformer.h[0].attn.kvsplice
+    geo = model.transformer.h[0].attn.vcache.codec.kvsplice
     assert all(not p.requires_grad for p in geo.parameters())
     _, loss = model(torch.randint(0, 50, (2, 16)), torch.randint(0, 50, (2, 16)))
     loss.backward()
@@ -106,7 +120,8 @@ def test_geometry_is_frozen_and_gradients_reach_the_model():
 def test_v_cache_memory_table():
     """T=1024, head_dim 64, k=16, 391 kept: 65,536 / 25,024 / 6,256 V elements per head per layer."""
     def footprint(prune, k):
-        model = GPT(GPTConfig(n_layer=1, n_head=1, n_embd=64, block_size=1024, vocab_size=16, kv_prune=prune))
+        model = GPT(GPTConfig(n_layer=1, n_head=1, n_embd=64, block_size=1024, vocab_size=16,
+                              v_cache=v_cache(prune, k_min=64, recency=64)))
         if k:
             cal = KVSpliceCalibrator(model, k)
             cal.add(0, torch.randn(2000, 64))
@@ -132,7 +147,7 @@ def test_calibrated_training_run_end_to_end(tiny_data_dir, tmp_path, capsys):
     model = GPT.from_checkpoint(run / "last.pt")  # the geometry comes with the checkpoint
     geometry = load_geometry(run / "kvsplice.pt", model.config, expected_k=16)
     saved = geometry["state_dict"][0]
-    live = model.transformer.h[0].attn.kvsplice.state_dict()
+    live = model.transformer.h[0].attn.vcache.codec.kvsplice.state_dict()
     assert all(torch.equal(saved[n], live[n]) for n in saved)  # frozen through training
     out = model.eval().generate(torch.zeros(1, 1, dtype=torch.long), 30)
     assert out.shape == (1, 31)

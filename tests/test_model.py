@@ -1,3 +1,5 @@
+from dataclasses import asdict
+
 import pytest
 import torch
 
@@ -57,7 +59,8 @@ def test_too_long_sequence_is_an_error():
 def test_generate_through_cache_matches_full_forward(prune):
     torch.manual_seed(0)
     cfg = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=48, vocab_size=40,
-                    kv_prune=prune, kv_prune_k_min=8, kv_prune_recency=4)
+                    v_cache={"select": {"kind": "prune", "k_min": 8, "recency": 4} if prune else {"kind": "full"},
+                             "codec": {"kind": "none"}})
     model = GPT(cfg).eval()
     idx = torch.randint(0, 40, (2, 40))
     with torch.no_grad():
@@ -99,3 +102,22 @@ def test_mfu_counts_flops_per_token_times_tokens():
     n = model.get_num_params()
     flops_per_token = 6 * n + 12 * 2 * 2 * 16 * 16  # PaLM: 6N + 12 L H Q T
     assert model.estimate_mfu(1000, 2.0, 1e9) == pytest.approx(flops_per_token * 1000 / 2.0 / 1e9)
+
+
+def test_checkpoint_from_before_the_method_record_loads(tmp_path):
+    """model_config with kv_prune* / kvsplice_strategy fields (older checkpoints)
+    becomes the equivalent V-cache record; an unknown field is a clear error."""
+    torch.manual_seed(0)
+    record = {"select": {"kind": "prune", "keep_ratio": 0.25, "k_min": 8, "recency": 4}, "codec": {"kind": "none"}}
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=48, vocab_size=40, v_cache=record))
+    old_config = {k: v for k, v in asdict(model.config).items() if k != "v_cache"}
+    old_config.update(kv_prune=True, kv_prune_keep_ratio=0.25, kv_prune_k_min=8, kv_prune_recency=4,
+                      kvsplice_strategy="B")
+    old = {"model": model.model_state_dict(), "model_config": old_config, "kvsplice": None}
+    loaded = GPT.from_checkpoint_state(old).eval()
+    assert loaded.config.v_cache == record
+    idx = torch.randint(0, 40, (1, 40))
+    assert torch.equal(loaded(idx)[0], model.eval()(idx)[0])
+    old["model_config"]["kv_mystery"] = 1
+    with pytest.raises(ValueError, match=r"fields this version does not know: \['kv_mystery'\]"):
+        GPT.from_checkpoint_state(old)

@@ -30,7 +30,7 @@ def test_checkpoint_rebuilds_model_and_generates(tiny_data_dir, tmp_path):
     assert ckpt["iter"] == 10 and ckpt["args"]["kv_prune"] is True
     assert {"model", "optimizer", "rng", "model_config"} <= set(ckpt)
     model = GPT.from_checkpoint(tmp_path / "run" / "last.pt")
-    assert model.config.kv_prune and model.config.n_layer == 2
+    assert model.config.v_cache["select"]["kind"] == "prune" and model.config.n_layer == 2
     out = model.eval().generate(torch.zeros(1, 1, dtype=torch.long), 20)
     assert out.shape == (1, 21)
 

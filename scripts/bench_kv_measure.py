@@ -1,0 +1,66 @@
+"""What scripts/bench_kv.py measures of one V-cache method in a model: quality,
+real cache bytes and decode speed. Each function takes the model with the
+method already installed (install)."""
+
+import statistics
+import time
+
+import torch
+
+
+def install(model, layers):
+    """Put one VCacheMethod per layer into the model's attention."""
+    for block, method in zip(model.transformer.h, layers):
+        block.attn.vcache = method
+    model.config.v_cache = layers[0].record()
+
+
+@torch.no_grad()
+def eval_losses(model, batches):
+    """Cross entropy per (x, y) batch, the same batches for every method. A
+    method whose decode only approximates its full-sequence form (H2O) is
+    evaluated through its cache, which is its definition."""
+    exact = model.transformer.h[0].attn.vcache.exact
+    losses = []
+    for x, y in batches:
+        _, loss = model(x, y) if exact else model(x, y, caches=model.make_cache())
+        losses.append(float(loss))
+    return losses
+
+
+@torch.no_grad()
+def v_bytes_per_token(model, tokens):
+    """V bytes per token per layer of a real cache prefilled with tokens (1, T);
+    checked against what the method declares."""
+    cache = model.make_cache()
+    model(tokens, caches=cache)
+    held = cache.nbytes()["v"]
+    cfg, T = model.config, tokens.size(1)
+    declared = sum(b.attn.vcache.v_bytes(T, cfg.head_dim) for b in model.transformer.h) * cfg.n_head
+    if held != declared:
+        raise RuntimeError(f"{model.transformer.h[0].attn.vcache}: cache holds {held} V bytes, "
+                           f"the method declares {declared}")
+    return held / (cfg.n_layer * T)
+
+
+@torch.no_grad()
+def decode_tokens_per_s(model, tokens, prefill, steps):
+    """Tokens/s of `steps` single-token steps after a `prefill`-token prompt (batch 1)."""
+    cache = model.make_cache()
+    model(tokens[:, :prefill], caches=cache)
+    t0 = time.perf_counter()
+    for t in range(prefill, prefill + steps):
+        model(tokens[:, t:t + 1], caches=cache)
+    return steps / (time.perf_counter() - t0)
+
+
+def decode_rates(model, methods, tokens, prefill, steps, repeats):
+    """Median decode tokens/s per method name, timed round-robin: a drift in
+    machine speed (other load, clocks) then hits every method alike, not
+    whichever happened to run during it. methods: {name: per-layer methods}."""
+    rates = {name: [] for name in methods}
+    for _ in range(repeats):
+        for name, layers in methods.items():
+            install(model, layers)
+            rates[name].append(decode_tokens_per_s(model, tokens, prefill, steps))
+    return {name: statistics.median(r) for name, r in rates.items()}

@@ -1,0 +1,141 @@
+"""The report of scripts/bench_kv.py: the markdown table, its targets, how each
+number is measured, and the Pareto plot. Pure: rows in, text (or a PNG) out."""
+
+import datetime
+import os
+import platform
+from pathlib import Path
+
+import torch
+
+from lib.atomic import atomic_write
+from scripts.bench_kv_methods import QUANT_GROUP, V20_K
+
+DECODE_TARGET = 0.8  # V20 decode tokens/s relative to the uncompressed cache
+WALL_TARGET_S = 600
+
+
+def _fmt_pct(x):
+    return "n/a" if x is None else f"{x:+.2f}%"
+
+
+def targets(rows, wall_s=None):
+    """[(met: bool, text)] for the benchmark's targets that the rows (and wall time) allow judging."""
+    out = []
+    pca = {r["k"]: r for r in rows if r["family"] == "pca"}
+    spl = {r["k"]: r for r in rows if r["family"] == "splinepca"}
+    common = sorted(set(pca) & set(spl))
+    if common:
+        worse = [k for k in common if spl[k]["ppl"] > pca[k]["ppl"]]
+        detail = "; ".join(f"k={k}: {spl[k]['ppl']:.3f} vs {pca[k]['ppl']:.3f} "
+                           f"({100 * (spl[k]['ppl'] / pca[k]['ppl'] - 1):+.4f}%)" for k in common)
+        text = f"SplinePCA perplexity <= PCA perplexity at every k ({detail})"
+        if worse:
+            ratios = [spl[k].get("v_mse_ratio") for k in worse]
+            mse = ", ".join(f"k={k}: {r:.3f}" for k, r in zip(worse, ratios) if r is not None)
+            text += (f"; at k={', '.join(map(str, worse))} the reconstruction-MSE gain does not carry over "
+                     f"to perplexity" + (f" (held-out V MSE SplinePCA/PCA {mse})" if mse else ""))
+        out.append((not worse, text))
+    if wall_s is not None:
+        out.append((wall_s < WALL_TARGET_S,
+                    f"whole benchmark wall time {wall_s:.1f} s < {WALL_TARGET_S} s (2 cores, quick-start checkpoint)"))
+    ref = next((r for r in rows if r["family"] == "none"), None)
+    v20 = next((r for r in rows if r["family"] == "prune+splinepca"), None)
+    if ref and v20:
+        ratio = v20["decode_tok_s"] / ref["decode_tok_s"]
+        out.append((ratio >= DECODE_TARGET,
+                    f"decode at V20 settings {v20['decode_tok_s']:.1f} tok/s = {ratio:.2f}x the uncompressed "
+                    f"cache's {ref['decode_tok_s']:.1f} tok/s (target >= {DECODE_TARGET}x)"))
+    return out
+
+
+def format_table(rows, wall_s=None):
+    """The markdown table, then one MET / NOT MET line per target. Pure: rows in, text out."""
+    head = ["method", "V bytes/token/layer", "compression", "val loss", "perplexity", "ppl change",
+            "decode tok/s", "calib s", "trained-in ppl change"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
+    for r in rows:
+        cells = [r["method"], f"{r['v_bytes_per_token']:.1f}", f"{r['compression']:.2f}x", f"{r['val_loss']:.4f}",
+                 f"{r['ppl']:.3f}", _fmt_pct(r["ppl_change_pct"]), f"{r['decode_tok_s']:.1f}",
+                 f"{r['calib_s']:.1f}", _fmt_pct(r.get("trained_in_pct"))]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    for met, text in targets(rows, wall_s):
+        lines.append(f"- {'MET' if met else 'NOT MET'}: {text}")
+    return "\n".join(lines)
+
+
+# ---- outputs -------------------------------------------------------------------
+
+def machine_description(threads):
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return (f"{cpu}, {os.cpu_count()} cores, torch threads {threads}, torch {torch.__version__}, "
+            f"Python {platform.python_version()}, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}")
+
+
+def notes(rows):
+    info = rows[0]["info"]
+    lines = [
+        f"- Evaluated tokens: {info['n_eval_tokens']:,} validation tokens, the same seeded batches for every "
+        f"method; block_size {info['block_size']}. Perplexity = exp(val loss).",
+        f"- V bytes/token/layer: V tensors of a real cache of the method (batch 1, prefilled with "
+        f"{info['block_size']} tokens) / (layers x tokens); the reference stores fp32. Keys are kept in full "
+        f"by every method except H2O, which evicts K with V.",
+        f"- Geometries: V from {info['calib_batches']} TRAINING batches ({info['calib_vectors']:,} vectors per layer, "
+        f"collected once), one fit per layer and k; SplinePCA {info['knots']} knots, {info['fit_epochs']} epochs; "
+        f"PCA is the same fit with 0 epochs (identity spline). Calib s = collection + that fit.",
+        f"- Pruning: the checkpoint's keep ratio {info['prune_keep_ratio']:.4f}, budget {info['prune_budget']} of "
+        f"{info['block_size']} tokens, recency {info['prune_recency']}. V20 post hoc = that pruner + the "
+        f"SplinePCA k={V20_K} geometry (fitted on V of the model with its own V-cache method removed).",
+        f"- Quantization: asymmetric per token, groups of {QUANT_GROUP} channels, float16 scale and zero point "
+        f"counted in the bytes.",
+        f"- H2O: token budget {info['h2o_budget']} = V20 budget x {V20_K} / head_dim (the same number of V "
+        f"values), recency {info['h2o_recency']}; evaluated through its cache token by token.",
+        f"- Decode tok/s: batch 1, prefill {info['decode_prefill']} tokens, then {info['decode_steps']} "
+        f"single-token steps through the method's cache; median of {info['decode_repeats']} rounds, "
+        f"methods timed round-robin.",
+    ]
+    ratios = [(r["k"], r["v_mse_ratio"]) for r in rows if r.get("v_mse_ratio") is not None]
+    if ratios:
+        lines.append("- Held-out V reconstruction MSE, SplinePCA / PCA (mean over layers; 1 where the fit "
+                     "kept the identity spline because the learned one did not beat PCA): "
+                     + ", ".join(f"k={k}: {x:.3f}" for k, x in ratios) + ".")
+    runs = info.get("matrix_runs") or {}
+    where = info.get("matrix_dir")
+    lines.append(f"- Trained-in: perplexity change of the trained V19 (pruning row) and V20 (pruning + "
+                 f"SplinePCA row) runs vs V0 from {where}/[seed*/]V*/summary.json, seeds averaged in val loss; "
+                 + (", ".join(f"{s}: {n} run(s)" for s, n in runs.items()) if runs else "none found") + ".")
+    return "\n".join(lines)
+
+
+def write_plot(rows, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    markers = "o^sDvP*Xhp<>d"
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    for i, r in enumerate(rows):
+        ax.scatter(r["v_bytes_per_token"], r["ppl"], marker=markers[i % len(markers)], s=60, label=r["method"])
+        below = r["family"] in ("splinepca", "prune+splinepca")  # PCA and SplinePCA often coincide
+        ax.annotate(r["method"], (r["v_bytes_per_token"], r["ppl"]), textcoords="offset points",
+                    xytext=(5, -11 if below else 4), fontsize=7)
+    ax.set_xscale("log")
+    ax.set_xlabel("V-cache bytes per token per layer (log)")
+    ax.set_ylabel("validation perplexity")
+    ax.set_title("Post-hoc V-cache compression: perplexity vs memory")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
+    plt.close(fig)
