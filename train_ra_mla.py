@@ -13,7 +13,8 @@ import argparse
 import sys
 
 from gpt2.ablations import format_steps, step_overrides
-from gpt2.train import train
+from gpt2.train import train, v_cache_record
+from gpt2.vcache import describe
 from lib.config import parse_with_config
 from lib.kv_pruning import KEEP_RATIO
 
@@ -124,7 +125,8 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     if args.list_steps:
-        print(format_steps())
+        argv = sys.argv[1:] if argv is None else list(argv)
+        print(format_steps(lambda step: describe(v_cache_record(parse_args([*argv, "--ablation-step", step])))))
         return 0
     train(args)
     return 0

@@ -32,11 +32,15 @@ def step_overrides(step, known_dests=None):
     return overrides
 
 
-def format_steps():
+def format_steps(method_of=None):
+    """The table as text; method_of(step) -> a description of the V-cache
+    method the step trains (train_ra_mla.py derives it from the flags)."""
     lines = [f"{'step':<6} description", f"{'-' * 6} {'-' * 60}"]
     for step, (desc, _) in STEPS.items():
         overrides = {k: v for k, v in step_overrides(step).items() if v}
         flags = " ".join(f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}")
                          for k, v in overrides.items())
         lines.append(f"{step:<6} {desc}\n{'':<6}   flags: {flags or '(none)'}")
+        if method_of is not None:
+            lines.append(f"{'':<6}   V cache: {method_of(step)}")
     return "\n".join(lines)

@@ -468,6 +468,7 @@ def finish_summary(model, data, args, losses, best_val, it, tokens, t_train, ela
         "unigram_entropy": unigram_entropy(data.dir), "iters": it, "tokens": tokens,
         "tokens_per_s": tokens / t_train if t_train > 0 else None, "wall_s": elapsed,
         "params": model.get_num_params(), "v_cache": v_cache_footprint(model),
+        "v_cache_method": model.config.v_cache,
     }
 
 

@@ -22,7 +22,7 @@ benchmark are lists of records. A record:
 
 Adding a method is one class registered with @register_selector or
 @register_codec; tests/test_vcache.py then runs it through causality,
-decode == attend, real bytes and bad input (docs/kvsplice.md, "Adding a method").
+decode == attend, real bytes and bad input (docs/vcache.md, "Adding a method").
 """
 
 import inspect
