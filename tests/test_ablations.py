@@ -38,7 +38,11 @@ def test_list_steps_prints_the_table():
     assert r.returncode == 0
     for step in STEPS:
         assert f"\n{step} " in r.stdout
-    assert r.stdout.strip() == format_steps()
+    methods = {"V0": "full", "V19": "prune(keep_ratio=0.382, k_min=64, recency=64)",
+               "V20": "prune(keep_ratio=0.382, k_min=64, recency=64) + splinepca(k=16, knots=7)"}
+    methods["V21"] = methods["V20"]
+    assert r.stdout.strip() == format_steps(methods.get)
+    assert "   V cache: prune(keep_ratio=0.382, k_min=64, recency=64)\n" in r.stdout
 
 
 def tiny_config(path, data_dir, out_dir, extra=()):
