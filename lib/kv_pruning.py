@@ -38,8 +38,12 @@ Cost: the full-sequence path builds P, the keep mask and a (T, T) comparison
 matrix per (batch, head): O(B * nh * T^2) memory, the same order as the
 attention matrix of a non-flash attention. At T = 1024 that is fine on a GPU
 (about 4 MiB of fp32 per (batch, head) for P, plus 5 MiB for the ranking); if
-it is not, call VOnlyPruner.forward on slices of the head dimension, since
+it is not, call the rule's forward on slices of the head dimension, since
 heads are independent.
+
+The same keep rule with another final score gives the controls a ranking
+needs (TokenKeep below): SlidingWindow (no older tokens at all) and
+RandomKeep (pruning's budget, older tokens by a fixed hash of position).
 """
 
 import math
