@@ -40,12 +40,22 @@ def build_parser():
 
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default="shakespeare",
-                   help="shakespeare, file:PATH, finewebedu or openwebtext")
+                   help="shakespeare, file:PATH, finewebedu or openwebtext; or a recall task generated on "
+                        "the fly (gpt2/recall.py): copy, mqar (associative recall), recall (both)")
     g.add_argument("--data-dir", default="data", help="where prepared datasets live")
     g.add_argument("--compact-vocab", action=B, default=False,
                    help="when preparing data: remap to the ids present (small LM head)")
     g.add_argument("--max-tokens", type=int, default=0,
                    help="when preparing data: cap on tokens (0 = dataset default)")
+
+    g = p.add_argument_group("recall tasks")
+    g.add_argument("--recall-vocab", type=int, default=64,
+                   help="content token ids (mqar: first half keys, second half values)")
+    g.add_argument("--recall-segment", type=int, default=32, help="copy: tokens to copy (answers lie this far back)")
+    g.add_argument("--recall-pairs", type=int, default=8, help="mqar: key-value pairs per sequence")
+    g.add_argument("--recall-queries", type=int, default=8, help="mqar: keys queried per sequence")
+    g.add_argument("--recall-gap", type=int, default=0,
+                   help="filler tokens between what is to be recalled and the questions: pushes answers back")
 
     g = p.add_argument_group("model")
     g.add_argument("--init-from", default="scratch",

@@ -22,10 +22,12 @@ from gpt2.data import TokenData
 from gpt2.geometry import load_geometry, save_geometry
 from gpt2.model import GPT, GPTConfig, load_checkpoint
 from gpt2.prepare_data import decode_tokens, unigram_entropy
+from gpt2.recall import RecallData, answer_accuracy, is_recall
 from lib.atomic import atomic_torch_save
 from lib.tracking import Tracker
 
 CHECKPOINT_FORMAT = 1
+EVAL_SEED_SALT = 7919  # evaluation batches: seed + this, the same at every evaluation
 
 
 @dataclass
@@ -113,9 +115,9 @@ def build_model(args, data, ckpt):
     elif args.init_from == "scratch":
         model = GPT(model_config_from_args(args, data.vocab_size))
     else:
-        if data.meta.get("compact"):
+        if isinstance(data, RecallData) or data.meta.get("compact"):
             raise ValueError(f"--init-from {args.init_from} needs the full GPT-2 vocabulary, but "
-                             f"{data.dir} was prepared with --compact-vocab")
+                             f"{data.dir} has its own (a recall task, or --compact-vocab)")
         model = GPT.from_pretrained(args.init_from, dropout=args.dropout, v_cache=v_cache_record(args),
                                     rmlp=args.rmlp, rmlp_rff=args.rmlp_rff)
         if args.block_size < model.config.block_size:
@@ -199,24 +201,64 @@ def learning_rate(it, progress, args):
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (args.learning_rate - min_lr)
 
 
+def open_data(args):
+    """The dataset the flags name: prepared token memmaps, or a recall task generated on the fly."""
+    if is_recall(args.dataset):
+        data = RecallData(args.dataset, args.recall_vocab, args.recall_segment, args.recall_gap,
+                          args.recall_pairs, args.recall_queries)
+    else:
+        data = TokenData(args.data_dir, args.dataset)
+    data.check_block_size(args.block_size)
+    return data
+
+
 @torch.no_grad()
 def estimate_loss(model, data, args, rt, amp):
-    """Mean loss over --eval-iters fixed batches per split, shared out across ranks."""
+    """Mean loss over --eval-iters fixed batches per split, shared out across ranks;
+    on recall data also answer accuracy on val (overall, near and far: the answer
+    inside or beyond --kv-prune-recency tokens back; per task)."""
     model.eval()
     out = {}
+    names = accuracy_names(data) if isinstance(data, RecallData) else []
     for split in ("train", "val"):
-        total = torch.zeros(2, dtype=torch.float64, device=rt.device)
+        total = torch.zeros(2 + 2 * len(names), dtype=torch.float64, device=rt.device)
         for j in range(rt.rank, args.eval_iters, rt.world):
-            x, y = data.get_batch(split, args.batch_size, args.block_size,
-                                  args.seed + 7919, 0, j, rt.device)
+            if names:
+                x, y, distance, task = data.get_batch_with_distance(split, args.batch_size, args.block_size,
+                                                                    args.seed + EVAL_SEED_SALT, 0, j)
+                x, y = x.to(rt.device), y.to(rt.device)
+            else:
+                x, y = data.get_batch(split, args.batch_size, args.block_size,
+                                      args.seed + EVAL_SEED_SALT, 0, j, rt.device)
             with amp:
-                _, loss = model(x, y)
-            total += torch.tensor([loss.item(), 1.0], dtype=torch.float64, device=rt.device)
+                logits, loss = model(x, y)
+            counts = [loss.item(), 1.0] + [0.0] * (2 * len(names))
+            if names and split == "val":
+                acc = answer_accuracy(logits.cpu(), y.cpu(), distance, task, args.kv_prune_recency)
+                counts[2:] = [v for name in names for v in acc.get(name, (0, 0))]
+            total += torch.tensor(counts, dtype=torch.float64, device=rt.device)
         if rt.ddp:
             dist.all_reduce(total)
         out[split] = (total[0] / total[1]).item()
+        if split == "val":
+            for i, name in enumerate(names):
+                correct, n = total[2 + 2 * i].item(), total[3 + 2 * i].item()
+                out[f"val_{name}"] = correct / n if n else None
     model.train()
     return out
+
+
+def accuracy_names(data):
+    return ["acc", "acc_near", "acc_far"] + [f"acc_{t}{part}" for t in data.tasks for part in ("", "_far")]
+
+
+def format_accuracy(record, tasks):
+    """'acc 0.953 (near n/a, far 0.950; copy 1.000 far 1.000; mqar ...)' from val_acc* entries."""
+    def f(name):
+        v = record.get(f"val_{name}")
+        return "n/a" if v is None else f"{v:.3f}"
+    per_task = "; ".join(f"{t} {f('acc_' + t)} far {f('acc_' + t + '_far')}" for t in tasks)
+    return f"acc {f('acc')} (near {f('acc_near')}, far {f('acc_far')}" + (f"; {per_task})" if per_task else ")")
 
 
 def format_eta(seconds):
@@ -296,7 +338,7 @@ def _train(args, rt, on_iter):
                              run.t_train, run.elapsed)
     if rt.master:
         print_results(summary)
-        if args.sample_tokens > 0:
+        if args.sample_tokens > 0 and isinstance(run.data, TokenData):
             print_sample(run.raw_model, run.data, args.sample_tokens, rt.device)
     run.tracker.finish(summary)
     return summary
@@ -314,8 +356,7 @@ def setup(args, rt):
     out_dir = Path(args.out_dir)
     if rt.master:
         out_dir.mkdir(parents=True, exist_ok=True)
-    data = TokenData(args.data_dir, args.dataset)
-    data.check_block_size(args.block_size)
+    data = open_data(args)
     ckpt = None
     if args.resume:
         ckpt = load_checkpoint(out_dir / "last.pt", map_location=rt.device)
@@ -346,7 +387,9 @@ def setup(args, rt):
     cfg = raw_model.config
     run.log(f"model: {raw_model.get_num_params() / 1e6:.2f}M parameters, {cfg.n_layer} layers, "
             f"{cfg.n_head} heads, head_dim {cfg.head_dim}, block {cfg.block_size}, vocab {cfg.vocab_size}")
-    run.log(f"data: {data.dir} ({len(data.splits['train']):,} train / {len(data.splits['val']):,} val tokens); "
+    sizes = ("" if isinstance(data, RecallData)
+             else f" ({len(data.splits['train']):,} train / {len(data.splits['val']):,} val tokens)")
+    run.log(f"data: {data.dir}{sizes}; "
             f"{run.tokens_per_iter:,} tokens/iter = {args.batch_size} x {args.block_size} x {args.grad_accum} "
             f"over {rt.world} process(es); device {rt.device}, {dtype_name}")
     return run
@@ -448,10 +491,11 @@ def evaluate_and_checkpoint(run):
     losses = estimate_loss(run.model, run.data, run.args, run.rt, run.amp)
     val = losses["val"]
     record = {"iter": run.it, "tokens": run.tokens, "train_loss": losses["train"], "val_loss": val,
-              "val_ppl": math.exp(min(val, 50))}
+              "val_ppl": math.exp(min(val, 50)), **{k: v for k, v in losses.items() if k.startswith("val_acc")}}
     run.tracker.log(record, step=run.it)
+    accuracy = f", {format_accuracy(record, run.data.tasks)}" if isinstance(run.data, RecallData) else ""
     run.log(f"eval  {run.it}: train loss {losses['train']:.4f}, val loss {val:.4f}, "
-            f"val ppl {record['val_ppl']:.2f}")
+            f"val ppl {record['val_ppl']:.2f}{accuracy}")
     if run.rt.master:
         if val < run.best_val:
             run.best_val = val
@@ -462,10 +506,13 @@ def evaluate_and_checkpoint(run):
 
 def finish_summary(model, data, args, losses, best_val, it, tokens, t_train, elapsed):
     val = losses["val"]
+    recall = isinstance(data, RecallData)
+    baseline = ({"chance_loss": data.chance_loss(), "recall_tasks": list(data.tasks)} if recall
+                else {"unigram_entropy": unigram_entropy(data.dir)})
     return {
         "step": args.ablation_step, "final_val_loss": val, "final_train_loss": losses["train"],
         "best_val_loss": min(best_val, val), "val_ppl": math.exp(min(val, 50)),
-        "unigram_entropy": unigram_entropy(data.dir), "iters": it, "tokens": tokens,
+        **baseline, **{k: v for k, v in losses.items() if k.startswith("val_acc")}, "iters": it, "tokens": tokens,
         "tokens_per_s": tokens / t_train if t_train > 0 else None, "wall_s": elapsed,
         "params": model.get_num_params(), "v_cache": v_cache_footprint(model),
         "v_cache_method": model.config.v_cache,
@@ -491,8 +538,12 @@ def v_cache_footprint(model):
 
 def print_results(s):
     print("\n== results ==")
-    print(f"final val loss {s['final_val_loss']:.4f} (ppl {s['val_ppl']:.2f}); "
-          f"unigram baseline {s['unigram_entropy']:.4f} nats")
+    if "recall_tasks" in s:
+        print(f"final val loss {s['final_val_loss']:.4f} on answers; chance {s['chance_loss']:.4f} nats")
+        print(f"final val {format_accuracy(s, s['recall_tasks'])}")
+    else:
+        print(f"final val loss {s['final_val_loss']:.4f} (ppl {s['val_ppl']:.2f}); "
+              f"unigram baseline {s['unigram_entropy']:.4f} nats")
     tps = f"{s['tokens_per_s']:,.0f}" if s["tokens_per_s"] else "n/a"
     print(f"{s['iters']} iterations, {s['tokens']:,} tokens, {tps} tokens/s, wall {format_eta(s['wall_s'])}")
     vc = s["v_cache"]

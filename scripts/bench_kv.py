@@ -49,17 +49,19 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from gpt2.calibrate import CALIB_SEED_SALT, KVSpliceCalibrator  # noqa: E402
-from gpt2.data import TokenData  # noqa: E402
 from gpt2.model import GPT, load_checkpoint  # noqa: E402
+from gpt2.recall import RecallData  # noqa: E402
+from gpt2.train import EVAL_SEED_SALT, open_data  # noqa: E402
 from gpt2.vcache import FULL  # noqa: E402
 from lib.atomic import atomic_write_text  # noqa: E402
 from lib.kv_pruning import keep_budget  # noqa: E402
-from scripts.bench_kv_measure import decode_rates, eval_losses, install, v_bytes_per_token  # noqa: E402
-from scripts.bench_kv_methods import V20_K, bench_methods, check_preconditions, prune_settings  # noqa: E402
-from scripts.bench_kv_report import format_table, machine_description, notes, write_plot  # noqa: E402
+from lib.stats import paired_difference, verdict  # noqa: E402
+from scripts.bench_kv_measure import decode_rates, evaluate, install, v_bytes_per_token  # noqa: E402
+from scripts.bench_kv_methods import (V20_K, BenchMethod, bench_methods, check_preconditions,  # noqa: E402
+                                      prune_settings)
+from scripts.bench_kv_report import context_use, format_table, machine_description, notes, write_plot  # noqa: E402
 
 DEFAULT_KS = (8, 16, 32)
-EVAL_SEED_SALT = 7919  # val batches are drawn with the checkpoint's seed + this, as training's eval does
 
 
 def trained_in_changes(matrix_dir):
@@ -135,16 +137,8 @@ def run_benchmark(ckpt_path, ks=DEFAULT_KS, eval_batches=20, batch_size=8, calib
     if cfg.v_cache != FULL:
         log(f"[bench] note: {ckpt_path} was trained with a V-cache method; it is removed for the "
             f"reference and applied post hoc like every other method")
-    data_dir = data_dir or args.get("data_dir")
-    if data_dir is None or args.get("dataset") is None:
-        raise ValueError(f"{ckpt_path}: its args name no data_dir/dataset; pass --data-dir")
-    data = TokenData(data_dir, args["dataset"])
-    data.check_block_size(bs)
-    if data.vocab_size > cfg.vocab_size:
-        raise ValueError(f"data at {data.dir} has vocab_size {data.vocab_size}, the model {cfg.vocab_size}")
     seed = args.get("seed", 1337) if seed is None else seed
-    # the same val batches for every method; decode/bytes use the first row
-    val = [data.get_batch("val", batch_size, bs, seed + EVAL_SEED_SALT, 0, j) for j in range(eval_batches)]
+    data, val = eval_data(ckpt_path, args, bs, cfg.vocab_size, data_dir, eval_batches, batch_size, seed)
     row0 = val[0][0][:1]  # (1, block_size)
     log(f"[bench] {ckpt_path}: {cfg.n_layer} layers, {cfg.n_head} heads, head_dim {cfg.head_dim}, block {bs}; "
         f"{eval_batches} val batches x {batch_size} x {bs} tokens")
@@ -158,18 +152,18 @@ def run_benchmark(ckpt_path, ks=DEFAULT_KS, eval_batches=20, batch_size=8, calib
     trained, n_runs = trained_in_changes(matrix_dir)
     if n_runs:
         log(f"[bench] trained-in runs under {matrix_dir}: " + ", ".join(f"{s} x{n}" for s, n in n_runs.items()))
-    rows = [measure_quality(model, m, val, row0, trained, log) for m in methods]
-    for row in rows[1:]:
-        row["compression"] = rows[0]["v_bytes_per_token"] / row["v_bytes_per_token"]
-        row["ppl_change_pct"] = 100.0 * (row["ppl"] / rows[0]["ppl"] - 1.0)
+    rows = [measure_quality(model, m, val, row0, trained, prune["recency"], log) for m in methods]
+    for row in rows:
+        compare_to_reference(row, rows[0])
     log(f"[bench] decode speed: {decode_repeats} round(s) over all methods, {decode_steps} steps each")
     rates = decode_rates(model, {m.name: m.layers for m in methods}, row0, bs // 2, decode_steps, decode_repeats)
     for row in rows:
         row["decode_tok_s"] = rates[row["method"]]
-        log(f"[bench] {row['method']:<24} decode {row['decode_tok_s']:7.1f} tok/s")
+        log(f"[bench] {row['method']:<28} decode {row['decode_tok_s']:7.1f} tok/s")
     install(model, methods[0].layers)
-    h2o = methods[-1].record["select"]
-    info = {"n_eval_tokens": eval_batches * batch_size * bs, "block_size": bs,
+    h2o = next(m.record["select"] for m in methods if m.family == "h2o")
+    info = {"n_eval_tokens": eval_batches * batch_size * bs, "block_size": bs, "n_eval_batches": eval_batches,
+            "dataset": args["dataset"], "recall": isinstance(data, RecallData),
             "prune_budget": keep_budget(prune["keep_ratio"], bs, prune["k_min"]),
             "prune_keep_ratio": prune["keep_ratio"], "prune_recency": prune["recency"],
             "h2o_budget": h2o["budget"], "h2o_recency": h2o["recency"],
@@ -182,19 +176,77 @@ def run_benchmark(ckpt_path, ks=DEFAULT_KS, eval_batches=20, batch_size=8, calib
     return rows
 
 
-def measure_quality(model, method, val, row0, trained, log):
-    """One table row: bytes from a real cache, loss on the val batches."""
+def eval_data(ckpt_path, args, block_size, vocab_size, data_dir, eval_batches, batch_size, seed):
+    """The checkpoint's dataset and the val batches every method is evaluated on
+    (for recall, with each answer's distance and task)."""
+    data_dir = data_dir or args.get("data_dir")
+    if data_dir is None or args.get("dataset") is None:
+        raise ValueError(f"{ckpt_path}: its args name no data_dir/dataset; pass --data-dir")
+    data = open_data(argparse.Namespace(**{**args, "data_dir": data_dir, "block_size": block_size}))
+    if data.vocab_size > vocab_size:
+        raise ValueError(f"data at {data.dir} has vocab_size {data.vocab_size}, the model {vocab_size}")
+    salt = seed + EVAL_SEED_SALT
+    if isinstance(data, RecallData):
+        return data, [data.get_batch_with_distance("val", batch_size, block_size, salt, 0, j)
+                      for j in range(eval_batches)]
+    return data, [data.get_batch("val", batch_size, block_size, salt, 0, j) for j in range(eval_batches)]
+
+
+def checkpoint_context_use(ckpt_path, eval_batches=20, batch_size=8):
+    """(can_rank, text): the context-use line of a checkpoint alone (full cache vs a
+    window of its recency), for summaries that print no benchmark."""
+    ckpt = load_checkpoint(ckpt_path)
+    args = ckpt.get("args") or {}
+    model = GPT.from_checkpoint_state(ckpt).eval()
+    cfg = model.config
+    window = prune_settings(ckpt)["recency"]
+    data, val = eval_data(ckpt_path, args, cfg.block_size, cfg.vocab_size, None, eval_batches, batch_size,
+                          args.get("seed", 1337))
+    methods = [BenchMethod("none", FULL), BenchMethod(f"window {window}", {"select": {"kind": "window", "window": window},
+                                                                          "codec": FULL["codec"]})]
+    rows = [measure_quality(model, m.build(model), val, val[0][0][:1], {"V19": None, "V20": None}, window,
+                            lambda msg: None) for m in methods]
+    info = {"prune_recency": window, "n_eval_batches": eval_batches, "recall": isinstance(data, RecallData)}
+    for row in rows:
+        compare_to_reference(row, rows[0])
+        row["info"] = info
+    return context_use(rows)
+
+
+def measure_quality(model, method, val, row0, trained, window, log):
+    """One table row: bytes from a real cache, loss (and recall accuracy) per val batch."""
     install(model, method.layers)
     t0 = time.perf_counter()
     nbytes = v_bytes_per_token(model, row0)
-    loss = statistics.mean(eval_losses(model, val))
+    per_batch = evaluate(model, val, window)
+    loss = statistics.fmean(per_batch["loss"])
     row = {"method": method.name, "family": method.family, "k": method.k, "record": method.record,
            "v_bytes_per_token": nbytes, "val_loss": loss, "ppl": math.exp(loss), "calib_s": method.calib_s,
            "trained_in_pct": {"prune": trained["V19"], "prune+splinepca": trained["V20"]}.get(method.family),
-           "v_mse_ratio": method.v_mse_ratio, "compression": 1.0, "ppl_change_pct": 0.0}
-    log(f"[bench] {method.name:<24} V {nbytes:8.1f} B/token/layer  loss {loss:.4f}  ppl {row['ppl']:9.3f}  "
+           "v_mse_ratio": method.v_mse_ratio, "per_batch": per_batch}
+    for name in ("acc", "acc_far"):
+        correct, total = (sum(c for c, _ in per_batch[name]), sum(n for _, n in per_batch[name]))
+        row[name] = correct / total if total else None
+    acc = "" if row["acc"] is None else f"  acc {row['acc']:.3f}" + (
+        "" if row["acc_far"] is None else f" far {row['acc_far']:.3f}")
+    log(f"[bench] {method.name:<28} V {nbytes:8.1f} B/token/layer  loss {loss:.4f}{acc}  "
         f"calib {method.calib_s:5.1f}s  [{time.perf_counter() - t0:.1f}s]")
     return row
+
+
+def compare_to_reference(row, ref):
+    """Paired differences to the reference (full V cache) over the same val batches."""
+    row["compression"] = ref["v_bytes_per_token"] / row["v_bytes_per_token"]
+    row["loss_diff"], row["loss_diff_se"] = paired_difference(row["per_batch"]["loss"], ref["per_batch"]["loss"])
+    row["ppl_change_pct"] = 100.0 * math.expm1(row["loss_diff"])
+    se = row["loss_diff_se"]
+    row["ppl_change_se_pct"] = None if se is None else 100.0 * math.exp(row["loss_diff"]) * se
+    row["verdict"] = "reference" if row is ref else verdict(row["loss_diff"], se, "worse", "better")
+    for name in ("acc", "acc_far"):
+        pairs = [(c / n, rc / rn) for (c, n), (rc, rn) in zip(row["per_batch"][name], ref["per_batch"][name])
+                 if n and rn]
+        if len(pairs) > 1:
+            row[f"{name}_diff"], row[f"{name}_diff_se"] = paired_difference(*zip(*pairs))
 
 
 def parse_args(argv=None):

@@ -7,6 +7,8 @@ import time
 
 import torch
 
+from gpt2.recall import answer_accuracy
+
 
 def install(model, layers):
     """Put one VCacheMethod per layer into the model's attention."""
@@ -16,16 +18,23 @@ def install(model, layers):
 
 
 @torch.no_grad()
-def eval_losses(model, batches):
-    """Cross entropy per (x, y) batch, the same batches for every method. A
-    method whose decode only approximates its full-sequence form (H2O) is
-    evaluated through its cache, which is its definition."""
+def evaluate(model, batches, window):
+    """Per batch, the same batches for every method: {"loss": [...]} and, for
+    recall batches (x, y, distance, task), {"acc": [(correct, answers)], "acc_far": [...]}
+    with far = the answer at least `window` tokens back. A method whose decode
+    only approximates its full-sequence form (H2O) is evaluated through its
+    cache, which is its definition."""
     exact = model.transformer.h[0].attn.vcache.exact
-    losses = []
-    for x, y in batches:
-        _, loss = model(x, y) if exact else model(x, y, caches=model.make_cache())
-        losses.append(float(loss))
-    return losses
+    out = {"loss": [], "acc": [], "acc_far": []}
+    for batch in batches:
+        x, y = batch[:2]
+        logits, loss = model(x, y) if exact else model(x, y, caches=model.make_cache())
+        out["loss"].append(float(loss))
+        if len(batch) == 4:
+            acc = answer_accuracy(logits, y, batch[2], batch[3], window)
+            out["acc"].append(acc["acc"])
+            out["acc_far"].append(acc["acc_far"])
+    return out
 
 
 @torch.no_grad()

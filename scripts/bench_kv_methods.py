@@ -102,40 +102,60 @@ def fit_geometry(cal, k, spline, knots, epochs, lr, seed):
     return geometry, geometry["fit_stats"]["seconds"], ratio, layers
 
 
-def bench_methods(model, cal, collect_s, ks, prune, knots, epochs, lr, seed, log):
-    """The benchmark's rows as BenchMethods, geometries fitted from cal's samples."""
-    methods = [BenchMethod("none", FULL)]
-    spline16 = None
+def fitted_codecs(cal, ks, knots, epochs, lr, seed, log):
+    """{(label, k): (codec record, geometry, calib seconds, mse ratio)} for PCA and SplinePCA at
+    every k of ks and at V20_K, all fitted from the same collected samples."""
+    out = {}
     for spline in (False, True):
         kind, label = ("splinepca", "SplinePCA") if spline else ("pca", "PCA")
-        for k in sorted(set(ks + ([V20_K] if spline else []))):
+        for k in sorted(set(ks) | {V20_K}):
             geometry, fit_s, ratio, layers = fit_geometry(cal, k, spline, knots, epochs, lr, seed)
             kept = sum(s["kept_spline"] for s in layers)
             log(f"[bench] fit {label} k={k}: {fit_s:.1f}s, held-out V MSE SplinePCA/PCA {ratio:.3f}"
                 + (f", learned spline kept in {kept}/{len(layers)} layers" if spline else ""))
-            m = BenchMethod(f"{label} k={k}", {"select": FULL["select"], "codec": {"kind": kind, "k": k, "knots": knots}},
-                            geometry, collect_s + fit_s, ratio if spline else None)
-            if spline and k == V20_K:
-                spline16 = m
-            if k in ks:
-                methods.append(m)
+            out[label, k] = ({"kind": kind, "k": k, "knots": knots}, geometry, fit_s, ratio if spline else None)
+    return out
+
+
+def bench_methods(model, cal, collect_s, ks, prune, knots, epochs, lr, seed, log):
+    """The benchmark's rows as BenchMethods, geometries fitted from cal's samples.
+
+    Codecs alone; every token selector (pruning, and its random-keep control
+    at the same budget) with every codec; a sliding window holding the same V
+    bytes as each of those; a short window for the context-use line; H2O at
+    V20's bytes.
+    """
+    fits = fitted_codecs(cal, ks, knots, epochs, lr, seed, log)
+    full_select, none = FULL["select"], FULL["codec"]
+
+    def method(name, select, fit=None, codec=None):
+        if fit is None:
+            return BenchMethod(name, {"select": select, "codec": codec or none})
+        record, geometry, fit_s, ratio = fits[fit]
+        return BenchMethod(name, {"select": select, "codec": record}, geometry, collect_s + fit_s, ratio)
+
+    quant = {f"int{b}": {"kind": f"int{b}", "group_size": QUANT_GROUP} for b in (8, 4)}
+    methods = [method("none", full_select)]
+    methods += [method(f"{label} k={k}", full_select, (label, k)) for label in ("PCA", "SplinePCA") for k in ks]
+    methods += [method(f"{q} V (g{QUANT_GROUP})", full_select, codec=c) for q, c in quant.items()]
     bs, hd = model.config.block_size, model.config.head_dim
     budget = keep_budget(prune["keep_ratio"], bs, prune["k_min"])
-    select = {"kind": "prune", **prune}
-    methods.append(BenchMethod(f"prune {prune['keep_ratio']:.3f} ({budget}/{bs})", {"select": select, "codec": FULL["codec"]}))
-    # V20 post hoc: the SplinePCA k=16 geometry (same samples, same fit) behind the pruner
-    methods.append(BenchMethod(f"prune + SplinePCA k={V20_K}", {"select": select, "codec": spline16.record["codec"]},
-                               spline16.geometry, spline16.calib_s))
-    for bits in (8, 4):
-        methods.append(BenchMethod(f"int{bits} V (g{QUANT_GROUP})",
-                                   {"select": FULL["select"], "codec": {"kind": f"int{bits}", "group_size": QUANT_GROUP}}))
+    for kind in ("prune", "random"):
+        select = {"kind": kind, **prune, **({"seed": seed} if kind == "random" else {})}
+        label = f"{kind} {budget}/{bs}"
+        methods.append(method(label, select))
+        methods += [method(f"{label} + {name} k={V20_K}", select, (name, V20_K)) for name in ("PCA", "SplinePCA")]
+        methods += [method(f"{label} + {q}", select, codec=c) for q, c in quant.items()]
     # equal V budget: V20 holds budget x 16 latent values per head, H2O full head_dim V
     h2o_budget = max(1, budget * V20_K // hd)
-    h2o = {"kind": "h2o", "budget": h2o_budget, "recency": max(1, h2o_budget // 2)}
-    methods.append(BenchMethod(f"H2O K+V ({h2o_budget} tok)", {"select": h2o, "codec": FULL["codec"]}))
+    methods.append(method(f"H2O K+V ({h2o_budget} tok)",
+                          {"kind": "h2o", "budget": h2o_budget, "recency": max(1, h2o_budget // 2)}))
     t0 = time.perf_counter()
     for m in methods:
         m.build(model)
-    log(f"[bench] {len(methods)} methods built in {time.perf_counter() - t0:.1f}s: "
-        + "; ".join(describe(m.record) for m in methods[1:]))
+    # sliding windows holding as many fp32 V bytes as each pruned row, and the short context-use window
+    windows = {prune["recency"]} | {max(1, m.layers[0].v_bytes(bs, hd) // (hd * 4))
+                                    for m in methods if m.record["select"]["kind"] == "prune"}
+    methods += [method(f"window {w}", {"kind": "window", "window": w}).build(model) for w in sorted(windows)]
+    log(f"[bench] {len(methods)} methods built in {time.perf_counter() - t0:.1f}s")
     return methods

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from lib.atomic import atomic_write
+from lib.stats import NOISE_SE, paired_difference, verdict
 from scripts.bench_kv_methods import QUANT_GROUP, V20_K
 
 DECODE_TARGET = 0.8  # V20 decode tokens/s relative to the uncompressed cache
@@ -19,23 +20,62 @@ def _fmt_pct(x):
     return "n/a" if x is None else f"{x:+.2f}%"
 
 
+def _fmt_change(r):
+    """'+1.23% +- 0.40' (paired SE), or the bare change when no SE exists."""
+    se = r.get("ppl_change_se_pct")
+    return _fmt_pct(r["ppl_change_pct"]) + ("" if se is None else f" +- {se:.2f}")
+
+
+def _fmt_acc(r, name):
+    value, diff, se = r.get(name), r.get(f"{name}_diff"), r.get(f"{name}_diff_se")
+    if value is None:
+        return "n/a"
+    return f"{value:.3f}" + ("" if diff is None or r["verdict"] == "reference" else f" ({diff:+.3f} +- {se:.3f})")
+
+
+def context_use(rows):
+    """(can_rank, text): is the full cache clearly better than a short window of the
+    last `prune_recency` tokens' V? Only then can the checkpoint rank V-cache methods."""
+    info = rows[0]["info"]
+    W = info["prune_recency"]
+    row = next((r for r in rows if r["record"]["select"] == {"kind": "window", "window": W}), None)
+    if row is None:
+        return False, "Context use: no short-window row, so it is unknown whether this checkpoint uses its context."
+    d, se = row["loss_diff"], row["loss_diff_se"]
+    can_rank = se is not None and d > NOISE_SE * se
+    acc = "" if row.get("acc_far_diff") is None else (
+        f", far accuracy {row['acc_far_diff']:+.3f} +- {row['acc_far_diff_se']:.3f}")
+    text = (f"Context use: keeping only the last {W} tokens' V changes val loss by {d:+.4f} +- "
+            f"{se if se is not None else float('nan'):.4f} (paired SE over {info['n_eval_batches']} batches){acc} "
+            f"against the full cache. ")
+    if can_rank:
+        text += f"The full cache is better by more than {NOISE_SE:g} SE: this checkpoint needs its context and can rank V-cache methods."
+    else:
+        text += (f"The full cache is not better by more than {NOISE_SE:g} SE: this checkpoint cannot rank V-cache "
+                 f"methods, and every quality difference below is not resolved.")
+    return can_rank, text
+
+
 def targets(rows, wall_s=None):
-    """[(met: bool, text)] for the benchmark's targets that the rows (and wall time) allow judging."""
+    """[(met: bool or None, text)] for the benchmark's targets that the rows (and wall time)
+    allow judging; None = not resolved."""
     out = []
+    can_rank, _ = context_use(rows)
     pca = {r["k"]: r for r in rows if r["family"] == "pca"}
     spl = {r["k"]: r for r in rows if r["family"] == "splinepca"}
     common = sorted(set(pca) & set(spl))
     if common:
-        worse = [k for k in common if spl[k]["ppl"] > pca[k]["ppl"]]
-        detail = "; ".join(f"k={k}: {spl[k]['ppl']:.3f} vs {pca[k]['ppl']:.3f} "
-                           f"({100 * (spl[k]['ppl'] / pca[k]['ppl'] - 1):+.4f}%)" for k in common)
-        text = f"SplinePCA perplexity <= PCA perplexity at every k ({detail})"
+        diffs = {k: paired_difference(spl[k]["per_batch"]["loss"], pca[k]["per_batch"]["loss"]) for k in common}
+        worse = [k for k, (d, se) in diffs.items() if verdict(d, se) == "higher"]
+        detail = "; ".join(f"k={k}: val loss {d:+.5f} +- {se if se is not None else float('nan'):.5f}"
+                           for k, (d, se) in diffs.items())
+        text = f"SplinePCA no worse than PCA beyond {NOISE_SE:g} paired SE at every k ({detail})"
         if worse:
             ratios = [spl[k].get("v_mse_ratio") for k in worse]
             mse = ", ".join(f"k={k}: {r:.3f}" for k, r in zip(worse, ratios) if r is not None)
             text += (f"; at k={', '.join(map(str, worse))} the reconstruction-MSE gain does not carry over "
                      f"to perplexity" + (f" (held-out V MSE SplinePCA/PCA {mse})" if mse else ""))
-        out.append((not worse, text))
+        out.append((None if not can_rank else not worse, text))
     if wall_s is not None:
         out.append((wall_s < WALL_TARGET_S,
                     f"whole benchmark wall time {wall_s:.1f} s < {WALL_TARGET_S} s (2 cores, quick-start checkpoint)"))
@@ -50,18 +90,22 @@ def targets(rows, wall_s=None):
 
 
 def format_table(rows, wall_s=None):
-    """The markdown table, then one MET / NOT MET line per target. Pure: rows in, text out."""
-    head = ["method", "V bytes/token/layer", "compression", "val loss", "perplexity", "ppl change",
-            "decode tok/s", "calib s", "trained-in ppl change"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
+    """The context-use line, the markdown table, then one line per target. Pure: rows in, text out."""
+    recall = rows[0]["info"]["recall"]
+    head = ["method", "V bytes/token/layer", "compression", "val loss", "ppl change +- SE", "vs full cache"]
+    head += ["acc (vs full +- SE)", "far acc (vs full +- SE)"] if recall else []
+    head += ["decode tok/s", "calib s", "trained-in ppl change"]
+    lines = [context_use(rows)[1], "",
+             "| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
     for r in rows:
         cells = [r["method"], f"{r['v_bytes_per_token']:.1f}", f"{r['compression']:.2f}x", f"{r['val_loss']:.4f}",
-                 f"{r['ppl']:.3f}", _fmt_pct(r["ppl_change_pct"]), f"{r['decode_tok_s']:.1f}",
-                 f"{r['calib_s']:.1f}", _fmt_pct(r.get("trained_in_pct"))]
+                 _fmt_change(r), r["verdict"]]
+        cells += [_fmt_acc(r, "acc"), _fmt_acc(r, "acc_far")] if recall else []
+        cells += [f"{r['decode_tok_s']:.1f}", f"{r['calib_s']:.1f}", _fmt_pct(r.get("trained_in_pct"))]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     for met, text in targets(rows, wall_s):
-        lines.append(f"- {'MET' if met else 'NOT MET'}: {text}")
+        lines.append(f"- {'NOT RESOLVED' if met is None else 'MET' if met else 'NOT MET'}: {text}")
     return "\n".join(lines)
 
 
@@ -101,12 +145,23 @@ def notes(rows):
         f"- Decode tok/s: batch 1, prefill {info['decode_prefill']} tokens, then {info['decode_steps']} "
         f"single-token steps through the method's cache; median of {info['decode_repeats']} rounds, "
         f"methods timed round-robin.",
+        f"- Statistics: every method is evaluated on the same {info['n_eval_batches']} val batches; ppl change "
+        f"+- SE is exp(d) - 1 for the mean per-batch loss difference d to the full cache, with the paired "
+        f"standard error of d; 'within noise' means |d| <= {NOISE_SE:g} SE. Accuracy differences likewise, "
+        f"per batch.",
+        f"- Controls: `random` keeps pruning's budget and recency window but picks the older tokens by a fixed "
+        f"hash of position, so with the same codec it holds the same V bytes as the `prune` row; each "
+        f"`window N` keeps only the last N tokens' fp32 V, N chosen so it holds the bytes of a `prune` row "
+        f"(and N = {info['prune_recency']}, the recency window, for the context-use line).",
     ]
-    ratios = [(r["k"], r["v_mse_ratio"]) for r in rows if r.get("v_mse_ratio") is not None]
+    if info["recall"]:
+        lines.append(f"- Recall ({info['dataset']}): loss and accuracy on answer tokens only; far = the answer's "
+                     f"token lies at least {info['prune_recency']} tokens back.")
+    ratios = {r["k"]: r["v_mse_ratio"] for r in rows if r.get("v_mse_ratio") is not None}
     if ratios:
         lines.append("- Held-out V reconstruction MSE, SplinePCA / PCA (mean over layers; 1 where the fit "
                      "kept the identity spline because the learned one did not beat PCA): "
-                     + ", ".join(f"k={k}: {x:.3f}" for k, x in ratios) + ".")
+                     + ", ".join(f"k={k}: {x:.3f}" for k, x in ratios.items()) + ".")
     runs = info.get("matrix_runs") or {}
     where = info.get("matrix_dir")
     lines.append(f"- Trained-in: perplexity change of the trained V19 (pruning row) and V20 (pruning + "
@@ -124,18 +179,20 @@ def write_plot(rows, path):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     markers = "o^sDvP*Xhp<>d"
-    fig, ax = plt.subplots(figsize=(8, 5.5))
+    fig, ax = plt.subplots(figsize=(11, 7))
     for i, r in enumerate(rows):
-        ax.scatter(r["v_bytes_per_token"], r["ppl"], marker=markers[i % len(markers)], s=60, label=r["method"])
+        se = r.get("ppl_change_se_pct")
+        ax.errorbar(r["v_bytes_per_token"], r["ppl"], yerr=None if se is None else 2 * se / 100 * rows[0]["ppl"],
+                    fmt=markers[i % len(markers)], markersize=7, capsize=3, label=r["method"])
         below = r["family"] in ("splinepca", "prune+splinepca")  # PCA and SplinePCA often coincide
         ax.annotate(r["method"], (r["v_bytes_per_token"], r["ppl"]), textcoords="offset points",
                     xytext=(5, -11 if below else 4), fontsize=7)
     ax.set_xscale("log")
     ax.set_xlabel("V-cache bytes per token per layer (log)")
-    ax.set_ylabel("validation perplexity")
+    ax.set_ylabel("validation perplexity (bars: +- 2 paired SE vs the full cache)")
     ax.set_title("Post-hoc V-cache compression: perplexity vs memory")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
+    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0), ncol=1)
     fig.tight_layout()
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
     plt.close(fig)

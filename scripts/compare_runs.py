@@ -6,9 +6,13 @@
 Reads each run's summary.json and metrics.jsonl (never wandb) and writes
 DIR/summary.md and DIR/val_loss.png. Runs of the same step (several seeds)
 are pooled: the table gives mean +- sd of the final val loss over seeds and
-the plot the mean curve. Columns: final val loss, perplexity, delta vs V0 and
-vs V19, V-cache elements and bytes per head at block_size (read off a real
-cache at the end of training), training tokens/s.
+the plot the mean curve. Columns: final val loss, perplexity, difference to
+V0 and to V19 (mean +- sd of the per-seed paired differences when the steps
+ran the same seeds), recall accuracy overall and far (and far vs V0) on
+recall tasks, V-cache elements and bytes per head at block_size (read off a
+real cache at the end of training), training tokens/s. Above the table, the
+context-use line of the V0 checkpoint: full cache vs a short window, with its
+paired standard error; without a clear gap the steps cannot be ranked.
 """
 
 import argparse
@@ -22,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from lib.atomic import atomic_write, atomic_write_text  # noqa: E402
+from lib.stats import mean_sd  # noqa: E402
 from lib.tracking import read_metrics  # noqa: E402
 
 
@@ -43,32 +48,67 @@ def group_runs(runs):
     return groups
 
 
-def _mean_sd(values):
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+def seed_of(run):
+    """The seed a run belongs to: its directory's parent is seed<N> under --seeds, else None."""
+    parent = run["dir"].parent.name
+    return parent[len("seed"):] if parent.startswith("seed") else None
 
 
-def _delta(value, ref):
-    if ref is None:
+def _fmt_mean_sd(values, digits=4):
+    mean, sd = mean_sd(values)
+    return f"{mean:.{digits}f} +- {sd:.{digits}f}" if len(values) > 1 else f"{mean:.{digits}f}"
+
+
+def _vs(runs, ref_runs, key="final_val_loss"):
+    """Difference to the reference step: per seed (paired) when both ran the same seeds, else of the means."""
+    if not ref_runs:
         return "n/a"
-    return f"{value - ref:+.4f} ({(value - ref) / ref * 100:+.2f}%)"
+    ref_by_seed = {seed_of(r): r["summary"][key] for r in ref_runs}
+    diffs = [r["summary"][key] - ref_by_seed[seed_of(r)] for r in runs if seed_of(r) in ref_by_seed]
+    if len(diffs) > 1 and len(diffs) == len(runs):
+        mean, sd = mean_sd(diffs)
+        return f"{mean:+.4f} +- {sd:.4f} (paired, {len(diffs)} seeds)"
+    mean = mean_sd([r["summary"][key] for r in runs])[0]
+    ref = mean_sd(ref_by_seed.values())[0]
+    return f"{mean - ref:+.4f} ({(mean - ref) / ref * 100:+.2f}%)"
 
 
 def summary_table(runs):
+    """Per step: final val loss (mean +- sd over seeds), differences to V0 and V19
+    (per-seed paired when seeded), recall accuracy when the runs have it, V cache, speed."""
     groups = group_runs(runs)
-    means = {name: _mean_sd([r["summary"]["final_val_loss"] for r in rs])[0] for name, rs in groups.items()}
-    seeded = any(len(rs) > 1 for rs in groups.values())
-    lines = ["| step | runs | final val loss | ppl | vs V0 | vs V19 | V elements/head | V bytes/head | train tok/s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    recall = any("val_acc" in r["summary"] for r in runs)
+    head = "| step | runs | final val loss | ppl | vs V0 | vs V19 |"
+    head += " acc | far acc | far acc vs V0 |" if recall else ""
+    lines = [head + " V elements/head | V bytes/head | train tok/s |",
+             "|" + "---|" * (head.count("|") - 1 + 3)]
     for name, rs in groups.items():
-        mean, sd = _mean_sd([r["summary"]["final_val_loss"] for r in rs])
-        loss = f"{mean:.4f} +- {sd:.4f}" if seeded else f"{mean:.4f}"
+        losses = [r["summary"]["final_val_loss"] for r in rs]
         vc = rs[0]["summary"].get("v_cache") or {}
         tps = [r["summary"]["tokens_per_s"] for r in rs if r["summary"].get("tokens_per_s")]
-        lines.append(
-            f"| {name} | {len(rs)} | {loss} | {math.exp(mean):.2f} | {_delta(mean, means.get('V0'))} | "
-            f"{_delta(mean, means.get('V19'))} | {vc.get('elements_per_head', 'n/a'):,} | "
-            f"{vc.get('bytes_per_head', 'n/a'):,} | {statistics.fmean(tps) if tps else float('nan'):,.0f} |")
+        cells = [name, str(len(rs)), _fmt_mean_sd(losses), f"{math.exp(mean_sd(losses)[0]):.2f}",
+                 _vs(rs, groups.get("V0")), _vs(rs, groups.get("V19"))]
+        if recall:
+            acc = [r["summary"].get("val_acc") for r in rs]
+            far = [r["summary"].get("val_acc_far") for r in rs]
+            cells += [_fmt_mean_sd(acc, 3) if None not in acc else "n/a",
+                      _fmt_mean_sd(far, 3) if None not in far else "n/a",
+                      _vs(rs, groups.get("V0"), "val_acc_far") if None not in far else "n/a"]
+        cells += [f"{vc.get('elements_per_head', 'n/a'):,}", f"{vc.get('bytes_per_head', 'n/a'):,}",
+                  f"{statistics.fmean(tps) if tps else float('nan'):,.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def context_use_line(runs):
+    """The context-use line of the first V0 run's checkpoint: can these runs rank V-cache methods?"""
+    v0 = group_runs(runs).get("V0")
+    ckpt = v0[0]["dir"] / "best.pt" if v0 else None
+    if ckpt is None or not ckpt.exists():
+        return "Context use: no V0 checkpoint among these runs, so it is unknown whether the model uses its context."
+    from scripts.bench_kv import checkpoint_context_use
+
+    return checkpoint_context_use(ckpt)[1] + f" (`{ckpt}`)"
 
 
 def plot_val_loss(runs, path):
@@ -102,11 +142,13 @@ def write_comparison(run_dirs, out_dir):
     runs = [load_run(d) for d in run_dirs]
     out_dir = Path(out_dir)
     table = summary_table(runs)
+    context = context_use_line(runs)
     dirs = " ".join(str(r["dir"]) for r in runs)
-    text = f"# Ablation summary\n\n{table}\n\nRegenerate: `python scripts/compare_runs.py {dirs} --out {out_dir}`\n"
+    text = (f"# Ablation summary\n\n{context}\n\n{table}\n\n"
+            f"Regenerate: `python scripts/compare_runs.py {dirs} --out {out_dir}`\n")
     atomic_write_text(out_dir / "summary.md", text)
     plot_val_loss(runs, out_dir / "val_loss.png")
-    print("\n" + table)
+    print("\n" + context + "\n\n" + table)
     print(f"\nwrote {out_dir / 'summary.md'} and {out_dir / 'val_loss.png'}")
     return text
 

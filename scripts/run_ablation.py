@@ -23,6 +23,7 @@ sys.path.insert(0, str(ROOT))
 
 from gpt2.ablations import STEPS, step_overrides  # noqa: E402
 from gpt2.data import dataset_dir_name  # noqa: E402
+from gpt2.recall import is_recall  # noqa: E402
 from lib.config import parse_with_config  # noqa: E402
 from train_ra_mla import build_parser  # noqa: E402
 
@@ -31,7 +32,7 @@ def ensure_data(args):
     from gpt2.prepare_data import prepare
 
     meta = Path(args.data_dir) / dataset_dir_name(args.dataset) / "meta.json"
-    if meta.exists():
+    if is_recall(args.dataset) or meta.exists():  # recall tasks are generated on the fly
         return
     print(f"[ablation] preparing dataset {args.dataset} into {args.data_dir}/", flush=True)
     prepare(args.dataset, args.data_dir, compact_vocab=args.compact_vocab,

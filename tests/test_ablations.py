@@ -71,6 +71,7 @@ def test_two_step_matrix_writes_summary_and_plot_and_skips_completed(tiny_data_d
     summary = (out / "summary.md").read_text()
     assert "| V0 | 1 |" in summary and "| V19 | 1 |" in summary
     assert "V elements/head" in summary and "vs V19" in summary
+    assert "Context use: keeping only the last" in summary and "paired SE over 20 batches" in summary
     assert (out / "val_loss.png").stat().st_size > 5000
     # V19 keeps V for max(16, int(64 * 0.382)) = 24 tokens x 16 dims, V0 all 64
     assert "| 1,024 |" in summary and "| 384 |" in summary

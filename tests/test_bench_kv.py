@@ -9,10 +9,12 @@ from gpt2.kv_cache import KVCache, LayerKVCache
 from gpt2.model import GPT, GPTConfig
 from gpt2.train import train
 from lib.kv_baselines import VQuantizer
-from scripts.bench_kv import main, trained_in_changes
+from scripts.bench_kv import compare_to_reference, main, trained_in_changes
 from scripts.bench_kv_report import format_table
 
-FAMILIES = ["none", "pca", "pca", "splinepca", "splinepca", "prune", "prune+splinepca", "int8", "int4", "h2o"]
+FAMILIES = (["none", "pca", "pca", "splinepca", "splinepca", "int8", "int4"]
+            + [f"{s}{c}" for s in ("prune", "random") for c in ("", "+pca", "+splinepca", "+int8", "+int4")]
+            + ["h2o"] + ["window"] * 5)
 
 
 @pytest.fixture(scope="module")
@@ -40,16 +42,25 @@ def test_every_method_row_and_consistent_numbers(bench_run):
     # budget 24 of 64 tokens (k_min 16, recency 8); H2O holds 24 * 16 / 32 = 12 tokens of full V
     assert by["prune", None]["v_bytes_per_token"] == 24 * 2 * 32 * 4 / 64
     assert by["h2o", None]["v_bytes_per_token"] == 12 * 2 * 32 * 4 / 64
+    # controls at equal bytes: random keep per prune row; a window per distinct prune-row size, and the recency
+    for codec in ("", "+pca", "+splinepca", "+int8", "+int4"):
+        assert by["random" + codec, by["prune" + codec, 16 if "pca" in codec else None]["k"]]["v_bytes_per_token"] \
+            == by["prune" + codec, 16 if "pca" in codec else None]["v_bytes_per_token"]
+    windows = sorted(r["record"]["select"]["window"] for r in rows if r["family"] == "window")
+    assert windows == [3, 6, 8, 12, 24]  # bytes of prune +int4, +int8, the recency 8, +PCA16, alone
     for r in rows:
         assert r["compression"] == pytest.approx(ref["v_bytes_per_token"] / r["v_bytes_per_token"])
         assert r["ppl"] == pytest.approx(math.exp(r["val_loss"]))
         assert r["ppl_change_pct"] == pytest.approx(100 * (r["ppl"] / ref["ppl"] - 1))
+        assert r["loss_diff"] == pytest.approx(r["val_loss"] - ref["val_loss"])
         assert r["decode_tok_s"] > 0
-        assert (r["calib_s"] > 0) == (r["family"] in ("pca", "splinepca", "prune+splinepca"))
+        assert (r["calib_s"] > 0) == (r["k"] is not None)
         assert r["trained_in_pct"] is None  # the matrix dir holds only V0
+    assert ref["verdict"] == "reference" and ref["loss_diff_se"] == 0
     assert all(math.isfinite(by["splinepca", k]["val_loss"]) for k in (8, 16))
     text = out_md.read_text()
     assert "| method | V bytes/token/layer |" in text and "python scripts/bench_kv.py --ckpt" in text
+    assert "Context use: keeping only the last 8 tokens' V changes val loss by" in text
     assert "torch " + torch.__version__ in text and ("MET:" in text)
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -85,41 +96,54 @@ def test_quantizer_full_forward_equals_decode_through_the_cache(bits):
     assert not torch.allclose(model(idx)[0], full, atol=1e-4)  # quantization did change something
 
 
-def _row(method, family, k, nbytes, loss, tps, calib=0.0, trained=None):
-    return {"method": method, "family": family, "k": k, "v_bytes_per_token": nbytes, "compression": 1024 / nbytes,
-            "val_loss": loss, "ppl": math.exp(loss), "ppl_change_pct": 100 * (math.exp(loss - 2.0) - 1),
-            "decode_tok_s": tps, "calib_s": calib, "trained_in_pct": trained}
+def _row(method, select, codec, nbytes, losses, tps, calib=0.0, trained=None, k=None):
+    record = {"select": select, "codec": codec}
+    family = codec["kind"] if select["kind"] == "full" else select["kind"]
+    if select["kind"] != "full" and codec["kind"] != "none":
+        family += "+" + codec["kind"]
+    loss = sum(losses) / len(losses)
+    return {"method": method, "family": family, "k": k, "record": record, "v_bytes_per_token": nbytes,
+            "val_loss": loss, "ppl": math.exp(loss), "per_batch": {"loss": losses, "acc": [], "acc_far": []},
+            "decode_tok_s": tps, "calib_s": calib, "trained_in_pct": trained,
+            "info": {"prune_recency": 8, "n_eval_batches": len(losses), "recall": False}}
+
+
+def table_rows(window_losses):
+    full, none = {"kind": "full"}, {"kind": "none"}
+    prune = {"kind": "prune", "keep_ratio": 0.25, "k_min": 16, "recency": 8}
+    rows = [_row("none", full, none, 1024, [2.0, 2.1, 1.9, 2.0], 100.0),
+            _row("PCA k=8", full, {"kind": "pca", "k": 8}, 128, [2.10, 2.21, 1.99, 2.10], 95.0, 1.5, k=8),
+            _row("SplinePCA k=8", full, {"kind": "splinepca", "k": 8}, 128, [2.09, 2.20, 1.99, 2.08], 90.0, 3.25, k=8),
+            _row("prune + SplinePCA k=16", prune, {"kind": "splinepca", "k": 16}, 97.5, [2.2, 2.3, 2.1, 2.2],
+                 79.0, 3.25, trained=1.234, k=16),
+            _row("window 8", {"kind": "window", "window": 8}, none, 32, window_losses, 120.0)]
+    for r in rows:
+        compare_to_reference(r, rows[0])
+    return rows
 
 
 def test_format_table_lines_and_targets():
-    rows = [_row("none", "none", None, 1024, 2.0, 100.0),
-            _row("PCA k=8", "pca", 8, 128, 2.1, 95.0, 1.5),
-            _row("PCA k=16", "pca", 16, 256, 2.05, 95.0, 1.5),
-            _row("SplinePCA k=8", "splinepca", 8, 128, 2.09, 90.0, 3.25),
-            _row("SplinePCA k=16", "splinepca", 16, 256, 2.06, 90.0, 3.25),
-            _row("prune + SplinePCA k=16", "prune+splinepca", 16, 97.5, 2.2, 79.0, 3.25, trained=1.234)]
-    rows[-1]["v_mse_ratio"] = 0.9
-    rows[4]["v_mse_ratio"] = 0.95
+    rows = table_rows([2.5, 2.7, 2.3, 2.4])  # the short window is clearly worse: the checkpoint can rank
     lines = format_table(rows, wall_s=42.0).splitlines()
-    assert lines[0] == ("| method | V bytes/token/layer | compression | val loss | perplexity | ppl change "
+    assert lines[0] == ("Context use: keeping only the last 8 tokens' V changes val loss by +0.4750 +- 0.0479 "
+                        "(paired SE over 4 batches) against the full cache. The full cache is better by more "
+                        "than 2 SE: this checkpoint needs its context and can rank V-cache methods.")
+    assert lines[2] == ("| method | V bytes/token/layer | compression | val loss | ppl change +- SE | vs full cache "
                         "| decode tok/s | calib s | trained-in ppl change |")
-    assert lines[1] == "|---|---:|---:|---:|---:|---:|---:|---:|---:|"
-    assert lines[2] == "| none | 1024.0 | 1.00x | 2.0000 | 7.389 | +0.00% | 100.0 | 0.0 | n/a |"
-    assert lines[5] == "| SplinePCA k=8 | 128.0 | 8.00x | 2.0900 | 8.085 | +9.42% | 90.0 | 3.2 | n/a |"
-    assert lines[7] == "| prune + SplinePCA k=16 | 97.5 | 10.50x | 2.2000 | 9.025 | +22.14% | 79.0 | 3.2 | +1.23% |"
-    assert lines[8] == ""
-    assert lines[9] == ("- NOT MET: SplinePCA perplexity <= PCA perplexity at every k (k=8: 8.085 vs 8.166 "
-                        "(-0.9950%); k=16: 7.846 vs 7.768 (+1.0050%)); at k=16 the reconstruction-MSE gain "
-                        "does not carry over to perplexity (held-out V MSE SplinePCA/PCA k=16: 0.950)")
-    assert lines[10] == "- MET: whole benchmark wall time 42.0 s < 600 s (2 cores, quick-start checkpoint)"
-    assert lines[11] == ("- NOT MET: decode at V20 settings 79.0 tok/s = 0.79x the uncompressed cache's "
+    assert lines[4] == "| none | 1024.0 | 1.00x | 2.0000 | +0.00% +- 0.00 | reference | 100.0 | 0.0 | n/a |"
+    assert lines[6] == "| SplinePCA k=8 | 128.0 | 8.00x | 2.0900 | +9.42% +- 0.45 | worse | 90.0 | 3.2 | n/a |"
+    assert lines[7] == ("| prune + SplinePCA k=16 | 97.5 | 10.50x | 2.2000 | +22.14% +- 0.00 | worse | 79.0 | 3.2 "
+                        "| +1.23% |")
+    assert lines[-3] == ("- MET: SplinePCA no worse than PCA beyond 2 paired SE at every k "
+                         "(k=8: val loss -0.01000 +- 0.00408)")
+    assert lines[-2] == "- MET: whole benchmark wall time 42.0 s < 600 s (2 cores, quick-start checkpoint)"
+    assert lines[-1] == ("- NOT MET: decode at V20 settings 79.0 tok/s = 0.79x the uncompressed cache's "
                          "100.0 tok/s (target >= 0.8x)")
-    assert len(lines) == 12
-    rows[4]["val_loss"], rows[4]["ppl"] = 2.05, math.exp(2.05)
-    rows[-1]["decode_tok_s"] = 80.0
-    lines = format_table(rows).splitlines()  # no wall time: no wall-time line
-    assert lines[-2].startswith("- MET: SplinePCA perplexity <= PCA perplexity at every k")
-    assert lines[-1].startswith("- MET: decode at V20 settings 80.0 tok/s = 0.80x")
+    rows = table_rows([1.99, 2.1, 1.91, 2.0])  # the window is as good as the full cache: no ranking
+    text = format_table(rows)
+    assert "this checkpoint cannot rank V-cache methods, and every quality difference below is not resolved" in text
+    assert "- NOT RESOLVED: SplinePCA no worse than PCA" in text
+    assert "wall time" not in text  # no wall time given: no wall-time line
 
 
 def test_trained_in_column_averages_seeds(tmp_path):
