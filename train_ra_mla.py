@@ -54,6 +54,9 @@ def build_parser():
     g.add_argument("--recall-segment", type=int, default=32, help="copy: tokens to copy (answers lie this far back)")
     g.add_argument("--recall-pairs", type=int, default=8, help="mqar: key-value pairs per sequence")
     g.add_argument("--recall-queries", type=int, default=8, help="mqar: keys queried per sequence")
+    g.add_argument("--recall-pair-tokens", type=int, default=2,
+                   help="mqar: 2 = key and value tokens (Zoology's layout, needs an induction circuit); "
+                        "1 = one fused token per pair, so the answer is in that one token's V")
     g.add_argument("--recall-gap", type=int, default=0,
                    help="filler tokens between what is to be recalled and the questions: pushes answers back")
 
@@ -124,6 +127,9 @@ def build_parser():
     g.add_argument("--ablation-step", default=None, help="apply one step of gpt2/ablations.py (e.g. V20)")
     g.add_argument("--ablation-steps", default="",
                    help="comma-separated steps that `make train` (scripts/run_ablation.py) runs")
+    g.add_argument("--ablation-datasets", default="",
+                   help="comma-separated datasets: `make train` runs the matrix once per dataset, into "
+                        "OUT_DIR/<dataset>/ (empty: --dataset alone)")
     g.add_argument("--list-steps", action="store_true", help="print the ablation steps and exit")
     return p
 

@@ -14,8 +14,8 @@ copy      [s_0 .. s_{L-1}, filler x gap, SEP, s_0 .. s_{L-2}]: after SEP the
           token is needed once.
 mqar      multi-query associative recall (Zoology, Arora et al. 2023):
           pairs k_1 v_1 .. k_N v_N, filler x gap, then a region in which
-          `queries` of the keys (distinct, random order) appear at random
-          positions among filler; the target at a query is its value, whose
+          `queries` of the keys (distinct while queries <= pairs, random
+          order) appear at random positions among filler; the target at a query is its value, whose
           token lies query_pos - value_pos back. Only queried pairs matter:
           a test of selective retention.
 recall    both: even rows of a batch are copy, odd rows mqar.
@@ -42,13 +42,15 @@ def is_recall(dataset):
 class RecallData:
     """The TokenData interface (get_batch, vocab_size, check_block_size) for recall tasks."""
 
-    def __init__(self, dataset, n_content=64, segment=32, gap=0, pairs=8, queries=8):
+    def __init__(self, dataset, n_content=64, segment=32, gap=0, pairs=8, queries=8, pair_tokens=2):
         if dataset not in DATASETS:
             raise ValueError(f"unknown recall dataset {dataset!r}; known: {', '.join(DATASETS)}")
         self.dataset, self.tasks = dataset, DATASETS[dataset]
         self.n_content, self.segment, self.gap = n_content, segment, gap
-        self.pairs, self.queries = pairs, queries
-        self.vocab_size = FIRST_CONTENT + n_content
+        self.pairs, self.queries, self.pair_tokens = pairs, queries, pair_tokens
+        half = n_content // 2
+        # a fused pair (pair_tokens 1) is one token per (key, value): ids after the content ids
+        self.vocab_size = FIRST_CONTENT + n_content + (half * half if pair_tokens == 1 else 0)
         self.dir = f"(generated: {self.describe()})"
 
     def describe(self):
@@ -73,13 +75,15 @@ class RecallData:
                 out.append(f"copy needs 2 x --recall-segment + --recall-gap = {2 * self.segment + self.gap} "
                            f"<= block_size {block_size}")
         if "mqar" in self.tasks:
-            if not 1 <= self.queries <= self.pairs:
-                out.append(f"--recall-queries must be in [1, --recall-pairs = {self.pairs}], got {self.queries}")
+            if self.queries < 1:
+                out.append(f"--recall-queries must be >= 1, got {self.queries}")
             if self.pairs > self.n_content // 2:
                 out.append(f"--recall-pairs {self.pairs} exceeds the {self.n_content // 2} keys of --recall-vocab")
-            elif 2 * self.pairs + self.gap + self.queries > block_size:
-                out.append(f"mqar needs 2 x --recall-pairs + --recall-gap + --recall-queries = "
-                           f"{2 * self.pairs + self.gap + self.queries} <= block_size {block_size}")
+            elif self.pair_tokens * self.pairs + self.gap + self.queries > block_size:
+                out.append(f"mqar needs {self.pair_tokens} x --recall-pairs + --recall-gap + --recall-queries = "
+                           f"{self.pair_tokens * self.pairs + self.gap + self.queries} <= block_size {block_size}")
+            if self.pair_tokens not in (1, 2):
+                out.append(f"--recall-pair-tokens must be 1 or 2, got {self.pair_tokens}")
         return out
 
     def check_block_size(self, block_size):
@@ -123,18 +127,22 @@ class RecallData:
         dist[L + gap:2 * L + gap] = L + gap
 
     def _mqar(self, x, y, dist, g, parity):
-        N, Q, half = self.pairs, self.queries, self.n_content // 2
+        N, Q, half, P = self.pairs, self.queries, self.n_content // 2, self.pair_tokens
         T = x.numel()
-        keys = torch.randperm(half, generator=g)[:N] + FIRST_CONTENT
-        values = _with_parity(torch.randint(half, (N,), generator=g), parity, half)
-        values += FIRST_CONTENT + half
-        x[0:2 * N:2], x[1:2 * N:2] = keys, values
-        start = 2 * N + self.gap
-        asked = torch.randperm(N, generator=g)[:Q]  # which pairs, in query order
+        key_ids = torch.randperm(half, generator=g)[:N]
+        value_ids = _with_parity(torch.randint(half, (N,), generator=g), parity, half)
+        keys, values = key_ids + FIRST_CONTENT, value_ids + FIRST_CONTENT + half
+        if P == 2:
+            x[0:2 * N:2], x[1:2 * N:2] = keys, values
+        else:
+            x[:N] = FIRST_CONTENT + self.n_content + key_ids * half + value_ids
+        start = P * N + self.gap
+        # which pairs, in query order: distinct while there are enough, then with repeats
+        asked = torch.randperm(N, generator=g)[:Q] if Q <= N else torch.randint(N, (Q,), generator=g)
         where = torch.randperm(T - start, generator=g)[:Q].sort().values + start
         x[where] = keys[asked]
         y[where] = values[asked]
-        dist[where] = where - (2 * asked + 1)
+        dist[where] = where - (P * asked + P - 1)  # the value's token (the fused pair's)
 
 
 def _with_parity(ids, parity, size):

@@ -205,7 +205,7 @@ def open_data(args):
     """The dataset the flags name: prepared token memmaps, or a recall task generated on the fly."""
     if is_recall(args.dataset):
         data = RecallData(args.dataset, args.recall_vocab, args.recall_segment, args.recall_gap,
-                          args.recall_pairs, args.recall_queries)
+                          args.recall_pairs, args.recall_queries, args.recall_pair_tokens)
     else:
         data = TokenData(args.data_dir, args.dataset)
     data.check_block_size(args.block_size)

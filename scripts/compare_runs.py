@@ -70,7 +70,7 @@ def _vs(runs, ref_runs, key="final_val_loss"):
         return f"{mean:+.4f} +- {sd:.4f} (paired, {len(diffs)} seeds)"
     mean = mean_sd([r["summary"][key] for r in runs])[0]
     ref = mean_sd(ref_by_seed.values())[0]
-    return f"{mean - ref:+.4f} ({(mean - ref) / ref * 100:+.2f}%)"
+    return f"{mean - ref:+.4f}" + (f" ({(mean - ref) / ref * 100:+.2f}%)" if ref else "")
 
 
 def summary_table(runs):
@@ -138,13 +138,13 @@ def plot_val_loss(runs, path):
     plt.close(fig)
 
 
-def write_comparison(run_dirs, out_dir):
+def write_comparison(run_dirs, out_dir, title=None):
     runs = [load_run(d) for d in run_dirs]
     out_dir = Path(out_dir)
     table = summary_table(runs)
     context = context_use_line(runs)
     dirs = " ".join(str(r["dir"]) for r in runs)
-    text = (f"# Ablation summary\n\n{context}\n\n{table}\n\n"
+    text = (f"# Ablation summary{f': {title}' if title else ''}\n\n{context}\n\n{table}\n\n"
             f"Regenerate: `python scripts/compare_runs.py {dirs} --out {out_dir}`\n")
     atomic_write_text(out_dir / "summary.md", text)
     plot_val_loss(runs, out_dir / "val_loss.png")

@@ -3,7 +3,8 @@
 
 Each step of CONFIG_ABLATION_STEPS runs as its own process (torchrun when
 this machine has more than one GPU), with the same seed and token budget,
-into OUT_DIR/<step>/, as its own wandb run (group = the out dir's name, run
+into OUT_DIR/<step>/ (OUT_DIR/<dataset>/<step>/ for each dataset of
+CONFIG_ABLATION_DATASETS, which runs the whole matrix once per dataset), as its own wandb run (group = the out dir's name, run
 name = the step). A failing step is reported and the others still run. A
 step with a summary.json is skipped unless --force; one that was
 interrupted (last.pt, no summary.json) resumes. At the end the comparison
@@ -24,19 +25,19 @@ sys.path.insert(0, str(ROOT))
 from gpt2.ablations import STEPS, step_overrides  # noqa: E402
 from gpt2.data import dataset_dir_name  # noqa: E402
 from gpt2.recall import is_recall  # noqa: E402
+from lib.atomic import atomic_write_text  # noqa: E402
 from lib.config import parse_with_config  # noqa: E402
 from train_ra_mla import build_parser  # noqa: E402
 
 
-def ensure_data(args):
+def ensure_data(args, dataset):
     from gpt2.prepare_data import prepare
 
-    meta = Path(args.data_dir) / dataset_dir_name(args.dataset) / "meta.json"
-    if is_recall(args.dataset) or meta.exists():  # recall tasks are generated on the fly
+    meta = Path(args.data_dir) / dataset_dir_name(dataset) / "meta.json"
+    if is_recall(dataset) or meta.exists():  # recall tasks are generated on the fly
         return
-    print(f"[ablation] preparing dataset {args.dataset} into {args.data_dir}/", flush=True)
-    prepare(args.dataset, args.data_dir, compact_vocab=args.compact_vocab,
-            max_tokens=args.max_tokens or None)
+    print(f"[ablation] preparing dataset {dataset} into {args.data_dir}/", flush=True)
+    prepare(dataset, args.data_dir, compact_vocab=args.compact_vocab, max_tokens=args.max_tokens or None)
 
 
 def gpu_count():
@@ -73,7 +74,9 @@ def main(argv=None):
                          "the summary then gives mean +- sd per step")
     ours, extra = ap.parse_known_args(argv)
     args = parse_with_config(build_parser(), ["--config", ours.config] + extra, step_overrides)
-    ensure_data(args)
+    datasets = [d.strip() for d in args.ablation_datasets.split(",") if d.strip()] or [None]
+    for dataset in datasets:
+        ensure_data(args, dataset or args.dataset)
     if ours.prepare_only:
         return 0
 
@@ -85,16 +88,20 @@ def main(argv=None):
     out_dir = Path(args.out_dir)
     group = out_dir.name
     seeds = [int(s) for s in ours.seeds.split(",")] if ours.seeds else [None]
-    plan = [(seed, step) for seed in seeds for step in (steps or [""])]
-    run_dirs, failed = [], []
-    for n, (seed, step) in enumerate(plan, 1):
-        base = out_dir if seed is None else out_dir / f"seed{seed}"
+    plan = [(dataset, seed, step) for dataset in datasets for seed in seeds for step in (steps or [""])]
+    run_dirs, failed = {dataset: [] for dataset in datasets}, []
+    for n, (dataset, seed, step) in enumerate(plan, 1):
+        base = out_dir if dataset is None else out_dir / dataset
+        base = base if seed is None else base / f"seed{seed}"
         run_dir = base / step if step else base
-        label = (step or "(single run)") + ("" if seed is None else f" seed {seed}")
-        seed_flags = [] if seed is None else ["--seed", str(seed), "--tracker-run-name", f"{step}-seed{seed}"]
+        parts = [dataset, step or None, None if seed is None else f"seed{seed}"]
+        name = "-".join(part for part in parts if part)
+        label = " ".join(part for part in [dataset, step or "(single run)", parts[2]] if part)
+        seed_flags = ([] if seed is None else ["--seed", str(seed)]) + (["--tracker-run-name", name] if name else [])
+        seed_flags += [] if dataset is None else ["--dataset", dataset]
         if (run_dir / "summary.json").exists() and not ours.force:
             print(f"[ablation] {label}: already complete in {run_dir}, skipped (FORCE=1 reruns it)")
-            run_dirs.append(run_dir)
+            run_dirs[dataset].append(run_dir)
             continue
         resume = (run_dir / "last.pt").exists() and not ours.force
         print(f"\n[ablation] run {n}/{len(plan)}: {label} -> {run_dir}"
@@ -106,12 +113,16 @@ def main(argv=None):
             failed.append(label)
             continue
         print(f"[ablation] {label} done in {time.time() - t0:.0f}s")
-        run_dirs.append(run_dir)
+        run_dirs[dataset].append(run_dir)
 
-    if len(plan) > 1 and run_dirs:
+    if len(plan) > len(datasets) or len(datasets) > 1:
         from scripts.compare_runs import write_comparison
 
-        write_comparison(run_dirs, out_dir)
+        texts = [write_comparison(dirs, out_dir if dataset is None else out_dir / dataset, dataset)
+                 for dataset, dirs in run_dirs.items() if dirs]
+        if len(datasets) > 1 and texts:
+            atomic_write_text(out_dir / "summary.md", "\n".join(texts))
+            print(f"wrote {out_dir / 'summary.md'}")
     if failed:
         print(f"[ablation] failed steps: {', '.join(failed)}", file=sys.stderr)
         return 1

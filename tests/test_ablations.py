@@ -1,3 +1,4 @@
+import json
 import subprocess
 import sys
 
@@ -89,3 +90,21 @@ def test_a_failing_step_is_reported_and_the_others_still_run(tiny_data_dir, tmp_
     r = run_matrix(config)
     assert r.returncode == 1
     assert "V19 FAILED" in r.stdout and (out / "V0" / "summary.json").exists()
+
+
+def test_the_matrix_runs_once_per_recall_dataset_with_accuracy_in_the_summary(tmp_path):
+    out = tmp_path / "runs" / "recall"
+    config = tiny_config(tmp_path / ".config", tmp_path / "no-data-needed", out,
+                         ['CONFIG_ABLATION_DATASETS="copy,mqar"', 'CONFIG_ABLATION_STEPS="V0"',
+                          "CONFIG_RECALL_VOCAB=16", "CONFIG_RECALL_SEGMENT=12",
+                          "CONFIG_RECALL_PAIRS=4", "CONFIG_RECALL_QUERIES=8", "CONFIG_RECALL_PAIR_TOKENS=1"])
+    r = run_matrix(config)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    for dataset in ("copy", "mqar"):
+        summary = json.loads((out / dataset / "V0" / "summary.json").read_text())
+        assert summary["recall_tasks"] == [dataset] and f"val_acc_{dataset}_far" in summary
+        assert "| acc | far acc | far acc vs V0 |" in (out / dataset / "summary.md").read_text()
+    combined = (out / "summary.md").read_text()
+    assert "# Ablation summary: copy" in combined and "# Ablation summary: mqar" in combined
+    assert "[ablation] run 2/2: mqar V0" in r.stdout
+    assert not (tmp_path / "no-data-needed").exists()  # generated on the fly: nothing prepared
