@@ -29,8 +29,9 @@ help:
 	@echo "                          run the ablation steps of .config (completed steps are skipped"
 	@echo "                          unless FORCE=1; ARGS are extra train_ra_mla.py flags)"
 	@echo "  make test               run the test suite (CPU, offline)"
-	@echo "  make bench [CKPT=...]   post-hoc V-cache benchmark of a trained checkpoint -> docs/benchmarks.md"
-	@echo "                          (default CKPT: the quick start's V0, so run 'make train' first)"
+	@echo "  make bench [CKPT=...]   post-hoc V-cache benchmark of trained checkpoint(s) -> docs/benchmarks.md"
+	@echo "                          (default CKPT: the quick start's V0, so run 'make train' first;"
+	@echo "                          CKPT=\"a.pt b.pt\" gives one section per checkpoint)"
 	@echo "  make bench-train        training throughput of the CPU quick-start model"
 	@echo "  make bench-kvsplice     KVSplice fit time and compress/decompress throughput"
 	@echo "  make clean              remove .venv, data/ and runs/"
@@ -77,7 +78,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 bench: $(STAMP)
-	@test -f $(CKPT) || { echo "no checkpoint $(CKPT): run 'make defconfig && make train' or pass CKPT=..."; exit 1; }
+	@for c in $(CKPT); do test -f $$c || { echo "no checkpoint $$c: run 'make defconfig && make train' or pass CKPT=..."; exit 1; }; done
 	$(PY) scripts/bench_kv.py --ckpt $(CKPT)
 
 bench-train: $(STAMP)

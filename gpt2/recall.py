@@ -6,7 +6,8 @@ exact, and nothing is written to disk. The loss is taken only at answer
 positions (targets are -1, the model's ignore_index, elsewhere).
 
 Token ids: 0 is filler, 1 the separator, then `n_content` content ids (for
-associative recall, keys are the first half and values the second half).
+associative recall, keys are the first half and values the second half),
+then, for fused mqar pairs, one id per (key, value).
 
 copy      [s_0 .. s_{L-1}, filler x gap, SEP, s_0 .. s_{L-2}]: after SEP the
           model repeats the segment; the answer s_i is predicted at position
@@ -14,11 +15,17 @@ copy      [s_0 .. s_{L-1}, filler x gap, SEP, s_0 .. s_{L-2}]: after SEP the
           token is needed once.
 mqar      multi-query associative recall (Zoology, Arora et al. 2023):
           pairs k_1 v_1 .. k_N v_N, filler x gap, then a region in which
-          `queries` of the keys (distinct while queries <= pairs, random
-          order) appear at random positions among filler; the target at a query is its value, whose
-          token lies query_pos - value_pos back. Only queried pairs matter:
-          a test of selective retention.
-recall    both: even rows of a batch are copy, odd rows mqar.
+          `queries` of the keys (distinct while queries <= pairs, with
+          repeats beyond) appear at random positions among filler; the
+          target at a query is its value, whose token lies query_pos -
+          value_pos back. Only queried pairs matter: a test of selective
+          retention. With pair_tokens=1 each pair is ONE token (an id per
+          (key, value)), so a query must find that token and read the value
+          from its V: one attention hop instead of Zoology's induction
+          circuit, which small models form only after many thousand steps.
+recall    both in one model: rows alternate between copy and mqar. It learns
+          far slower than either alone; `make train` runs one matrix per
+          task instead (CONFIG_ABLATION_DATASETS).
 
 Train and val never share a sequence: a sequence belongs to the split given
 by the parity of the sum of its first content run (the segment; the pairs'
@@ -50,7 +57,8 @@ class RecallData:
         self.pairs, self.queries, self.pair_tokens = pairs, queries, pair_tokens
         half = n_content // 2
         # a fused pair (pair_tokens 1) is one token per (key, value): ids after the content ids
-        self.vocab_size = FIRST_CONTENT + n_content + (half * half if pair_tokens == 1 else 0)
+        fused = pair_tokens == 1 and "mqar" in self.tasks
+        self.vocab_size = FIRST_CONTENT + n_content + (half * half if fused else 0)
         self.dir = f"(generated: {self.describe()})"
 
     def describe(self):

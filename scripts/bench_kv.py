@@ -251,7 +251,8 @@ def compare_to_reference(row, ref):
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--ckpt", required=True, help="training checkpoint (best.pt / last.pt)")
+    ap.add_argument("--ckpt", required=True, nargs="+",
+                    help="training checkpoint(s) (best.pt / last.pt); one section and one plot each")
     ap.add_argument("--out-md", default=str(ROOT / "docs" / "benchmarks.md"))
     ap.add_argument("--out-png", default=str(ROOT / "docs" / "kv_pareto.png"))
     ap.add_argument("--eval-batches", type=int, default=20, help="validation batches (same for every method)")
@@ -278,32 +279,52 @@ def parse_args(argv=None):
     return args
 
 
+def plot_path(out_png, ckpt, first):
+    """The first checkpoint's plot is --out-png; the others add their run's path to the name."""
+    if first:
+        return Path(out_png)
+    run = Path(ckpt).resolve().parent
+    slug = "-".join(run.parts[-3:]).replace(" ", "_")
+    return Path(out_png).with_name(f"{Path(out_png).stem}-{slug}{Path(out_png).suffix}")
+
+
 def main(argv=None):
-    """Run the benchmark, print the table and targets, write the md and png; returns the rows."""
+    """Benchmark each checkpoint, print its table and targets, write one md (a section per
+    checkpoint) and one png per checkpoint; returns {checkpoint: rows}."""
     t_start = time.perf_counter()
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
+    missing = [c for c in args.ckpt if not Path(c).is_file()]
+    if missing:
+        raise FileNotFoundError(f"checkpoint(s) not found: {', '.join(missing)}")
     torch.set_flush_denormal(True)
     if args.threads:
         torch.set_num_threads(args.threads)
-    matrix = Path(args.matrix) if args.matrix else Path(args.ckpt).resolve().parent.parent
-    rows = run_benchmark(args.ckpt, ks=args.ks, eval_batches=args.eval_batches, batch_size=args.batch_size,
-                         calib_batches=args.calib_batches, decode_steps=args.decode_steps,
-                         decode_repeats=args.decode_repeats, matrix_dir=matrix, data_dir=args.data_dir,
-                         fit_epochs=args.fit_epochs)
+    results, sections = {}, []
+    for i, ckpt in enumerate(args.ckpt):
+        t0 = time.perf_counter()
+        matrix = Path(args.matrix) if args.matrix else Path(ckpt).resolve().parent.parent
+        rows = run_benchmark(ckpt, ks=args.ks, eval_batches=args.eval_batches, batch_size=args.batch_size,
+                             calib_batches=args.calib_batches, decode_steps=args.decode_steps,
+                             decode_repeats=args.decode_repeats, matrix_dir=matrix, data_dir=args.data_dir,
+                             fit_epochs=args.fit_epochs)
+        wall_s = time.perf_counter() - t0
+        table = format_table(rows, wall_s=wall_s)
+        print("\n" + table + f"\n\nwall time {wall_s:.1f} s", flush=True)
+        png = plot_path(args.out_png, ckpt, i == 0)
+        write_plot(rows, png)
+        sections.append(f"## `{ckpt}` ({rows[0]['info']['dataset']})\n\n"
+                        f"Every method applied to the trained checkpoint after training. Plot: `{png.name}`.\n\n"
+                        f"{table}\n\n### How each number is measured\n\n{notes(rows)}\n")
+        results[ckpt] = rows
     wall_s = time.perf_counter() - t_start
-    table = format_table(rows, wall_s=wall_s)
-    print("\n" + table + f"\n\nwall time {wall_s:.1f} s", flush=True)
     command = "python scripts/bench_kv.py " + shlex.join(argv)
-    doc = (f"# KV-cache benchmark: post-hoc V compression\n\n"
-           f"Checkpoint `{args.ckpt}`, trained without compression; every method applied after training.\n\n"
-           f"{table}\n\n## How each number is measured\n\n{notes(rows)}\n\n"
-           f"## Regenerate\n\n    {command}\n\n"
+    doc = (f"# KV-cache benchmark: post-hoc V-cache methods\n\n" + "\n".join(sections) +
+           f"\n## Regenerate\n\n    {command}\n\n"
            f"Machine: {machine_description(torch.get_num_threads())}. Wall time {wall_s:.1f} s.\n")
-    write_plot(rows, args.out_png)
     atomic_write_text(args.out_md, doc)
-    print(f"wrote {args.out_md} and {args.out_png}")
-    return rows
+    print(f"wrote {args.out_md} and {len(results)} plot(s) next to {args.out_png}")
+    return results
 
 
 if __name__ == "__main__":

@@ -22,15 +22,20 @@ def bench_run(tiny_data_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("bench")
     run = root / "matrix" / "V0"
     train(tiny_args(tiny_data_dir, run, "--max-iters", "10", "--kv-prune-k-min", "16", "--kv-prune-recency", "8"))
+    recall = root / "recall" / "V0"
+    train(tiny_args(tiny_data_dir, recall, "--max-iters", "10", "--kv-prune-k-min", "16", "--kv-prune-recency", "8",
+                    "--dataset", "copy", "--recall-vocab", "16", "--recall-segment", "12"))
     out_md, out_png = root / "out" / "benchmarks.md", root / "out" / "kv_pareto.png"
-    rows = main(["--ckpt", str(run / "last.pt"), "--out-md", str(out_md), "--out-png", str(out_png),
-                 "--ks", "8,16", "--eval-batches", "2", "--batch-size", "2", "--calib-batches", "2",
-                 "--decode-steps", "4", "--decode-repeats", "1", "--fit-epochs", "2", "--threads", "1"])
-    return rows, out_md, out_png
+    results = main(["--ckpt", str(run / "last.pt"), str(recall / "last.pt"), "--out-md", str(out_md),
+                    "--out-png", str(out_png), "--ks", "8,16", "--eval-batches", "2", "--batch-size", "2",
+                    "--calib-batches", "2", "--decode-steps", "4", "--decode-repeats", "1", "--fit-epochs", "2",
+                    "--threads", "1"])
+    rows, recall_rows = results.values()
+    return rows, out_md, out_png, recall_rows
 
 
 def test_every_method_row_and_consistent_numbers(bench_run):
-    rows, out_md, out_png = bench_run
+    rows, out_md, out_png, _ = bench_run
     assert [r["family"] for r in rows] == FAMILIES
     by = {(r["family"], r["k"]): r for r in rows}
     ref = by["none", None]
@@ -66,16 +71,30 @@ def test_every_method_row_and_consistent_numbers(bench_run):
 
 
 def test_bad_settings_fail_before_writing(bench_run, tmp_path):
-    rows, out_md, _ = bench_run
+    rows, out_md, _, _ = bench_run
     ckpt = out_md.parent.parent / "matrix" / "V0" / "last.pt"
     outs = ["--out-md", str(tmp_path / "b.md"), "--out-png", str(tmp_path / "b.png")]
     with pytest.raises(ValueError, match=r"head_dim = 32\], found \[64\]"):
         main(["--ckpt", str(ckpt), "--ks", "8,64", *outs])
     with pytest.raises(ValueError, match="--decode-steps"):
         main(["--ckpt", str(ckpt), "--decode-steps", "33", *outs])
-    with pytest.raises(FileNotFoundError, match="not found"):
+    with pytest.raises(FileNotFoundError, match="checkpoint.s. not found: .*missing.pt"):
         main(["--ckpt", str(tmp_path / "missing.pt"), *outs])
     assert not any(tmp_path.iterdir())
+
+
+def test_a_recall_checkpoint_gets_accuracy_columns_and_its_own_section(bench_run):
+    _, out_md, out_png, rows = bench_run
+    ref = rows[0]
+    assert ref["info"]["recall"] and ref["info"]["dataset"] == "copy"
+    for r in rows:
+        assert 0.0 <= r["acc"] <= 1.0 and 0.0 <= r["acc_far"] <= 1.0  # copy's answers lie 12 back, >= 8
+        assert len(r["per_batch"]["acc"]) == 2
+    assert all("acc_far_diff" in r for r in rows) and ref["acc_far_diff"] == 0
+    text = out_md.read_text()
+    assert text.count("## `") == 2 and "| far acc (vs full +- SE) |" in text
+    assert "far = the answer's token lies at least 8 tokens back" in text
+    assert len(list(out_png.parent.glob("kv_pareto-*-recall-V0.png"))) == 1  # the second checkpoint's plot
 
 
 @pytest.mark.parametrize("bits", [8, 4])

@@ -119,3 +119,23 @@ def test_training_on_recall_logs_accuracy_everywhere(tmp_path, capsys):
         assert 0.0 <= on_disk[key] <= 1.0 and on_disk[key] == summary[key]
     assert on_disk["val_acc_copy_far"] is None  # copy's answers lie 8 back, inside the window of 10
     assert on_disk["recall_tasks"] == ["copy", "mqar"] and on_disk["chance_loss"] > 0
+
+
+@pytest.mark.parametrize("pair_tokens", [1, 2])
+def test_mqar_layouts_keep_the_answer_in_the_value_token(pair_tokens):
+    d = data("mqar", pairs=6, queries=20, pair_tokens=pair_tokens)  # more queries than pairs: repeats
+    x, y, dist, _ = d.get_batch_with_distance("val", 4, T, 3, 1, 0)
+    answers = y >= 0
+    assert (answers.sum(1) == 20).all()
+    rows, pos = answers.nonzero(as_tuple=True)
+    source = x[rows, pos - dist[rows, pos]]
+    if pair_tokens == 2:
+        assert torch.equal(source, y[rows, pos])
+        assert d.vocab_size == FIRST_CONTENT + 16
+    else:  # the fused token encodes (key, value): its value part is the answer, its key part the query
+        half = 8
+        fused = source - FIRST_CONTENT - 16
+        assert d.vocab_size == FIRST_CONTENT + 16 + half * half
+        assert torch.equal(fused % half + FIRST_CONTENT + half, y[rows, pos])
+        assert torch.equal(fused // half + FIRST_CONTENT, x[rows, pos])
+    assert data("copy", pair_tokens=1).vocab_size == FIRST_CONTENT + 16  # fused ids only for mqar
