@@ -56,6 +56,13 @@ def test_collected_vectors_are_the_v_third_of_c_attn():
     assert torch.allclose(got[got[:, 0].argsort()], expected[expected[:, 0].argsort()])
 
 
+@pytest.mark.parametrize("max_samples", [0, 4])
+def test_a_sample_cap_below_k_plus_one_is_refused_naming_it(max_samples):
+    with pytest.raises(ValueError, match=f"max_samples {max_samples} keeps fewer V vectors per layer than "
+                                         r"the fit needs \(k \+ 1 = 5\); raise --kvsplice-samples"):
+        KVSpliceCalibrator(tiny_model(), k=4, max_samples=max_samples)
+
+
 def test_nonfinite_vectors_are_dropped_and_all_nonfinite_is_an_error(capsys):
     model = tiny_model(n_layer=1)
     cal = KVSpliceCalibrator(model, k=4)
