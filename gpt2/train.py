@@ -77,6 +77,11 @@ class BadArguments(ValueError):
     trained; train_ra_mla.py prints the message and exits with status 2."""
 
 
+class IncompleteRun(RuntimeError):
+    """The run trained, but a feature it asked for never engaged; its
+    summary.json says so ("complete": false), so nothing downstream counts it."""
+
+
 def _finite(lo, hi=math.inf, closed_hi=False):
     """A test for lo <= v < hi (v <= hi when closed_hi), NaN and inf failing."""
     return lambda v: math.isfinite(v) and lo <= v and (v <= hi if closed_hi else v < hi)
@@ -390,7 +395,9 @@ class Run:
 def train(args, on_iter=None):
     """Train as args say; returns the summary dict. `on_iter(it)` is called after each step.
 
-    Raises BadArguments (nothing written) for arguments that cannot make a run.
+    Raises BadArguments (nothing written) for arguments that cannot make a
+    run, and IncompleteRun (after writing summary.json) for a run in which a
+    feature it asked for never engaged.
     """
     validate_args(args, int(os.environ.get("WORLD_SIZE", "1")))
     rt = setup_runtime(args.device)
@@ -433,12 +440,27 @@ def _train(args, rt, on_iter):
         losses = evaluate_and_checkpoint(run)
     summary = finish_summary(run.raw_model, run.data, args, losses, run.best_val, run.it, run.tokens,
                              run.t_train, run.elapsed)
+    reason = unengaged_features(run, calib_iter)
+    summary.update(complete=reason is None, incomplete_reason=reason)
     if rt.master:
         print_results(summary)
         if args.sample_tokens > 0:
             print_sample(run.raw_model, run.data, args.sample_tokens, rt.device)
-    run.tracker.finish(summary)
+    run.tracker.finish(summary, exit_code=0 if reason is None else 1)
+    if reason is not None:
+        raise IncompleteRun(reason)
     return summary
+
+
+def unengaged_features(run, calib_iter):
+    """Why the trained model is not what the arguments asked for, or None."""
+    args = run.args
+    if args.kvsplice_enable and run.raw_model.kvsplice_meta is None:
+        budget = f" under --max-time {args.max_time:g}s" if args.max_time > 0 else ""
+        return (f"--kvsplice-enable: calibration was due at iteration {calib_iter}, but training ended at "
+                f"iteration {run.it}{budget}, so the model trained without KVSplice; raise --max-time or "
+                f"lower --kvsplice-calib-iter")
+    return None
 
 
 def setup(args, rt):

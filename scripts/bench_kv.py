@@ -54,6 +54,7 @@ from gpt2.model import GPT, load_checkpoint  # noqa: E402
 from gpt2.vcache import FULL  # noqa: E402
 from lib.atomic import atomic_write_text  # noqa: E402
 from lib.kv_pruning import keep_budget  # noqa: E402
+from lib.tracking import summary_complete  # noqa: E402
 from scripts.bench_kv_measure import decode_rates, eval_losses, install, v_bytes_per_token  # noqa: E402
 from scripts.bench_kv_methods import V20_K, bench_methods, check_preconditions, prune_settings  # noqa: E402
 from scripts.bench_kv_report import format_table, machine_description, notes, write_plot  # noqa: E402
@@ -65,8 +66,10 @@ EVAL_SEED_SALT = 7919  # val batches are drawn with the checkpoint's seed + this
 def trained_in_changes(matrix_dir):
     """Perplexity change % of the trained-in V19 and V20 runs vs V0 under matrix_dir.
 
-    Reads DIR/<step>/summary.json and DIR/seed*/<step>/summary.json; seeds of a
-    step are averaged in val loss, so the change is exp(mean L_step - mean L_V0) - 1.
+    Reads DIR/<step>/summary.json and DIR/seed*/<step>/summary.json, leaving
+    out runs marked incomplete (a V20 whose calibration never ran is no V20);
+    seeds of a step are averaged in val loss, so the change is
+    exp(mean L_step - mean L_V0) - 1.
     Returns ({"V19": pct or None, "V20": pct or None}, {step: number of runs}).
     """
     losses = {}
@@ -74,8 +77,9 @@ def trained_in_changes(matrix_dir):
         d = Path(matrix_dir)
         for step in ("V0", "V19", "V20"):
             for path in [d / step / "summary.json", *sorted(d.glob(f"seed*/{step}/summary.json"))]:
-                if path.is_file():
-                    losses.setdefault(step, []).append(float(json.loads(path.read_text())["final_val_loss"]))
+                summary = json.loads(path.read_text()) if path.is_file() else None
+                if summary is not None and summary_complete(summary):
+                    losses.setdefault(step, []).append(float(summary["final_val_loss"]))
     out = {}
     for step in ("V19", "V20"):
         if "V0" in losses and step in losses:

@@ -1,7 +1,9 @@
+import json
+
 import pytest
 import torch
 
-from conftest import fail_at, losses_by_iter, tiny_args
+from conftest import fail_at, losses_by_iter, tiny_args, tiny_argv
 from gpt2.calibrate import KVSpliceCalibrator
 from gpt2.geometry import load_geometry
 from gpt2.model import GPT, GPTConfig
@@ -221,3 +223,36 @@ def test_kvsplice_load_replaces_calibration(tiny_data_dir, tmp_path, capsys):
     with pytest.raises(ValueError, match="k is 8, but the model needs k = 16"):
         train(tiny_args(tiny_data_dir, tmp_path / "third", "--kvsplice-k", "16", "--kvsplice-load", str(geometry)))
     assert not (tmp_path / "third" / "last.pt").exists()
+
+
+def test_a_v20_run_whose_calibration_never_ran_is_incomplete_and_not_counted(tiny_data_dir, tmp_path, capsys):
+    """--max-time can end a V20 run before its calibration iteration: the model
+    trained without KVSplice. It exits non-zero, says why, and its summary.json
+    is marked incomplete, so comparisons, the benchmark and the ablation runner
+    do not count it as V20."""
+    from scripts.bench_kv import trained_in_changes
+    from scripts.compare_runs import write_comparison
+    from scripts.run_ablation import completed
+    from train_ra_mla import main
+
+    matrix = tmp_path / "matrix"
+    train(tiny_args(tiny_data_dir, matrix / "V0", "--max-iters", "4", "--ablation-step", "V0"))
+    v20 = matrix / "V20"
+    assert main(tiny_argv(tiny_data_dir, v20, "--ablation-step", "V20", "--kv-prune-k-min", "16",
+                          "--kv-prune-recency", "8", "--kvsplice-k", "8", "--kvsplice-calib-iter", "20",
+                          "--max-time", "0.001")) == 1
+    err = capsys.readouterr().err
+    reason = "calibration was due at iteration 20, but training ended at iteration 1 under --max-time 0.001s"
+    assert f"train_ra_mla.py: error: the run is incomplete: --kvsplice-enable: {reason}" in err
+    summary = json.loads((v20 / "summary.json").read_text())
+    assert summary["complete"] is False and reason in summary["incomplete_reason"] and summary["step"] == "V20"
+    assert torch.load(v20 / "last.pt", weights_only=False)["kvsplice"] is None
+    assert json.loads((matrix / "V0" / "summary.json").read_text())["complete"] is True
+
+    assert completed(matrix / "V0") and not completed(v20)  # the ablation runner runs it again
+    assert trained_in_changes(matrix) == ({"V19": None, "V20": None}, {"V0": 1})
+    text = write_comparison([matrix / "V0", v20], tmp_path / "compare")
+    assert "| V0 | 1 |" in text and "V20" not in text.split("Regenerate")[0]
+    assert f"left out {v20}: incomplete" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="no complete run"):
+        write_comparison([v20], tmp_path / "compare")
