@@ -478,6 +478,8 @@ def setup(args, rt):
     data = TokenData(args.data_dir, args.dataset)
     try:
         ckpt = load_checkpoint(out_dir / "last.pt", map_location=rt.device) if args.resume else None
+        if ckpt is not None:
+            check_resume(args, ckpt, out_dir / "last.pt")
         raw_model = build_model(args, data, ckpt).to(rt.device)
     except (OSError, ValueError) as e:
         raise BadArguments(f"bad arguments:\n  {e}") from None
@@ -513,6 +515,17 @@ def setup(args, rt):
             f"{run.tokens_per_iter:,} tokens/iter = {args.batch_size} x {args.block_size} x {args.grad_accum} "
             f"over {rt.world} process(es); device {rt.device}, {dtype_name}")
     return run
+
+
+def check_resume(args, ckpt, path):
+    """--resume continues the saved run as it was scheduled: the LR schedule
+    spans the checkpoint's --max-iters, so a different one is refused (a
+    silent mix of the two schedules would be neither run)."""
+    saved = (ckpt.get("args") or {}).get("max_iters", args.max_iters)
+    if saved != args.max_iters:
+        raise ValueError(f"--resume: {path} belongs to a run of --max-iters {saved}, but --max-iters is "
+                         f"{args.max_iters}; its LR schedule was set by --max-iters {saved}: resume with "
+                         f"--max-iters {saved}, or start a new run in another --out-dir")
 
 
 def fix_schedule(run):

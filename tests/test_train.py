@@ -102,6 +102,20 @@ def test_resume_after_a_crash_logs_each_iteration_once(tiny_data_dir, tmp_path):
     assert all(resumed[i] == pytest.approx(straight[i], abs=1e-6) for i in range(21, 31))
 
 
+def test_resume_with_another_max_iters_is_refused_and_changes_nothing(tiny_data_dir, tmp_path):
+    """The LR schedule spans --max-iters: resuming a 10-iteration run with
+    --max-iters 20 trained 0 iterations and exited 0; now it is refused."""
+    run = tmp_path / "run"
+    train(tiny_args(tiny_data_dir, run, "--max-iters", "10"))
+    before = {name: (run / name).read_bytes() for name in ("last.pt", "metrics.jsonl", "summary.json")}
+    for max_iters in ("20", "5"):
+        with pytest.raises(BadArguments, match=rf"--resume: .*last.pt belongs to a run of --max-iters 10, "
+                                               rf"but --max-iters is {max_iters}"):
+            train(tiny_args(tiny_data_dir, run, "--max-iters", max_iters, "--resume"))
+    assert before == {name: (run / name).read_bytes() for name in before}
+    assert train(tiny_args(tiny_data_dir, run, "--max-iters", "10", "--resume"))["iters"] == 10
+
+
 def test_resume_without_a_checkpoint_is_a_bad_argument(tiny_data_dir, tmp_path):
     with pytest.raises(BadArguments, match="--resume: .*last.pt not found"):
         train(tiny_args(tiny_data_dir, tmp_path / "run", "--resume"))
