@@ -94,10 +94,10 @@ def _log(msg):
     print(msg, flush=True)
 
 
-def check_settings(cfg, ks, prune, decode_steps, counts):
+def check_settings(cfg, ks, prune, decode_steps, counts, calib_vectors, knots):
     """Every setting and every method's preconditions, before anything runs."""
     bs = cfg.block_size
-    check_preconditions(ks, cfg.head_dim, bs, prune)
+    check_preconditions(ks, cfg.head_dim, bs, prune, calib_vectors, knots)
     if not 1 <= decode_steps <= bs - bs // 2:
         raise ValueError(f"--decode-steps must be in [1, block_size - block_size/2 = {bs - bs // 2}], "
                          f"found {decode_steps}")
@@ -133,9 +133,13 @@ def run_benchmark(ckpt_path, ks=DEFAULT_KS, eval_batches=20, batch_size=8, calib
     ks = sorted(set(int(k) for k in ks))
     prune = prune_settings(ckpt)
     decode_steps = bs - bs // 2 if decode_steps is None else decode_steps
+    knots = int(args.get("kvsplice_knots", 7))
+    epochs = int(args.get("kvsplice_epochs", 8) if fit_epochs is None else fit_epochs)
+    samples = int(args.get("kvsplice_samples", 120000))
     check_settings(cfg, ks, prune, decode_steps,
                    {"--eval-batches": eval_batches, "--batch-size": batch_size,
-                    "--calib-batches": calib_batches, "--decode-repeats": decode_repeats})
+                    "--calib-batches": calib_batches, "--decode-repeats": decode_repeats},
+                   min(samples, calib_batches * batch_size * bs * cfg.n_head), knots)
     if cfg.v_cache != FULL:
         log(f"[bench] note: {ckpt_path} was trained with a V-cache method; it is removed for the "
             f"reference and applied post hoc like every other method")
@@ -153,10 +157,7 @@ def run_benchmark(ckpt_path, ks=DEFAULT_KS, eval_batches=20, batch_size=8, calib
     log(f"[bench] {ckpt_path}: {cfg.n_layer} layers, {cfg.n_head} heads, head_dim {cfg.head_dim}, block {bs}; "
         f"{eval_batches} val batches x {batch_size} x {bs} tokens")
 
-    knots = int(args.get("kvsplice_knots", 7))
-    epochs = int(args.get("kvsplice_epochs", 8) if fit_epochs is None else fit_epochs)
-    cal, collect_s = collect_v(model, data, batch_size, calib_batches, max(ks + [V20_K]),
-                               int(args.get("kvsplice_samples", 120000)), seed, log)
+    cal, collect_s = collect_v(model, data, batch_size, calib_batches, max(ks + [V20_K]), samples, seed, log)
     methods = bench_methods(model, cal, collect_s, ks, prune, knots, epochs,
                             float(args.get("kvsplice_lr", 2e-3)), seed, log)
     trained, n_runs = trained_in_changes(matrix_dir)
