@@ -1,4 +1,5 @@
 import json
+import math
 
 import pytest
 import torch
@@ -256,3 +257,34 @@ def test_a_v20_run_whose_calibration_never_ran_is_incomplete_and_not_counted(tin
     assert f"left out {v20}: incomplete" in capsys.readouterr().err
     with pytest.raises(ValueError, match="no complete run"):
         write_comparison([v20], tmp_path / "compare")
+
+
+def test_a_v20_run_under_bf16_autocast_on_cpu(tiny_data_dir, tmp_path):
+    """The autocast path of a GPU run, as far as the CPU exercises it: a V20
+    run of 30 iterations under --dtype bfloat16 has finite losses, fits its
+    geometry in fp32, and decoding through its cache matches the full forward
+    to bf16 precision."""
+    from gpt2.data import TokenData
+
+    run = tmp_path / "run"
+    summary = train(tiny_args(tiny_data_dir, run, "--dtype", "bfloat16", "--ablation-step", "V20",
+                              "--kv-prune-k-min", "16", "--kv-prune-recency", "8", "--kvsplice-k", "8",
+                              "--kvsplice-max-batches", "2", "--kvsplice-epochs", "2"))
+    losses = losses_by_iter(run)
+    assert sorted(losses) == list(range(1, 31)) and all(math.isfinite(v) for v in losses.values())
+    assert summary["complete"] and math.isfinite(summary["final_val_loss"])
+    geometry = torch.load(run / "kvsplice.pt")
+    assert all(t.dtype == torch.float32 for sd in geometry["state_dict"] for t in sd.values())
+    assert all(math.isfinite(s["spline_val_mse"]) for s in geometry["fit_stats"]["layers"])
+
+    model = GPT.from_checkpoint(run / "last.pt").eval()
+    idx = TokenData(tiny_data_dir, "shakespeare").get_batch("val", 2, 64, 3, 0, 0)[0]
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        full, _ = model(idx)
+        cache = model.make_cache()
+        parts = [model(idx[:, :8], caches=cache)[0]] + [model(idx[:, t:t + 1], caches=cache)[0]
+                                                       for t in range(8, 64)]
+    decoded = torch.cat(parts, 1)
+    assert full.dtype == decoded.dtype == torch.bfloat16
+    assert cache.layers[0].v.shape[-1] == 8 and cache.layers[0].v.shape[-2] == 24  # latent V of kept tokens
+    assert torch.allclose(decoded.float(), full.float(), rtol=2 ** -5, atol=2 ** -5)  # a few bf16 ulps
