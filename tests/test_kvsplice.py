@@ -203,7 +203,7 @@ def _with(d, name, edit):
     ("spline.knot_x", lambda t: t[2, 3].fill_(float("nan")), r"spline knots are not finite in dimension\(s\) \[2\]"),
     ("spline.knot_x", lambda t: t[5].copy_(t[5].flip(0)), r"spline knots decrease in dimension\(s\) \[5\]"),
     ("spline.knot_x", lambda t: t[1, 0].fill_(float("-inf")), r"not finite in dimension\(s\) \[1\]"),
-    ("spline.raw_slope", lambda t: t[0, 1].fill_(float("nan")), r"spline slopes are not finite in dimension\(s\) \[0\]"),
+    ("spline.raw_slope", lambda t: t[0, 1].fill_(float("nan")), r"slopes are not finite in dimension\(s\) \[0\]"),
     ("spline.raw_slope", lambda t: t[4, 0].fill_(100.0), r"spline slopes are not finite in dimension\(s\) \[4\]"),
     ("pca.components", lambda t: t[0, 0].fill_(float("inf")), "pca.components is not finite"),
 ])

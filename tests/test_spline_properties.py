@@ -13,7 +13,7 @@ DIMS = 3
 # few examples, the same ones every run: the suite stays fast and reproducible
 PROPERTY = settings(max_examples=60, deadline=None, derandomize=True, database=None)
 # raw slope -25 is a near-flat segment (slope min_slope + 1e-11); 0.5 gives
-# slopes up to ~1.66, so slope ratios reach 1.66 / 0.01: the min-slope bound
+# slopes up to ~1.66: slope ratios up to 166, past the min-slope bound 1/0.01
 RAW_SLOPES = st.floats(-25.0, 0.5, allow_subnormal=False)
 # where the knots start, in data sigmas (values near fp32's smallest normal
 # would only test flush-to-zero, which the suite turns on)
@@ -112,8 +112,8 @@ def test_fast_path_is_the_loaded_spline_for_any_increasing_knots(sp, seed):
 def test_a_near_flat_segment_keeps_its_knot():
     """Knots where place_knots puts them for unit-variance data, steep slopes
     and one nearly flat segment: its y-gap is under 1/1024 of the output
-    span, and a table that dropped such points moved the fast forward by
-    0.86 (and the inverse by 0.63 data sigma)."""
+    span. Dropping that knot from the tables moves the fast forward by 0.86
+    (the inverse by 0.63 data sigma)."""
     sp = MonotoneSpline(1, 9)
     sp.place_knots(torch.randn(4000, 1, generator=torch.Generator().manual_seed(0)))
     with torch.no_grad():
