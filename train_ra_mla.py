@@ -13,7 +13,7 @@ import argparse
 import sys
 
 from gpt2.ablations import format_steps, step_overrides
-from gpt2.train import train, v_cache_record
+from gpt2.train import BadArguments, IncompleteRun, train, v_cache_record
 from gpt2.vcache import describe
 from lib.config import parse_with_config
 from lib.kv_pruning import KEEP_RATIO
@@ -144,7 +144,14 @@ def main(argv=None):
         argv = sys.argv[1:] if argv is None else list(argv)
         print(format_steps(lambda step: describe(v_cache_record(parse_args([*argv, "--ablation-step", step])))))
         return 0
-    train(args)
+    try:
+        train(args)
+    except BadArguments as e:
+        print(f"train_ra_mla.py: error: {e}", file=sys.stderr)
+        return 2
+    except IncompleteRun as e:
+        print(f"train_ra_mla.py: error: the run is incomplete: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

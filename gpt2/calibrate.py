@@ -29,6 +29,9 @@ CALIB_SEED_SALT = 104729  # calibration batches: seed + this, so they differ fro
 
 class KVSpliceCalibrator:
     def __init__(self, model, k, max_samples=120000, seed=0):
+        if max_samples < k + 1:
+            raise ValueError(f"[KVSplice] max_samples {max_samples} keeps fewer V vectors per layer than the "
+                             f"fit needs (k + 1 = {k + 1}); raise --kvsplice-samples")
         cfg = model.config
         self.model, self.k = model, k
         self.n_layer, self.n_head, self.n_embd = cfg.n_layer, cfg.n_head, cfg.n_embd

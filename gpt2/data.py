@@ -50,8 +50,9 @@ class TokenData:
     def get_batch(self, split, batch_size, block_size, seed, step, micro, device="cpu"):
         """(x, y) int64 tensors of shape (batch_size, block_size)."""
         data = self.splits[split]
+        # modulo 2**64, the range torch seeds take; a no-op for the seeds below 2**24
         g = torch.Generator().manual_seed(
-            (seed * 1_000_003 + _SPLIT_SALT[split]) * 1_000_003 + step * 10_007 + micro)
+            ((seed * 1_000_003 + _SPLIT_SALT[split]) * 1_000_003 + step * 10_007 + micro) % 2 ** 64)
         ix = torch.randint(len(data) - block_size - 1, (batch_size,), generator=g).tolist()
         rows = np.stack([data[i:i + block_size + 1] for i in ix]).astype(np.int64)
         xy = torch.from_numpy(rows)

@@ -23,8 +23,12 @@ Two evaluations of the same spline:
   segment search into arithmetic (scale, clamp, truncate) and one gather.
   The knots sit on the forward grid's edges, so a forward cell is one line
   `a*v + b`; the inverse grid is fine enough that a cell holds at most one
-  knot, handled by `a*v + b + c*relu(v - t)`. Differentiable in the input
-  only (the parameters are frozen when it runs inside attention).
+  knot t, handled by `b + a*(v - t) + c*relu(v - t)`. Every knot is kept, so the
+  fast path is the reference function up to fp32 rounding; a dimension
+  whose knots are too close for a table of _MAX_CELLS cells (a nearly flat
+  segment seen from the inverse side) is evaluated by the reference formula
+  instead. Differentiable in the input only (the parameters are frozen when
+  it runs inside attention).
 """
 
 import math
@@ -47,6 +51,9 @@ _CPU_CHUNK_ROWS = 4096
 _MAX_CELLS = 1024
 # inner knots snap to a grid of this many cells between the outer knots
 _KNOT_GRID = 64
+# how far (in cells) outside its cell a value may land by fp32 rounding of
+# the cell coordinate and still be placed exactly by the cell's knot
+_EDGE_MARGIN = 1 / 64
 
 
 def _check_dim_k(dim, k):
@@ -76,11 +83,14 @@ def _no_autocast(device):
 
 
 class _ApplyTable(torch.autograd.Function):
-    """out = a*v + b + c*relu(v - t), with (a, b, t, c) looked up per cell."""
+    """out = b + a*(v - t) + c*relu(v - t), with (b, a, t, c) looked up per cell:
+    the line's value b at the cell's knot t, its slope a, and the slope change
+    c at t. Measured from t, no large intercept cancels: fp32 rounding stays
+    at the output's own scale however steep the line."""
 
     @staticmethod
     def forward(ctx, v, table, shift, inv_h, offsets, top):
-        # v: (n, D) fp32; table: (D*(M+2), 4) contiguous; shift/inv_h: (D,); offsets: (D,) int32
+        # v: (n, D) fp32; table: (D*cells, 4) contiguous; shift/inv_h: (D,); offsets: (D,) int32
         # (int32 cell indices: half the memory traffic of int64, ~15% faster on CPU)
         v = v.contiguous()
         u = torch.addcmul(shift, v, inv_h).clamp_(0, top)  # cell coordinate, (n, D)
@@ -89,9 +99,10 @@ class _ApplyTable(torch.autograd.Function):
         # one 16-byte element per cell: a complex128 gather is ~5x faster on
         # CPU than gathering rows of 4 floats
         cells = table.view(torch.complex128).view(-1).index_select(0, idx.view(-1))
-        a, b, t, c = torch.view_as_real(cells).view(torch.float32).view(*v.shape, 4).unbind(-1)  # each (n, D)
-        ramp = (v - t).clamp_(min=0)
-        out = torch.addcmul(b, v, a).addcmul_(ramp, c)
+        b, a, t, c = torch.view_as_real(cells).view(torch.float32).view(*v.shape, 4).unbind(-1)  # each (n, D)
+        ramp = v - t
+        out = torch.addcmul(b, ramp, a)
+        out.addcmul_(ramp.clamp_(min=0), c)
         if ctx.needs_input_grad[0]:
             ctx.save_for_backward(a, c, ramp)
         return out
@@ -126,80 +137,91 @@ class _ApplyLines(torch.autograd.Function):
         return grad_out * a, None, None, None, None, None
 
 
-def _build_table(p_in, p_out, s_left, s_right, cells=None):
-    """Lookup table for the piecewise-linear map through points (p_in -> p_out).
+def _segment_lines(px, py, s, seg):
+    """(a, b) of the lines a*v + b of segments seg (0: left of the first point)
+    through the point before each segment, as MonotoneSpline._piecewise anchors them."""
+    anchor = (seg - 1).clamp(min=0)
+    return s[seg], py[anchor] - s[seg] * px[anchor]
 
-    p_in, p_out: (D, K) float64, non-decreasing along K; s_left, s_right: (D,)
-    slopes beyond the outer points. Returns (table (D*(M+2), 4), shift (D,),
-    inv_h (D,), offsets (D,) int32, top, lines) with cells 0 (left of the
-    first point), 1..M (uniform between first and last point) and M+1
-    (right). `cells` forces M (for points placed on a grid of that many
-    cells); `lines` is the (D*(M+2), 2) table of (a, b) alone when no cell
-    has a knot strictly inside it, else None.
+
+def _cell_width(p_in, M):
+    """(D, 1) width h of M uniform cells between the outer points. Where they
+    coincide (a constant dimension), a width far below the point's own fp32
+    resolution: values that round into the wrong cell are then closer to it
+    than fp32 can tell apart."""
+    lo, hi = p_in[:, :1], p_in[:, -1:]
+    return torch.where(hi > lo, (hi - lo) / M, lo.abs().clamp(min=2.0 ** -100) * 2.0 ** -20)
+
+
+def _grid(p_in, M, cells):
+    """(shift, inv_h, offsets, top) of a grid of `cells` uniform cells of
+    width h = span/M from the first point on, per dimension: cell coordinate
+    u = (v - lo)/h + 1; cell 0 is left of the first point, cell cells+1
+    right of the last uniform one."""
+    h = _cell_width(p_in, M)[:, 0]
+    offsets = torch.arange(p_in.shape[0], dtype=torch.int32) * (cells + 2)
+    return (1.0 - p_in[:, 0] / h).float(), (1.0 / h).float(), offsets, float(cells + 1)
+
+
+def _edges(p_in, M, cells):
+    """((D, cells+2) left edges of _grid's cells, cell 0's one cell left of lo; (D, 1) h)."""
+    h = _cell_width(p_in, M)
+    return p_in[:, :1] + (torch.arange(cells + 2, dtype=torch.float64) - 1) * h, h
+
+
+def _lines_table(p_in, p_out, slopes, M):
+    """(table, grid, exact) for _ApplyLines: the (D*(M+2), 2) table of (a, b)
+    on _grid(p_in, M, M), and no dimension left out. None when some point is
+    off the cell edges (beyond fp32 rounding): then a cell would need a kink."""
+    edges, h = _edges(p_in, M, M)
+    lo, hi = p_in[:, :1], p_in[:, -1:]
+    pos = (p_in - lo) / h
+    if ((pos - pos.round()).abs() * h > 1e-6 * (lo.abs() + hi.abs() + h)).any():
+        return None
+    # each cell is the line of the segment under its midpoint
+    seg = torch.searchsorted(p_in, (edges + 0.5 * h).contiguous(), right=True)
+    seg[:, 0], seg[:, -1] = 0, p_in.shape[1]
+    a, b = zip(*(_segment_lines(p_in[d], p_out[d], slopes[d], seg[d]) for d in range(p_in.shape[0])))
+    table = torch.stack([torch.stack(a), torch.stack(b)], dim=-1).reshape(-1, 2).float()
+    return table, _grid(p_in, M, M), torch.empty(0, dtype=torch.long)
+
+
+def _knot_table(p_in, p_out, slopes):
+    """(table, grid, exact) for _ApplyTable: the table of (b, a, t, c) on
+    _grid(p_in, M, M+1), M+1 cells of width h = span/M (the last one past the
+    last point), and the dimensions it cannot represent.
+
+    Cell j's knot t is the first point at or right of its left edge minus
+    h*_EDGE_MARGIN; the cell's line is the segment before t, and c the slope
+    change at t. With h*(1 + 2*_EDGE_MARGIN) at most the smallest gap
+    between points, no other point lies within h*_EDGE_MARGIN of the cell,
+    so a value that rounding puts in it from that close is still compared
+    with t exactly and lands on its own segment. The rightmost cell is the
+    right line alone: far out, a correction would cancel most of the base
+    line and lose fp32 precision. Dimensions needing more than _MAX_CELLS
+    cells (points closer than span/_MAX_CELLS: a nearly flat segment seen
+    from the inverse side) are returned in `exact`, their rows left zero:
+    _rows evaluates them by the reference formula.
     """
     D, K = p_in.shape
-    dims = []
-    for d in range(D):
-        xs, ys = p_in[d].tolist(), p_out[d].tolist()
-        span_x, span_y = xs[-1] - xs[0], ys[-1] - ys[0]
-        tol_x, tol_y = span_x / _MAX_CELLS, span_y / _MAX_CELLS
-        # drop points too close to the previous one to give them their own cell;
-        # the last point always stays (it anchors the right-hand line)
-        px, py = [xs[0]], [ys[0]]
-        for x, y in zip(xs[1:], ys[1:]):
-            if x - px[-1] > tol_x and y - py[-1] > tol_y:
-                px.append(x)
-                py.append(y)
-        if len(px) > 1 and (xs[-1] - px[-1] <= tol_x or ys[-1] - py[-1] <= tol_y):
-            px[-1], py[-1] = xs[-1], ys[-1]
-        slopes = [(py[i + 1] - py[i]) / (px[i + 1] - px[i]) for i in range(len(px) - 1)]
-        gap = min((px[i + 1] - px[i] for i in range(len(px) - 1)), default=0.0)
-        # (1 - 1e-6): gaps of span/n up to fp32 rounding need n cells, not n+1
-        needed = min(_MAX_CELLS, math.ceil(span_x / gap * (1 - 1e-6))) if gap > 0 else 1
-        dims.append((px, py, [float(s_left[d])] + slopes + [float(s_right[d])], needed))
-    M = max([cells or 1] + [c for *_, c in dims])
-
-    table = torch.zeros(D, M + 2, 4, dtype=torch.float64)
-    lines = torch.zeros(D, M + 2, 2, dtype=torch.float64)
-    on_grid = cells is not None
-    shift = torch.zeros(D, dtype=torch.float64)
-    inv_h = torch.ones(D, dtype=torch.float64)
-    for d, (px, py, s, _) in enumerate(dims):
-        px, py, s = (torch.tensor(t, dtype=torch.float64) for t in (px, py, s))
-        m = px.numel()
-        lo, hi = px[0], px[-1]
-        h = (hi - lo) / M if hi > lo else torch.tensor(1.0, dtype=torch.float64)
-        inv_h[d], shift[d] = 1.0 / h, 1.0 - lo / h  # u = (v - lo)/h + 1
-        # seg: the segment holding each cell's left edge (0 = left line, i = px[i-1]..px[i])
-        seg = torch.zeros(M + 2, dtype=torch.long)
-        if m > 1:
-            edges = lo + torch.arange(M, dtype=torch.float64) * h
-            seg[1:M + 1] = torch.searchsorted(px, edges, right=True).clamp(1, m - 1)
-            seg[M + 1] = m - 1
-        a = s[seg]
-        through = (seg - 1).clamp(min=0)  # the line passes through this point
-        b = py[through] - a * px[through]
-        # the next knot and the slope change there: h <= the smallest gap keeps
-        # every other knot out of the cell, so one correction is exact
-        t = px[seg.clamp(max=m - 1)]
-        c = s[seg + 1] - a
-        table[d] = torch.stack([a, b, t, c], dim=1)
-        # with every knot on a cell edge (up to fp32 rounding) a cell is one
-        # line: the segment under the cell's midpoint
-        off_grid = ((px - lo) / h - ((px - lo) / h).round()).abs() * h
-        on_grid = on_grid and bool((off_grid <= 1e-6 * (lo.abs() + hi.abs() + h)).all())
-        if m > 1:
-            mid = torch.searchsorted(px, lo + (torch.arange(M, dtype=torch.float64) + 0.5) * h, right=True)
-            mid = mid.clamp(1, m - 1)
-            lines[d, 1:M + 1, 0] = s[mid]
-            lines[d, 1:M + 1, 1] = py[mid - 1] - s[mid] * px[mid - 1]
-        else:  # one point: right of it is the right line
-            lines[d, 1:M + 1] = torch.stack([s[-1], py[-1] - s[-1] * px[-1]])
-        lines[d, 0] = torch.stack([s[0], py[0] - s[0] * px[0]])
-        lines[d, M + 1] = torch.stack([s[-1], py[-1] - s[-1] * px[-1]])
-    offsets = torch.arange(D, dtype=torch.int32) * (M + 2)
-    lines = lines.reshape(-1, 2).float() if on_grid else None
-    return table.reshape(-1, 4).float(), shift.float(), inv_h.float(), offsets, float(M + 1), lines
+    lo, hi = p_in[:, 0], p_in[:, -1]
+    distinct = p_in[:, 1:] > p_in[:, :-1]
+    gaps = (p_in[:, 1:] - p_in[:, :-1]).masked_fill(~distinct, math.inf)
+    gap = gaps.min(dim=1).values if K > 1 else torch.full((D,), math.inf, dtype=torch.float64)
+    needed = torch.where(torch.isinf(gap), 1.0, ((hi - lo) * (1 + 2 * _EDGE_MARGIN) / gap).ceil())
+    exact = (needed > _MAX_CELLS).nonzero().flatten()
+    M = int(needed.masked_fill(needed > _MAX_CELLS, 1).max())
+    edges, h = _edges(p_in, M, M + 1)
+    table = torch.zeros(D, M + 3, 4, dtype=torch.float64)
+    for d in sorted(set(range(D)) - set(exact.tolist())):
+        px, py, s = p_in[d], p_out[d], slopes[d]
+        knot = torch.searchsorted(px, edges[d] - _EDGE_MARGIN * h[d]).clamp(max=K - 1)
+        t = px[knot]
+        a, b = _segment_lines(px, py, s, torch.searchsorted(px, t))  # the segment ending at t
+        after = s[torch.searchsorted(px, t, right=True)]  # the slope beyond t (past repeats of t)
+        a[-1], b[-1], after[-1] = s[K], py[K - 1] - s[K] * px[K - 1], s[K]  # the right line, t = last point
+        table[d] = torch.stack([a * t + b, a, t, after - a], dim=1)
+    return table.reshape(-1, 4).float(), _grid(p_in, M, M + 1), exact
 
 
 class MonotoneSpline(nn.Module):
@@ -222,8 +244,9 @@ class MonotoneSpline(nn.Module):
         self.register_buffer("knot_x", torch.zeros(dim, knots))  # (D, K), sorted per row
         self.raw_slope = nn.Parameter(torch.empty(dim, knots + 1))  # (D, K+1): left, inner, right
         # lookup tables derived from the parameters: moved by .to(), not saved
-        for name in ("fwd_table", "fwd_lines", "fwd_shift", "fwd_inv_h", "fwd_offsets",
-                     "inv_table", "inv_shift", "inv_inv_h", "inv_offsets"):
+        for name in ("fwd_table", "fwd_shift", "fwd_inv_h", "fwd_offsets", "fwd_exact",
+                     "inv_table", "inv_shift", "inv_inv_h", "inv_offsets", "inv_exact",
+                     "ref_x", "ref_y", "ref_s"):
             self.register_buffer(name, torch.empty(0), persistent=False)
         self.register_load_state_dict_post_hook(MonotoneSpline._after_load)
         self.reset_identity()
@@ -288,27 +311,36 @@ class MonotoneSpline(nn.Module):
     @torch.no_grad()
     def refresh(self):
         """Rebuild the lookup tables from the parameters (after fit / load)."""
-        X, Y, s = (t.detach().double().cpu() for t in self._points())
+        X, Y, s = (t.detach() for t in self._points())
+        self.ref_x, self.ref_y, self.ref_s = X, Y, s
+        X, Y, s = (t.double().cpu() for t in (X, Y, s))
         self.is_identity = bool(torch.all((s - 1).abs() < 1e-6))
         dev = self.knot_x.device
-        fwd = _build_table(X, Y, s[:, 0], s[:, -1], cells=_KNOT_GRID)
-        inv = _build_table(Y, X, 1 / s[:, 0], 1 / s[:, -1])
-        self.fwd_lines = None if fwd[5] is None else fwd[5].to(dev)
-        self.fwd_table, self.fwd_shift, self.fwd_inv_h, self.fwd_offsets = (t.to(dev) for t in fwd[:4])
-        self.inv_table, self.inv_shift, self.inv_inv_h, self.inv_offsets = (t.to(dev) for t in inv[:4])
-        self._fwd_top, self._inv_top = fwd[4], inv[4]
+        fwd = _lines_table(X, Y, s, _KNOT_GRID)  # the knots place_knots leaves: every cell one line
+        self.fwd_is_lines = fwd is not None
+        table, (shift, inv_h, offsets, self._fwd_top), exact = fwd or _knot_table(X, Y, s)
+        self.fwd_table, self.fwd_shift, self.fwd_inv_h, self.fwd_offsets, self.fwd_exact = (
+            t.to(dev) for t in (table, shift, inv_h, offsets, exact))
+        table, (shift, inv_h, offsets, self._inv_top), exact = _knot_table(Y, X, 1 / s)
+        self.inv_table, self.inv_shift, self.inv_inv_h, self.inv_offsets, self.inv_exact = (
+            t.to(dev) for t in (table, shift, inv_h, offsets, exact))
 
     def _rows(self, v, inverse):
         """The fast path on fp32 rows (n, D)."""
         if self.is_identity:
             return v
         if inverse:
-            args = (self.inv_table, self.inv_shift, self.inv_inv_h, self.inv_offsets, self._inv_top)
-        elif self.fwd_lines is not None:
-            return _ApplyLines.apply(v, self.fwd_lines, self.fwd_shift, self.fwd_inv_h, self.fwd_offsets, self._fwd_top)
+            out = _ApplyTable.apply(v, self.inv_table, self.inv_shift, self.inv_inv_h, self.inv_offsets,
+                                    self._inv_top)
         else:
-            args = (self.fwd_table, self.fwd_shift, self.fwd_inv_h, self.fwd_offsets, self._fwd_top)
-        return _ApplyTable.apply(v, *args)
+            apply = _ApplyLines if self.fwd_is_lines else _ApplyTable
+            out = apply.apply(v, self.fwd_table, self.fwd_shift, self.fwd_inv_h, self.fwd_offsets, self._fwd_top)
+        exact = self.inv_exact if inverse else self.fwd_exact
+        if exact.numel():  # dimensions no table of bounded size represents exactly
+            X, Y, s = self.ref_x[exact], self.ref_y[exact], self.ref_s[exact]
+            ref = self._piecewise(v[:, exact], Y, X, 1.0 / s) if inverse else self._piecewise(v[:, exact], X, Y, s)
+            out = out.index_copy(1, exact, ref)
+        return out
 
     def forward(self, x):
         """Spline(x) over the last dimension, any leading shape; returns x's dtype."""
@@ -372,6 +404,34 @@ class PCA(nn.Module):
 
     def roundtrip(self, V):
         return self.decompress(self.compress(V))
+
+
+def _check_values(state_dict, where):
+    """ValueError unless the spline's knots are finite and non-decreasing per
+    dimension and its slopes and PCA finite: anything else computes NaN.
+    Missing or misshapen entries are left to load_state_dict to report."""
+    sd = {n: t.detach().float() for n, t in state_dict.items()
+          if torch.is_tensor(t) and t.is_floating_point()} if isinstance(state_dict, dict) else {}
+
+    def dims(bad):  # (D, ...) bool -> the dimensions with any True
+        return bad.reshape(bad.shape[0], -1).any(1).nonzero().flatten().tolist()
+
+    problems = []
+    knots = sd.get("spline.knot_x")
+    if knots is not None and knots.dim() == 2:
+        if not torch.isfinite(knots).all():
+            problems.append(f"spline knots are not finite in dimension(s) {dims(~torch.isfinite(knots))}")
+        elif (knots[:, 1:] < knots[:, :-1]).any():
+            problems.append(f"spline knots decrease in dimension(s) {dims(knots[:, 1:] < knots[:, :-1])}")
+    raw = sd.get("spline.raw_slope")
+    if raw is not None and raw.dim() == 2 and not torch.isfinite(raw.exp()).all():  # the slopes are exp(raw) in fp32
+        problems.append(f"spline slopes are not finite in dimension(s) {dims(~torch.isfinite(raw.exp()))}")
+    for name in ("pca.mean", "pca.components"):
+        if name in sd and not torch.isfinite(sd[name]).all():
+            problems.append(f"{name} is not finite")
+    if problems:
+        raise ValueError(f"{where}: " + "; ".join(problems)
+                         + " (knots must be finite and non-decreasing, slopes and PCA finite)")
 
 
 def _mse(a, b):
@@ -523,6 +583,7 @@ class SplinePCA(nn.Module):
         if d["format_version"] != FORMAT_VERSION:
             raise ValueError(f"{where}: format_version {d['format_version']!r}, expected {FORMAT_VERSION}")
         mod = cls(d["Hd"], d["k"], d["knots"])
+        _check_values(d["state_dict"], where)
         try:
             mod.load_state_dict(d["state_dict"])
         except (RuntimeError, TypeError, AttributeError) as e:

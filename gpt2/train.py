@@ -8,6 +8,7 @@ the loop itself. KVSplice calibration runs inside the loop at
 
 import math
 import os
+import re
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -24,6 +25,7 @@ from gpt2.model import GPT, GPTConfig, load_checkpoint
 from gpt2.prepare_data import decode_tokens, unigram_entropy
 from gpt2.recall import RecallData, answer_accuracy, is_recall
 from lib.atomic import atomic_torch_save
+from lib.kv_pruning import keep_budget
 from lib.tracking import Tracker
 
 CHECKPOINT_FORMAT = 1
@@ -72,24 +74,162 @@ def autocast_context(device, dtype_arg):
     return torch.autocast(device_type=device.split(":")[0], dtype=dtype), dtype_arg
 
 
-def validate_args(args, world):
-    problems = []
-    if args.n_embd % args.n_head:
+class BadArguments(ValueError):
+    """Arguments that cannot make a run, found before anything is written or
+    trained; train_ra_mla.py prints the message and exits with status 2."""
+
+
+class IncompleteRun(RuntimeError):
+    """The run trained, but a feature it asked for never engaged; its
+    summary.json says so ("complete": false), so nothing downstream counts it."""
+
+
+def _finite(lo, hi=math.inf, closed_hi=False):
+    """A test for lo <= v < hi (v <= hi when closed_hi), NaN and inf failing."""
+    return lambda v: math.isfinite(v) and lo <= v and (v <= hi if closed_hi else v < hi)
+
+
+# flag -> (test, what it must be), for flags that matter whatever else is on
+_DOMAINS = {
+    "seed": (lambda v: 0 <= v < 2 ** 32, "in [0, 2**32)"),
+    "sample_tokens": (lambda v: v >= 0, ">= 0"),
+    "peak_flops": (lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
+    "max_tokens": (lambda v: v >= 0, ">= 0"),
+    "n_layer": (lambda v: v >= 1, ">= 1"),
+    "n_head": (lambda v: v >= 1, ">= 1"),
+    "n_embd": (lambda v: v >= 1, ">= 1"),
+    "block_size": (lambda v: v >= 1, ">= 1"),
+    "dropout": (_finite(0, 1), "in [0, 1)"),
+    "batch_size": (lambda v: v >= 1, ">= 1"),
+    "learning_rate": (lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
+    "min_lr_ratio": (_finite(0, 1, closed_hi=True), "in [0, 1]"),
+    "warmup_iters": (lambda v: v >= 0, ">= 0"),
+    "max_iters": (lambda v: v >= 1, ">= 1"),
+    "max_time": (_finite(0), "a finite number >= 0 (0 = no budget)"),
+    "weight_decay": (_finite(0), "a finite number >= 0"),
+    "beta1": (_finite(0, 1), "in [0, 1)"),
+    "beta2": (_finite(0, 1), "in [0, 1)"),
+    "grad_clip": (_finite(0), "a finite number >= 0 (0 = no clipping)"),
+    "eval_interval": (lambda v: v >= 1, ">= 1"),
+    "eval_iters": (lambda v: v >= 1, ">= 1"),
+    "log_interval": (lambda v: v >= 1, ">= 1"),
+}
+_PRUNE_DOMAINS = {
+    "kv_prune_keep_ratio": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "kv_prune_k_min": (lambda v: v >= 0, ">= 0"),
+    "kv_prune_recency": (lambda v: v >= 1, ">= 1"),
+}
+_CALIBRATION_DOMAINS = {
+    "kvsplice_max_batches": (lambda v: v >= 1, ">= 1"),
+    "kvsplice_epochs": (lambda v: v >= 0, ">= 0 (0 = PCA with the identity spline)"),
+    "kvsplice_lr": (lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
+}
+
+
+def _flag(dest):
+    return "--" + dest.replace("_", "-")
+
+
+def _domain_problems(args, domains):
+    return [f"{_flag(dest)} must be {what}, got {getattr(args, dest)}"
+            for dest, (ok, what) in domains.items() if not ok(getattr(args, dest))]
+
+
+def calibration_iter(args):
+    return args.kvsplice_calib_iter if args.kvsplice_calib_iter is not None else args.warmup_iters
+
+
+def flag_problems(args, world):
+    """Every flag whose value is outside its domain, or does not fit the others."""
+    problems = _domain_problems(args, _DOMAINS)
+    if args.n_head >= 1 and args.n_embd % args.n_head:
         problems.append(f"--n-embd {args.n_embd} is not divisible by --n-head {args.n_head}")
-    head_dim = args.n_embd // args.n_head
-    if args.kvsplice_enable or args.kvsplice_load:
-        if not 1 <= args.kvsplice_k <= head_dim:
-            problems.append(f"--kvsplice-k must be in [1, head_dim={head_dim}], got {args.kvsplice_k}")
     if args.grad_accum < 1 or args.grad_accum % world:
         problems.append(f"--grad-accum {args.grad_accum} must be a positive multiple of the "
                         f"{world} DDP processes")
-    if args.max_iters < 1:
-        problems.append(f"--max-iters must be >= 1, got {args.max_iters}")
-    for name in ("batch_size", "block_size", "eval_interval", "eval_iters", "log_interval"):
-        if getattr(args, name) < 1:
-            problems.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", args.device):
+        problems.append(f"--device must be auto, cpu, cuda or cuda:N, got {args.device!r}")
+    elif args.device.startswith("cuda") and not torch.cuda.is_available():
+        problems.append(f"--device {args.device}: CUDA is not available on this machine")
+    if args.rmlp and not 0 < args.rmlp_rff < 4 * args.n_embd:
+        problems.append(f"--rmlp-rff must be in (0, 4 x --n-embd = {4 * args.n_embd}), got {args.rmlp_rff}")
+    if args.kv_prune:
+        problems += prune_problems(args)
+    if args.kvsplice_enable or args.kvsplice_load:
+        problems += kvsplice_problems(args)
+    return problems
+
+
+def prune_problems(args):
+    problems = _domain_problems(args, _PRUNE_DOMAINS)
+    if not problems:
+        budget = keep_budget(args.kv_prune_keep_ratio, args.block_size, args.kv_prune_k_min)
+        if budget < args.kv_prune_recency:
+            problems.append(f"--kv-prune-recency {args.kv_prune_recency} exceeds the keep budget {budget} "
+                            f"(max(--kv-prune-k-min, --block-size x --kv-prune-keep-ratio)); raise "
+                            f"--kv-prune-k-min or lower --kv-prune-recency")
+    return problems
+
+
+def kvsplice_problems(args):
+    """The geometry's sizes; with --kvsplice-enable (and no --kvsplice-load)
+    everything calibration needs, so it cannot fail or be skipped after training began."""
+    problems = []
+    head_dim = args.n_embd // args.n_head if args.n_head >= 1 else 0
+    if not 1 <= args.kvsplice_k <= head_dim:
+        problems.append(f"--kvsplice-k must be in [1, head_dim={head_dim}], got {args.kvsplice_k}")
+    if args.kvsplice_knots < 1:
+        problems.append(f"--kvsplice-knots must be >= 1, got {args.kvsplice_knots}")
+    if args.kvsplice_load:
+        if not Path(args.kvsplice_load).is_file():
+            problems.append(f"--kvsplice-load {args.kvsplice_load}: no such file")
+        return problems
+    problems += _domain_problems(args, _CALIBRATION_DOMAINS)
+    need = args.kvsplice_k + 1  # the fit's minimum number of V vectors per layer
+    if args.kvsplice_samples < need:
+        problems.append(f"--kvsplice-samples must be at least --kvsplice-k + 1 = {need} (V vectors kept "
+                        f"per layer for the fit), got {args.kvsplice_samples}")
+    vectors = args.kvsplice_max_batches * args.batch_size * args.block_size * args.n_head
+    if args.kvsplice_max_batches >= 1 and vectors < need:
+        problems.append(f"--kvsplice-max-batches {args.kvsplice_max_batches} x --batch-size {args.batch_size} x "
+                        f"--block-size {args.block_size} x --n-head {args.n_head} = {vectors} V vectors per "
+                        f"layer, fewer than --kvsplice-k + 1 = {need}; raise --kvsplice-max-batches")
+    calib = calibration_iter(args)
+    which = ("--kvsplice-calib-iter" if args.kvsplice_calib_iter is not None
+             else "--kvsplice-calib-iter (default: --warmup-iters)")
+    if not 0 <= calib < args.max_iters:
+        problems.append(f"{which} is {calib}, outside [0, --max-iters = {args.max_iters}): calibration "
+                        f"would never run and the run would train without KVSplice")
+    if not args.kvsplice_save or Path(args.kvsplice_save).name != args.kvsplice_save:
+        problems.append(f"--kvsplice-save must be a file name (it is written in --out-dir), "
+                        f"got {args.kvsplice_save!r}")
+    return problems
+
+
+def input_problems(args):
+    """The data the flags name (prepared data long enough for a block, or a recall
+    task that fits one) and the checkpoint to resume from."""
+    problems = []
+    if is_recall(args.dataset):
+        problems += recall_data(args).problems(args.block_size)
+    else:
+        try:
+            data = TokenData(args.data_dir, args.dataset)
+            if args.block_size >= 1:
+                data.check_block_size(args.block_size)
+        except (OSError, ValueError) as e:
+            problems.append(str(e))
+    if args.resume and not (Path(args.out_dir) / "last.pt").is_file():
+        problems.append(f"--resume: {Path(args.out_dir) / 'last.pt'} not found")
+    return problems
+
+
+def validate_args(args, world=1):
+    """Raise BadArguments listing every problem with the flags and the files
+    they name, before anything is created, written or trained."""
+    problems = flag_problems(args, world) + input_problems(args)
     if problems:
-        raise ValueError("bad arguments:\n  " + "\n  ".join(problems))
+        raise BadArguments("bad arguments:\n  " + "\n  ".join(problems))
 
 
 def v_cache_record(args):
@@ -120,6 +260,9 @@ def build_model(args, data, ckpt):
                              f"{data.dir} has its own (a recall task, or --compact-vocab)")
         model = GPT.from_pretrained(args.init_from, dropout=args.dropout, v_cache=v_cache_record(args),
                                     rmlp=args.rmlp, rmlp_rff=args.rmlp_rff)
+        if args.block_size > model.config.block_size:
+            raise ValueError(f"--block-size {args.block_size} exceeds the context of --init-from "
+                             f"{args.init_from}, {model.config.block_size} positions")
         if args.block_size < model.config.block_size:
             model.crop_block_size(args.block_size)
     if args.kvsplice_load and model.kvsplice_meta is None:
@@ -201,13 +344,14 @@ def learning_rate(it, progress, args):
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (args.learning_rate - min_lr)
 
 
+def recall_data(args):
+    return RecallData(args.dataset, args.recall_vocab, args.recall_segment, args.recall_gap,
+                      args.recall_pairs, args.recall_queries, args.recall_pair_tokens)
+
+
 def open_data(args):
     """The dataset the flags name: prepared token memmaps, or a recall task generated on the fly."""
-    if is_recall(args.dataset):
-        data = RecallData(args.dataset, args.recall_vocab, args.recall_segment, args.recall_gap,
-                          args.recall_pairs, args.recall_queries, args.recall_pair_tokens)
-    else:
-        data = TokenData(args.data_dir, args.dataset)
+    data = recall_data(args) if is_recall(args.dataset) else TokenData(args.data_dir, args.dataset)
     data.check_block_size(args.block_size)
     return data
 
@@ -295,7 +439,13 @@ class Run:
 
 
 def train(args, on_iter=None):
-    """Train as args say; returns the summary dict. `on_iter(it)` is called after each step."""
+    """Train as args say; returns the summary dict. `on_iter(it)` is called after each step.
+
+    Raises BadArguments (nothing written) for arguments that cannot make a
+    run, and IncompleteRun (after writing summary.json) for a run in which a
+    feature it asked for never engaged.
+    """
+    validate_args(args, int(os.environ.get("WORLD_SIZE", "1")))
     rt = setup_runtime(args.device)
     try:
         return _train(args, rt, on_iter)
@@ -306,7 +456,7 @@ def train(args, on_iter=None):
 
 def _train(args, rt, on_iter):
     run = setup(args, rt)
-    calib_iter = args.kvsplice_calib_iter if args.kvsplice_calib_iter is not None else args.warmup_iters
+    calib_iter = calibration_iter(args)
     decide_at = max(args.warmup_iters, 1)  # when a time budget fixes schedule_iters
     it_start, t_start = run.it, time.time() - run.elapsed
     losses = None
@@ -336,17 +486,34 @@ def _train(args, rt, on_iter):
         losses = evaluate_and_checkpoint(run)
     summary = finish_summary(run.raw_model, run.data, args, losses, run.best_val, run.it, run.tokens,
                              run.t_train, run.elapsed)
+    reason = unengaged_features(run, calib_iter)
+    summary.update(complete=reason is None, incomplete_reason=reason)
     if rt.master:
         print_results(summary)
         if args.sample_tokens > 0 and isinstance(run.data, TokenData):
             print_sample(run.raw_model, run.data, args.sample_tokens, rt.device)
-    run.tracker.finish(summary)
+    run.tracker.finish(summary, exit_code=0 if reason is None else 1)
+    if reason is not None:
+        raise IncompleteRun(reason)
     return summary
 
 
+def unengaged_features(run, calib_iter):
+    """Why the trained model is not what the arguments asked for, or None."""
+    args = run.args
+    if args.kvsplice_enable and run.raw_model.kvsplice_meta is None:
+        budget = f" under --max-time {args.max_time:g}s" if args.max_time > 0 else ""
+        return (f"--kvsplice-enable: calibration was due at iteration {calib_iter}, but training ended at "
+                f"iteration {run.it}{budget}, so the model trained without KVSplice; raise --max-time or "
+                f"lower --kvsplice-calib-iter")
+    return None
+
+
 def setup(args, rt):
-    """Validate, then build data, model, optimizer and tracker; restore them on --resume."""
-    validate_args(args, rt.world)
+    """Build data, model, optimizer and tracker; restore them on --resume.
+
+    Everything that can reject the arguments (the checkpoint, the model, a
+    geometry to load) comes before the run directory is created."""
     if rt.device == "cpu":
         torch.set_flush_denormal(True)  # denormals make CPU backward passes ~10x slower
     if rt.device.startswith("cuda"):
@@ -354,15 +521,18 @@ def setup(args, rt):
         torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(args.seed)
     out_dir = Path(args.out_dir)
+    data = open_data(args)
+    try:
+        ckpt = load_checkpoint(out_dir / "last.pt", map_location=rt.device) if args.resume else None
+        if ckpt is not None:
+            check_resume(args, ckpt, out_dir / "last.pt")
+        raw_model = build_model(args, data, ckpt).to(rt.device)
+    except (OSError, ValueError) as e:
+        raise BadArguments(f"bad arguments:\n  {e}") from None
     if rt.master:
         out_dir.mkdir(parents=True, exist_ok=True)
-    data = open_data(args)
-    ckpt = None
-    if args.resume:
-        ckpt = load_checkpoint(out_dir / "last.pt", map_location=rt.device)
-        if rt.master:
+        if ckpt is not None:
             print(f"resuming from {out_dir / 'last.pt'} at iteration {ckpt['iter']}")
-    raw_model = build_model(args, data, ckpt).to(rt.device)
     optimizer = configure_optimizer(raw_model, args, rt.device)
     progress = {"schedule_iters": args.max_iters}
     if ckpt is not None:
@@ -393,6 +563,17 @@ def setup(args, rt):
             f"{run.tokens_per_iter:,} tokens/iter = {args.batch_size} x {args.block_size} x {args.grad_accum} "
             f"over {rt.world} process(es); device {rt.device}, {dtype_name}")
     return run
+
+
+def check_resume(args, ckpt, path):
+    """--resume continues the saved run as it was scheduled: the LR schedule
+    spans the checkpoint's --max-iters, so a different one is refused (a
+    silent mix of the two schedules would be neither run)."""
+    saved = (ckpt.get("args") or {}).get("max_iters", args.max_iters)
+    if saved != args.max_iters:
+        raise ValueError(f"--resume: {path} belongs to a run of --max-iters {saved}, but --max-iters is "
+                         f"{args.max_iters}; its LR schedule was set by --max-iters {saved}: resume with "
+                         f"--max-iters {saved}, or start a new run in another --out-dir")
 
 
 def fix_schedule(run):

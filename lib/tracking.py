@@ -130,15 +130,16 @@ class Tracker:
         atomic_write_text(path, "".join(line + "\n" for line in kept))
         self._metrics_file = open(path, "a", buffering=1, encoding="utf-8")
 
-    def finish(self, summary=None):
-        """Write summary.json (atomically), close metrics.jsonl and the wandb run."""
+    def finish(self, summary=None, exit_code=0):
+        """Write summary.json (atomically), close metrics.jsonl and the wandb run
+        (marked failed for a non-zero exit_code)."""
         if not self.active or self._finished:
             return
         if summary:
             self.summary(summary)
         atomic_write_text(self.run_dir / "summary.json",
                           json.dumps(self._summary, indent=1, default=_to_json) + "\n")
-        self.close()
+        self.close(exit_code)
 
     def close(self, exit_code=0):
         """Close without a summary.json: an interrupted run is not a finished one."""
@@ -148,6 +149,13 @@ class Tracker:
         self._metrics_file.close()
         if self.wandb_run is not None:
             self.wandb_run.finish(exit_code=exit_code)
+
+
+def summary_complete(summary: dict) -> bool:
+    """False for a summary.json the training loop marked incomplete (a feature
+    the run asked for never engaged): comparisons must not count it.
+    Summaries written before the mark existed count as complete."""
+    return summary.get("complete", True) is not False
 
 
 def read_metrics(run_dir) -> list[dict]:

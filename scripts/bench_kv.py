@@ -56,6 +56,7 @@ from gpt2.vcache import FULL  # noqa: E402
 from lib.atomic import atomic_write_text  # noqa: E402
 from lib.kv_pruning import keep_budget  # noqa: E402
 from lib.stats import paired_difference, verdict  # noqa: E402
+from lib.tracking import summary_complete  # noqa: E402
 from scripts.bench_kv_measure import decode_rates, evaluate, install, v_bytes_per_token  # noqa: E402
 from scripts.bench_kv_methods import (V20_K, BenchMethod, bench_methods, check_preconditions,  # noqa: E402
                                       prune_settings)
@@ -67,8 +68,10 @@ DEFAULT_KS = (8, 16, 32)
 def trained_in_changes(matrix_dir):
     """Perplexity change % of the trained-in V19 and V20 runs vs V0 under matrix_dir.
 
-    Reads DIR/<step>/summary.json and DIR/seed*/<step>/summary.json; seeds of a
-    step are averaged in val loss, so the change is exp(mean L_step - mean L_V0) - 1.
+    Reads DIR/<step>/summary.json and DIR/seed*/<step>/summary.json, leaving
+    out runs marked incomplete (a V20 whose calibration never ran is no V20);
+    seeds of a step are averaged in val loss, so the change is
+    exp(mean L_step - mean L_V0) - 1.
     Returns ({"V19": pct or None, "V20": pct or None}, {step: number of runs}).
     """
     losses = {}
@@ -76,8 +79,9 @@ def trained_in_changes(matrix_dir):
         d = Path(matrix_dir)
         for step in ("V0", "V19", "V20"):
             for path in [d / step / "summary.json", *sorted(d.glob(f"seed*/{step}/summary.json"))]:
-                if path.is_file():
-                    losses.setdefault(step, []).append(float(json.loads(path.read_text())["final_val_loss"]))
+                summary = json.loads(path.read_text()) if path.is_file() else None
+                if summary is not None and summary_complete(summary):
+                    losses.setdefault(step, []).append(float(summary["final_val_loss"]))
     out = {}
     for step in ("V19", "V20"):
         if "V0" in losses and step in losses:
@@ -92,10 +96,10 @@ def _log(msg):
     print(msg, flush=True)
 
 
-def check_settings(cfg, ks, prune, decode_steps, counts):
+def check_settings(cfg, ks, prune, decode_steps, counts, calib_vectors, knots):
     """Every setting and every method's preconditions, before anything runs."""
     bs = cfg.block_size
-    check_preconditions(ks, cfg.head_dim, bs, prune)
+    check_preconditions(ks, cfg.head_dim, bs, prune, calib_vectors, knots)
     if not 1 <= decode_steps <= bs - bs // 2:
         raise ValueError(f"--decode-steps must be in [1, block_size - block_size/2 = {bs - bs // 2}], "
                          f"found {decode_steps}")
@@ -131,9 +135,13 @@ def run_benchmark(ckpt_path, ks=DEFAULT_KS, eval_batches=20, batch_size=8, calib
     ks = sorted(set(int(k) for k in ks))
     prune = prune_settings(ckpt)
     decode_steps = bs - bs // 2 if decode_steps is None else decode_steps
+    knots = int(args.get("kvsplice_knots", 7))
+    epochs = int(args.get("kvsplice_epochs", 8) if fit_epochs is None else fit_epochs)
+    samples = int(args.get("kvsplice_samples", 120000))
     check_settings(cfg, ks, prune, decode_steps,
                    {"--eval-batches": eval_batches, "--batch-size": batch_size,
-                    "--calib-batches": calib_batches, "--decode-repeats": decode_repeats})
+                    "--calib-batches": calib_batches, "--decode-repeats": decode_repeats},
+                   min(samples, calib_batches * batch_size * bs * cfg.n_head), knots)
     if cfg.v_cache != FULL:
         log(f"[bench] note: {ckpt_path} was trained with a V-cache method; it is removed for the "
             f"reference and applied post hoc like every other method")
@@ -143,10 +151,7 @@ def run_benchmark(ckpt_path, ks=DEFAULT_KS, eval_batches=20, batch_size=8, calib
     log(f"[bench] {ckpt_path}: {cfg.n_layer} layers, {cfg.n_head} heads, head_dim {cfg.head_dim}, block {bs}; "
         f"{eval_batches} val batches x {batch_size} x {bs} tokens")
 
-    knots = int(args.get("kvsplice_knots", 7))
-    epochs = int(args.get("kvsplice_epochs", 8) if fit_epochs is None else fit_epochs)
-    cal, collect_s = collect_v(model, data, batch_size, calib_batches, max(ks + [V20_K]),
-                               int(args.get("kvsplice_samples", 120000)), seed, log)
+    cal, collect_s = collect_v(model, data, batch_size, calib_batches, max(ks + [V20_K]), samples, seed, log)
     methods = bench_methods(model, cal, collect_s, ks, prune, knots, epochs,
                             float(args.get("kvsplice_lr", 2e-3)), seed, log)
     trained, n_runs = trained_in_changes(matrix_dir)

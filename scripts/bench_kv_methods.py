@@ -65,8 +65,9 @@ def prune_settings(ckpt):
             "k_min": int(args.get("kv_prune_k_min", 64)), "recency": int(args.get("kv_prune_recency", 64))}
 
 
-def check_preconditions(ks, head_dim, block_size, prune):
-    """Every method's needs, before the first row runs: one message listing all problems."""
+def check_preconditions(ks, head_dim, block_size, prune, calib_vectors, knots):
+    """Every method's needs, before the first row runs: one message listing all problems.
+    calib_vectors: the V vectors per layer the geometries will be fitted on."""
     problems = []
     bad = [k for k in ks if not 1 <= k <= head_dim]
     if bad:
@@ -76,6 +77,13 @@ def check_preconditions(ks, head_dim, block_size, prune):
     if head_dim % QUANT_GROUP:
         problems.append(f"the int8/int4 rows quantize groups of {QUANT_GROUP} channels: head_dim {head_dim} "
                         f"is not a multiple")
+    need = max(ks + [V20_K]) + 1
+    if calib_vectors < need:
+        problems.append(f"the PCA / SplinePCA fits need at least k + 1 = {need} V vectors per layer, but "
+                        f"{calib_vectors} are collected (--calib-batches x --batch-size x block_size x n_head, "
+                        f"at most the checkpoint's --kvsplice-samples)")
+    if knots < 1:
+        problems.append(f"the SplinePCA rows need at least 1 knot; the checkpoint's --kvsplice-knots is {knots}")
     budget = keep_budget(prune["keep_ratio"], block_size, prune["k_min"])
     if budget < prune["recency"]:
         problems.append(f"pruning budget {budget} is smaller than its recency window {prune['recency']}")

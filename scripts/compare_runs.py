@@ -4,7 +4,9 @@
     python scripts/compare_runs.py RUN_DIR... [--out DIR]
 
 Reads each run's summary.json and metrics.jsonl (never wandb) and writes
-DIR/summary.md and DIR/val_loss.png. Runs of the same step (several seeds)
+DIR/summary.md and DIR/val_loss.png. A run whose summary.json says it is
+incomplete (a feature it asked for never engaged) is left out, with a note
+on stderr. Runs of the same step (several seeds)
 are pooled: the table gives mean +- sd of the final val loss over seeds and
 the plot the mean curve. Columns: final val loss, perplexity, difference to
 V0 and to V19 (mean +- sd of the per-seed paired differences when the steps
@@ -27,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from lib.atomic import atomic_write, atomic_write_text  # noqa: E402
 from lib.stats import mean_sd  # noqa: E402
-from lib.tracking import read_metrics  # noqa: E402
+from lib.tracking import read_metrics, summary_complete  # noqa: E402
 
 
 def load_run(run_dir):
@@ -38,6 +40,21 @@ def load_run(run_dir):
     summary = json.loads(path.read_text())
     evals = [r for r in read_metrics(run_dir) if "val_loss" in r]
     return {"name": summary.get("step") or run_dir.name, "dir": run_dir, "summary": summary, "evals": evals}
+
+
+def load_complete_runs(run_dirs):
+    """The runs to compare: incomplete ones are named on stderr and left out."""
+    runs = []
+    for d in run_dirs:
+        run = load_run(d)
+        if summary_complete(run["summary"]):
+            runs.append(run)
+        else:
+            print(f"compare_runs: left out {run['dir']}: incomplete ({run['summary'].get('incomplete_reason')})",
+                  file=sys.stderr)
+    if not runs:
+        raise ValueError(f"no complete run among {', '.join(str(d) for d in run_dirs)}")
+    return runs
 
 
 def group_runs(runs):
@@ -139,7 +156,7 @@ def plot_val_loss(runs, path):
 
 
 def write_comparison(run_dirs, out_dir, title=None):
-    runs = [load_run(d) for d in run_dirs]
+    runs = load_complete_runs(run_dirs)
     out_dir = Path(out_dir)
     table = summary_table(runs)
     context = context_use_line(runs)

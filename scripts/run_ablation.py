@@ -4,16 +4,20 @@
 Each step of CONFIG_ABLATION_STEPS runs as its own process (torchrun when
 this machine has more than one GPU), with the same seed and token budget,
 into OUT_DIR/<step>/ (OUT_DIR/<dataset>/<step>/ for each dataset of
-CONFIG_ABLATION_DATASETS, which runs the whole matrix once per dataset), as its own wandb run (group = the out dir's name, run
-name = the step). A failing step is reported and the others still run. A
-step with a summary.json is skipped unless --force; one that was
-interrupted (last.pt, no summary.json) resumes. At the end the comparison
-table and plot are written (scripts/compare_runs.py).
+CONFIG_ABLATION_DATASETS, which runs the whole matrix once per dataset), as
+its own wandb run (group = the out dir's name, run name = the step). A
+failing step is reported and the others still run; so is one that ends
+incomplete (a feature it asked for never engaged), which the comparison
+leaves out. A step with a complete summary.json is skipped unless --force;
+one that was interrupted or incomplete (last.pt, no complete summary.json)
+resumes. At the end the comparison table and plot are written
+(scripts/compare_runs.py).
 
     python scripts/run_ablation.py --config .config [--force] [extra train flags...]
 """
 
 import argparse
+import json
 import subprocess
 import sys
 import time
@@ -27,6 +31,7 @@ from gpt2.data import dataset_dir_name  # noqa: E402
 from gpt2.recall import is_recall  # noqa: E402
 from lib.atomic import atomic_write_text  # noqa: E402
 from lib.config import parse_with_config  # noqa: E402
+from lib.tracking import summary_complete  # noqa: E402
 from train_ra_mla import build_parser  # noqa: E402
 
 
@@ -38,6 +43,12 @@ def ensure_data(args, dataset):
         return
     print(f"[ablation] preparing dataset {dataset} into {args.data_dir}/", flush=True)
     prepare(dataset, args.data_dir, compact_vocab=args.compact_vocab, max_tokens=args.max_tokens or None)
+
+
+def completed(run_dir):
+    """A summary.json not marked incomplete."""
+    path = Path(run_dir) / "summary.json"
+    return path.exists() and summary_complete(json.loads(path.read_text()))
 
 
 def gpu_count():
@@ -99,7 +110,7 @@ def main(argv=None):
         label = " ".join(part for part in [dataset, step or "(single run)", parts[2]] if part)
         seed_flags = ([] if seed is None else ["--seed", str(seed)]) + (["--tracker-run-name", name] if name else [])
         seed_flags += [] if dataset is None else ["--dataset", dataset]
-        if (run_dir / "summary.json").exists() and not ours.force:
+        if completed(run_dir) and not ours.force:
             print(f"[ablation] {label}: already complete in {run_dir}, skipped (FORCE=1 reruns it)")
             run_dirs[dataset].append(run_dir)
             continue

@@ -1,3 +1,4 @@
+import copy
 import json
 import math
 
@@ -5,11 +6,13 @@ import pytest
 import torch
 
 from conftest import tiny_args
+from gpt2.calibrate import CALIB_SEED_SALT, KVSpliceCalibrator
+from gpt2.data import TokenData
 from gpt2.kv_cache import KVCache, LayerKVCache
 from gpt2.model import GPT, GPTConfig
 from gpt2.train import train
 from lib.kv_baselines import VQuantizer
-from scripts.bench_kv import compare_to_reference, main, trained_in_changes
+from scripts.bench_kv import collect_v, compare_to_reference, main, run_benchmark, trained_in_changes
 from scripts.bench_kv_report import format_table
 
 FAMILIES = (["none", "pca", "pca", "splinepca", "splinepca", "int8", "int4"]
@@ -95,6 +98,51 @@ def test_a_recall_checkpoint_gets_accuracy_columns_and_its_own_section(bench_run
     assert text.count("## `") == 2 and "| far acc (vs full +- SE) |" in text
     assert "far = the answer's token lies at least 8 tokens back" in text
     assert len(list(out_png.parent.glob("kv_pareto-*-recall-V0.png"))) == 1  # the second checkpoint's plot
+
+
+def test_a_method_that_cannot_run_fails_before_the_first_row(tiny_data_dir, tmp_path):
+    """head_dim 16 cannot hold the int8/int4 rows' groups of 32 channels: that,
+    and settings the geometry fits cannot work with, are found before any V is
+    collected or any row measured, in one message."""
+    run = tmp_path / "V0"
+    train(tiny_args(tiny_data_dir, run, "--max-iters", "2", "--n-embd", "32", "--kv-prune-k-min", "16",
+                    "--kv-prune-recency", "8"))
+    ckpt = torch.load(run / "last.pt", weights_only=False)
+    ckpt["args"].update(kvsplice_knots=0, kvsplice_samples=16)
+    torch.save(ckpt, tmp_path / "odd.pt")
+    logged = []
+    with pytest.raises(ValueError, match=r"the int8/int4 rows quantize groups of 32 channels: head_dim 16 is not a "
+                                         r"multiple; the PCA / SplinePCA fits need at least k \+ 1 = 17 V vectors "
+                                         r"per layer, but 16 are collected .*; the SplinePCA rows need at least 1 "
+                                         r"knot"):
+        run_benchmark(tmp_path / "odd.pt", ks=[8], eval_batches=1, batch_size=1, calib_batches=1,
+                      decode_repeats=1, log=logged.append)
+    assert logged == []
+
+
+def test_geometries_are_fitted_on_v_of_the_model_without_its_own_method(tiny_data_dir):
+    """A V20 checkpoint's pruning and geometry change the V of every layer after
+    the first; the benchmark fits its geometries on the unpruned model's V."""
+    data = TokenData(tiny_data_dir, "shakespeare")
+    torch.manual_seed(0)
+    v20 = {"select": {"kind": "prune", "keep_ratio": 0.25, "k_min": 8, "recency": 4},
+           "codec": {"kind": "splinepca", "k": 4, "knots": 3}}
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=64, vocab_size=data.vocab_size, v_cache=v20))
+    cal = KVSpliceCalibrator(model, 4)
+    cal.collect(data.get_batch("train", 2, 64, 1, 0, j)[0] for j in range(2))
+    model.attach_kvsplice(cal.fit(knots=3, epochs=1))
+    plain = copy.deepcopy(model)
+    plain.set_v_cache({"select": {"kind": "full"}, "codec": {"kind": "none"}})
+
+    def v_samples(m):
+        c = KVSpliceCalibrator(m, 8, seed=5)
+        c.collect(data.get_batch("train", 2, 64, 5 + CALIB_SEED_SALT, 0, j)[0] for j in range(2))
+        return c.samples
+
+    own, unpruned = v_samples(copy.deepcopy(model)), v_samples(plain)
+    assert torch.equal(own[0], unpruned[0]) and not torch.allclose(own[1], unpruned[1])
+    collected, _ = collect_v(model, data, 2, 2, 8, 120000, 5, log=lambda msg: None)
+    assert all(torch.equal(a, b) for a, b in zip(collected.samples, unpruned))
 
 
 @pytest.mark.parametrize("bits", [8, 4])

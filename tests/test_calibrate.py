@@ -1,7 +1,10 @@
+import json
+import math
+
 import pytest
 import torch
 
-from conftest import fail_at, losses_by_iter, tiny_args
+from conftest import fail_at, losses_by_iter, tiny_args, tiny_argv
 from gpt2.calibrate import KVSpliceCalibrator
 from gpt2.geometry import load_geometry
 from gpt2.model import GPT, GPTConfig
@@ -54,6 +57,13 @@ def test_collected_vectors_are_the_v_third_of_c_attn():
     assert got.shape == expected.shape
     # same set of rows (the subsample is a permutation when nothing is dropped)
     assert torch.allclose(got[got[:, 0].argsort()], expected[expected[:, 0].argsort()])
+
+
+@pytest.mark.parametrize("max_samples", [0, 4])
+def test_a_sample_cap_below_k_plus_one_is_refused_naming_it(max_samples):
+    with pytest.raises(ValueError, match=f"max_samples {max_samples} keeps fewer V vectors per layer than "
+                                         r"the fit needs \(k \+ 1 = 5\); raise --kvsplice-samples"):
+        KVSpliceCalibrator(tiny_model(), k=4, max_samples=max_samples)
 
 
 def test_nonfinite_vectors_are_dropped_and_all_nonfinite_is_an_error(capsys):
@@ -214,3 +224,67 @@ def test_kvsplice_load_replaces_calibration(tiny_data_dir, tmp_path, capsys):
     with pytest.raises(ValueError, match="k is 8, but the model needs k = 16"):
         train(tiny_args(tiny_data_dir, tmp_path / "third", "--kvsplice-k", "16", "--kvsplice-load", str(geometry)))
     assert not (tmp_path / "third" / "last.pt").exists()
+
+
+def test_a_v20_run_whose_calibration_never_ran_is_incomplete_and_not_counted(tiny_data_dir, tmp_path, capsys):
+    """--max-time can end a V20 run before its calibration iteration: the model
+    trained without KVSplice. It exits non-zero, says why, and its summary.json
+    is marked incomplete, so comparisons, the benchmark and the ablation runner
+    do not count it as V20."""
+    from scripts.bench_kv import trained_in_changes
+    from scripts.compare_runs import write_comparison
+    from scripts.run_ablation import completed
+    from train_ra_mla import main
+
+    matrix = tmp_path / "matrix"
+    train(tiny_args(tiny_data_dir, matrix / "V0", "--max-iters", "4", "--ablation-step", "V0"))
+    v20 = matrix / "V20"
+    assert main(tiny_argv(tiny_data_dir, v20, "--ablation-step", "V20", "--kv-prune-k-min", "16",
+                          "--kv-prune-recency", "8", "--kvsplice-k", "8", "--kvsplice-calib-iter", "20",
+                          "--max-time", "0.001")) == 1
+    err = capsys.readouterr().err
+    reason = "calibration was due at iteration 20, but training ended at iteration 1 under --max-time 0.001s"
+    assert f"train_ra_mla.py: error: the run is incomplete: --kvsplice-enable: {reason}" in err
+    summary = json.loads((v20 / "summary.json").read_text())
+    assert summary["complete"] is False and reason in summary["incomplete_reason"] and summary["step"] == "V20"
+    assert torch.load(v20 / "last.pt", weights_only=False)["kvsplice"] is None
+    assert json.loads((matrix / "V0" / "summary.json").read_text())["complete"] is True
+
+    assert completed(matrix / "V0") and not completed(v20)  # the ablation runner runs it again
+    assert trained_in_changes(matrix) == ({"V19": None, "V20": None}, {"V0": 1})
+    text = write_comparison([matrix / "V0", v20], tmp_path / "compare")
+    assert "| V0 | 1 |" in text and "V20" not in text.split("Regenerate")[0]
+    assert f"left out {v20}: incomplete" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="no complete run"):
+        write_comparison([v20], tmp_path / "compare")
+
+
+def test_a_v20_run_under_bf16_autocast_on_cpu(tiny_data_dir, tmp_path):
+    """The autocast path of a GPU run, as far as the CPU exercises it: a V20
+    run of 30 iterations under --dtype bfloat16 has finite losses, fits its
+    geometry in fp32, and decoding through its cache matches the full forward
+    to bf16 precision."""
+    from gpt2.data import TokenData
+
+    run = tmp_path / "run"
+    summary = train(tiny_args(tiny_data_dir, run, "--dtype", "bfloat16", "--ablation-step", "V20",
+                              "--kv-prune-k-min", "16", "--kv-prune-recency", "8", "--kvsplice-k", "8",
+                              "--kvsplice-max-batches", "2", "--kvsplice-epochs", "2"))
+    losses = losses_by_iter(run)
+    assert sorted(losses) == list(range(1, 31)) and all(math.isfinite(v) for v in losses.values())
+    assert summary["complete"] and math.isfinite(summary["final_val_loss"])
+    geometry = torch.load(run / "kvsplice.pt")
+    assert all(t.dtype == torch.float32 for sd in geometry["state_dict"] for t in sd.values())
+    assert all(math.isfinite(s["spline_val_mse"]) for s in geometry["fit_stats"]["layers"])
+
+    model = GPT.from_checkpoint(run / "last.pt").eval()
+    idx = TokenData(tiny_data_dir, "shakespeare").get_batch("val", 2, 64, 3, 0, 0)[0]
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        full, _ = model(idx)
+        cache = model.make_cache()
+        parts = [model(idx[:, :8], caches=cache)[0]] + [model(idx[:, t:t + 1], caches=cache)[0]
+                                                       for t in range(8, 64)]
+    decoded = torch.cat(parts, 1)
+    assert full.dtype == decoded.dtype == torch.bfloat16
+    assert cache.layers[0].v.shape[-1] == 8 and cache.layers[0].v.shape[-2] == 24  # latent V of kept tokens
+    assert torch.allclose(decoded.float(), full.float(), rtol=2 ** -5, atol=2 ** -5)  # a few bf16 ulps

@@ -26,7 +26,7 @@ def bent_spline(dim=8, knots=7, seed=0, spread=1.0, off_grid=False):
             sp.knot_x.copy_(spaced + 0.2 * torch.rand(dim, knots, generator=g))
         sp.raw_slope.copy_(torch.randn(dim, knots + 1, generator=g) * spread)
     sp.refresh()
-    assert (sp.fwd_lines is None) == (off_grid and knots > 2)
+    assert sp.fwd_is_lines == (not off_grid or knots <= 2)
     return sp
 
 
@@ -190,6 +190,30 @@ def test_bad_files_raise_naming_the_path(fitted, tmp_path):
     (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match="cut.pt: not a readable SplinePCA file"):
         SplinePCA.load(tmp_path / "cut.pt")
+
+
+def _with(d, name, edit):
+    """A copy of the to_dict() d whose state_dict entry `name` went through edit."""
+    sd = {n: t.clone() for n, t in d["state_dict"].items()}
+    edit(sd[name])
+    return {**d, "state_dict": sd}
+
+
+@pytest.mark.parametrize("name, edit, message", [
+    ("spline.knot_x", lambda t: t[2, 3].fill_(float("nan")), r"spline knots are not finite in dimension\(s\) \[2\]"),
+    ("spline.knot_x", lambda t: t[5].copy_(t[5].flip(0)), r"spline knots decrease in dimension\(s\) \[5\]"),
+    ("spline.knot_x", lambda t: t[1, 0].fill_(float("-inf")), r"not finite in dimension\(s\) \[1\]"),
+    ("spline.raw_slope", lambda t: t[0, 1].fill_(float("nan")), r"slopes are not finite in dimension\(s\) \[0\]"),
+    ("spline.raw_slope", lambda t: t[4, 0].fill_(100.0), r"spline slopes are not finite in dimension\(s\) \[4\]"),
+    ("pca.components", lambda t: t[0, 0].fill_(float("inf")), "pca.components is not finite"),
+])
+def test_values_that_would_compute_nan_are_rejected(fitted, name, edit, message):
+    m, X = fitted
+    with pytest.raises(ValueError, match=r"geometry dict: .*" + message):
+        SplinePCA.from_dict(_with(m.to_dict(), name, edit))
+    # repeated knots (tied quantiles, a constant dimension) are what fit produces: accepted
+    tied = SplinePCA.from_dict(_with(m.to_dict(), "spline.knot_x", lambda t: t[3].fill_(0.5)))
+    assert torch.isfinite(tied.roundtrip(X)).all()
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

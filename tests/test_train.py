@@ -5,7 +5,7 @@ import torch
 
 from conftest import fail_at, losses_by_iter, tiny_args
 from gpt2.model import GPT
-from gpt2.train import train
+from gpt2.train import BadArguments, train
 from lib.tracking import read_metrics
 
 
@@ -51,14 +51,15 @@ def test_resume_reproduces_the_uninterrupted_run(tiny_data_dir, tmp_path):
 
 
 def test_missing_data_names_the_prepare_command(tmp_path):
-    with pytest.raises(FileNotFoundError, match="make data"):
+    with pytest.raises(ValueError, match="make data"):
         train(tiny_args(tmp_path / "nowhere", tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
 
 
 def test_bad_arguments_fail_before_training(tiny_data_dir, tmp_path):
     with pytest.raises(ValueError, match="kvsplice-k must be in"):
         train(tiny_args(tiny_data_dir, tmp_path / "run", "--kvsplice-enable", "--kvsplice-k", "33"))
-    assert not (tmp_path / "run" / "last.pt").exists()
+    assert not (tmp_path / "run").exists()
 
 
 def test_time_budget_ends_the_schedule_at_min_lr(tiny_data_dir, tmp_path):
@@ -99,3 +100,23 @@ def test_resume_after_a_crash_logs_each_iteration_once(tiny_data_dir, tmp_path):
     straight = losses_by_iter(tmp_path / "straight")
     resumed = losses_by_iter(tmp_path / "crashed")
     assert all(resumed[i] == pytest.approx(straight[i], abs=1e-6) for i in range(21, 31))
+
+
+def test_resume_with_another_max_iters_is_refused_and_changes_nothing(tiny_data_dir, tmp_path):
+    """The LR schedule spans --max-iters: resuming a 10-iteration run with
+    --max-iters 20 trained 0 iterations and exited 0; now it is refused."""
+    run = tmp_path / "run"
+    train(tiny_args(tiny_data_dir, run, "--max-iters", "10"))
+    before = {name: (run / name).read_bytes() for name in ("last.pt", "metrics.jsonl", "summary.json")}
+    for max_iters in ("20", "5"):
+        with pytest.raises(BadArguments, match=rf"--resume: .*last.pt belongs to a run of --max-iters 10, "
+                                               rf"but --max-iters is {max_iters}"):
+            train(tiny_args(tiny_data_dir, run, "--max-iters", max_iters, "--resume"))
+    assert before == {name: (run / name).read_bytes() for name in before}
+    assert train(tiny_args(tiny_data_dir, run, "--max-iters", "10", "--resume"))["iters"] == 10
+
+
+def test_resume_without_a_checkpoint_is_a_bad_argument(tiny_data_dir, tmp_path):
+    with pytest.raises(BadArguments, match="--resume: .*last.pt not found"):
+        train(tiny_args(tiny_data_dir, tmp_path / "run", "--resume"))
+    assert not (tmp_path / "run").exists()
