@@ -58,6 +58,11 @@ BAD = [
     (("--block-size", "100000"), "fewer than block_size + 2 = 100002"),
     (("--dataset", "nowhere"), "no prepared data for dataset 'nowhere'"),
     (("--init-from", "gpt2"), "--init-from gpt2 needs the full GPT-2 vocabulary"),
+    (("--dataset", "copy", "--recall-segment", "40"), "copy needs 2 x --recall-segment + --recall-gap = 80 "
+                                                      "<= block_size 64"),
+    (("--dataset", "mqar", "--recall-pairs", "40"), "--recall-pairs 40 exceeds the 32 keys of --recall-vocab"),
+    (("--dataset", "mqar", "--recall-pair-tokens", "3"), "--recall-pair-tokens must be 1 or 2, got 3"),
+    (("--dataset", "recall", "--recall-vocab", "2"), "--recall-vocab must be >= 4, got 2"),
 ]
 
 
