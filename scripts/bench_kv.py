@@ -272,7 +272,8 @@ def parse_args(argv=None):
     ap.add_argument("--ks", default=",".join(map(str, DEFAULT_KS)), help="latent dims for the PCA / SplinePCA rows")
     ap.add_argument("--fit-epochs", type=int, default=None, help="SplinePCA fit epochs (default: the checkpoint's)")
     ap.add_argument("--matrix", default=None,
-                    help="ablation matrix dir for the trained-in column (default: the checkpoint's run dir's parent)")
+                    help="ablation matrix dir for the trained-in column (default: the checkpoint's run dir's "
+                         "parent, above any seed<N>/)")
     ap.add_argument("--data-dir", default=None, help="prepared data dir (default: the checkpoint's)")
     args = ap.parse_args(argv)
     try:
@@ -282,6 +283,12 @@ def parse_args(argv=None):
     if not args.ks:
         ap.error("--ks is empty")
     return args
+
+
+def default_matrix(ckpt):
+    """The ablation matrix a checkpoint belongs to: its run dir's parent, above any seed<N>/."""
+    matrix = Path(ckpt).resolve().parent.parent
+    return matrix.parent if matrix.name.startswith("seed") else matrix
 
 
 def plot_path(out_png, ckpt, first):
@@ -308,7 +315,7 @@ def main(argv=None):
     results, sections = {}, []
     for i, ckpt in enumerate(args.ckpt):
         t0 = time.perf_counter()
-        matrix = Path(args.matrix) if args.matrix else Path(ckpt).resolve().parent.parent
+        matrix = Path(args.matrix) if args.matrix else default_matrix(ckpt)
         rows = run_benchmark(ckpt, ks=args.ks, eval_batches=args.eval_batches, batch_size=args.batch_size,
                              calib_batches=args.calib_batches, decode_steps=args.decode_steps,
                              decode_repeats=args.decode_repeats, matrix_dir=matrix, data_dir=args.data_dir,

@@ -76,8 +76,9 @@ def _fmt_mean_sd(values, digits=4):
     return f"{mean:.{digits}f} +- {sd:.{digits}f}" if len(values) > 1 else f"{mean:.{digits}f}"
 
 
-def _vs(runs, ref_runs, key="final_val_loss"):
-    """Difference to the reference step: per seed (paired) when both ran the same seeds, else of the means."""
+def _vs(runs, ref_runs, key="final_val_loss", relative=True):
+    """Difference to the reference step: per seed (paired) when both ran the same seeds, else of the
+    means (and relative to it, when `relative`)."""
     if not ref_runs:
         return "n/a"
     ref_by_seed = {seed_of(r): r["summary"][key] for r in ref_runs}
@@ -87,7 +88,7 @@ def _vs(runs, ref_runs, key="final_val_loss"):
         return f"{mean:+.4f} +- {sd:.4f} (paired, {len(diffs)} seeds)"
     mean = mean_sd([r["summary"][key] for r in runs])[0]
     ref = mean_sd(ref_by_seed.values())[0]
-    return f"{mean - ref:+.4f}" + (f" ({(mean - ref) / ref * 100:+.2f}%)" if ref else "")
+    return f"{mean - ref:+.4f}" + (f" ({(mean - ref) / ref * 100:+.2f}%)" if relative and ref else "")
 
 
 def summary_table(runs):
@@ -104,13 +105,13 @@ def summary_table(runs):
         vc = rs[0]["summary"].get("v_cache") or {}
         tps = [r["summary"]["tokens_per_s"] for r in rs if r["summary"].get("tokens_per_s")]
         cells = [name, str(len(rs)), _fmt_mean_sd(losses), f"{math.exp(mean_sd(losses)[0]):.2f}",
-                 _vs(rs, groups.get("V0")), _vs(rs, groups.get("V19"))]
+                 _vs(rs, groups.get("V0"), relative=not recall), _vs(rs, groups.get("V19"), relative=not recall)]
         if recall:
             acc = [r["summary"].get("val_acc") for r in rs]
             far = [r["summary"].get("val_acc_far") for r in rs]
             cells += [_fmt_mean_sd(acc, 3) if None not in acc else "n/a",
                       _fmt_mean_sd(far, 3) if None not in far else "n/a",
-                      _vs(rs, groups.get("V0"), "val_acc_far") if None not in far else "n/a"]
+                      _vs(rs, groups.get("V0"), "val_acc_far", relative=False) if None not in far else "n/a"]
         cells += [f"{vc.get('elements_per_head', 'n/a'):,}", f"{vc.get('bytes_per_head', 'n/a'):,}",
                   f"{statistics.fmean(tps) if tps else float('nan'):,.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
