@@ -13,7 +13,8 @@ import argparse
 import sys
 
 from gpt2.ablations import format_steps, step_overrides
-from gpt2.train import BadArguments, IncompleteRun, train, v_cache_record
+from gpt2.train import IncompleteRun, train, v_cache_record
+from gpt2.validation import BadArguments
 from gpt2.vcache import describe
 from lib.config import parse_with_config
 from lib.kv_pruning import KEEP_RATIO

@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from gpt2.recall import RecallData, is_recall
+
 PREPARE_HINT = "run `make data` or `python -m gpt2.prepare_data --dataset {dataset}`"
 
 _SPLIT_SALT = {"train": 0, "val": 1}
@@ -61,3 +63,15 @@ class TokenData:
             return (x.pin_memory().to(device, non_blocking=True),
                     y.pin_memory().to(device, non_blocking=True))
         return x.contiguous().to(device), y.contiguous().to(device)
+
+
+def recall_data(args):
+    return RecallData(args.dataset, args.recall_vocab, args.recall_segment, args.recall_gap,
+                      args.recall_pairs, args.recall_queries, args.recall_pair_tokens)
+
+
+def open_data(args):
+    """The dataset the flags name: prepared token memmaps, or a recall task generated on the fly."""
+    data = recall_data(args) if is_recall(args.dataset) else TokenData(args.data_dir, args.dataset)
+    data.check_block_size(args.block_size)
+    return data

@@ -178,3 +178,17 @@ def answer_accuracy(logits, y, dist, task, window):
         out[f"acc_{t}"], totals[f"acc_{t}"] = (correct & in_task).sum(), (answer & in_task).sum()
         out[f"acc_{t}_far"], totals[f"acc_{t}_far"] = (correct & far & in_task).sum(), (far & in_task).sum()
     return {name: (int(out[name]), int(totals[name])) for name in out}
+
+
+def accuracy_names(tasks):
+    """The accuracy entries an evaluation reports, in a fixed order (DDP sums them as one tensor)."""
+    return ["acc", "acc_near", "acc_far"] + [f"acc_{t}{part}" for t in tasks for part in ("", "_far")]
+
+
+def format_accuracy(record, tasks):
+    """'acc 0.953 (near n/a, far 0.950; copy 1.000 far 1.000)' from a record's val_acc* entries."""
+    def f(name):
+        v = record.get(f"val_{name}")
+        return "n/a" if v is None else f"{v:.3f}"
+    per_task = "; ".join(f"{t} {f('acc_' + t)} far {f('acc_' + t + '_far')}" for t in tasks)
+    return f"acc {f('acc')} (near {f('acc_near')}, far {f('acc_far')}" + (f"; {per_task})" if per_task else ")")

@@ -8,7 +8,6 @@ the loop itself. KVSplice calibration runs inside the loop at
 
 import math
 import os
-import re
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -19,13 +18,13 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from gpt2.calibrate import CALIB_SEED_SALT, KVSpliceCalibrator
-from gpt2.data import TokenData
+from gpt2.data import TokenData, open_data
 from gpt2.geometry import load_geometry, save_geometry
 from gpt2.model import GPT, GPTConfig, load_checkpoint
 from gpt2.prepare_data import decode_tokens, unigram_entropy
-from gpt2.recall import RecallData, answer_accuracy, is_recall
+from gpt2.recall import RecallData, accuracy_names, answer_accuracy, format_accuracy
+from gpt2.validation import BadArguments, calibration_iter, validate_args
 from lib.atomic import atomic_torch_save
-from lib.kv_pruning import keep_budget
 from lib.tracking import Tracker
 
 CHECKPOINT_FORMAT = 1
@@ -74,162 +73,9 @@ def autocast_context(device, dtype_arg):
     return torch.autocast(device_type=device.split(":")[0], dtype=dtype), dtype_arg
 
 
-class BadArguments(ValueError):
-    """Arguments that cannot make a run, found before anything is written or
-    trained; train_ra_mla.py prints the message and exits with status 2."""
-
-
 class IncompleteRun(RuntimeError):
     """The run trained, but a feature it asked for never engaged; its
     summary.json says so ("complete": false), so nothing downstream counts it."""
-
-
-def _finite(lo, hi=math.inf, closed_hi=False):
-    """A test for lo <= v < hi (v <= hi when closed_hi), NaN and inf failing."""
-    return lambda v: math.isfinite(v) and lo <= v and (v <= hi if closed_hi else v < hi)
-
-
-# flag -> (test, what it must be), for flags that matter whatever else is on
-_DOMAINS = {
-    "seed": (lambda v: 0 <= v < 2 ** 32, "in [0, 2**32)"),
-    "sample_tokens": (lambda v: v >= 0, ">= 0"),
-    "peak_flops": (lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
-    "max_tokens": (lambda v: v >= 0, ">= 0"),
-    "n_layer": (lambda v: v >= 1, ">= 1"),
-    "n_head": (lambda v: v >= 1, ">= 1"),
-    "n_embd": (lambda v: v >= 1, ">= 1"),
-    "block_size": (lambda v: v >= 1, ">= 1"),
-    "dropout": (_finite(0, 1), "in [0, 1)"),
-    "batch_size": (lambda v: v >= 1, ">= 1"),
-    "learning_rate": (lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
-    "min_lr_ratio": (_finite(0, 1, closed_hi=True), "in [0, 1]"),
-    "warmup_iters": (lambda v: v >= 0, ">= 0"),
-    "max_iters": (lambda v: v >= 1, ">= 1"),
-    "max_time": (_finite(0), "a finite number >= 0 (0 = no budget)"),
-    "weight_decay": (_finite(0), "a finite number >= 0"),
-    "beta1": (_finite(0, 1), "in [0, 1)"),
-    "beta2": (_finite(0, 1), "in [0, 1)"),
-    "grad_clip": (_finite(0), "a finite number >= 0 (0 = no clipping)"),
-    "eval_interval": (lambda v: v >= 1, ">= 1"),
-    "eval_iters": (lambda v: v >= 1, ">= 1"),
-    "log_interval": (lambda v: v >= 1, ">= 1"),
-}
-_PRUNE_DOMAINS = {
-    "kv_prune_keep_ratio": (lambda v: 0 < v <= 1, "in (0, 1]"),
-    "kv_prune_k_min": (lambda v: v >= 0, ">= 0"),
-    "kv_prune_recency": (lambda v: v >= 1, ">= 1"),
-}
-_CALIBRATION_DOMAINS = {
-    "kvsplice_max_batches": (lambda v: v >= 1, ">= 1"),
-    "kvsplice_epochs": (lambda v: v >= 0, ">= 0 (0 = PCA with the identity spline)"),
-    "kvsplice_lr": (lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
-}
-
-
-def _flag(dest):
-    return "--" + dest.replace("_", "-")
-
-
-def _domain_problems(args, domains):
-    return [f"{_flag(dest)} must be {what}, got {getattr(args, dest)}"
-            for dest, (ok, what) in domains.items() if not ok(getattr(args, dest))]
-
-
-def calibration_iter(args):
-    return args.kvsplice_calib_iter if args.kvsplice_calib_iter is not None else args.warmup_iters
-
-
-def flag_problems(args, world):
-    """Every flag whose value is outside its domain, or does not fit the others."""
-    problems = _domain_problems(args, _DOMAINS)
-    if args.n_head >= 1 and args.n_embd % args.n_head:
-        problems.append(f"--n-embd {args.n_embd} is not divisible by --n-head {args.n_head}")
-    if args.grad_accum < 1 or args.grad_accum % world:
-        problems.append(f"--grad-accum {args.grad_accum} must be a positive multiple of the "
-                        f"{world} DDP processes")
-    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", args.device):
-        problems.append(f"--device must be auto, cpu, cuda or cuda:N, got {args.device!r}")
-    elif args.device.startswith("cuda") and not torch.cuda.is_available():
-        problems.append(f"--device {args.device}: CUDA is not available on this machine")
-    if args.rmlp and not 0 < args.rmlp_rff < 4 * args.n_embd:
-        problems.append(f"--rmlp-rff must be in (0, 4 x --n-embd = {4 * args.n_embd}), got {args.rmlp_rff}")
-    if args.kv_prune:
-        problems += prune_problems(args)
-    if args.kvsplice_enable or args.kvsplice_load:
-        problems += kvsplice_problems(args)
-    return problems
-
-
-def prune_problems(args):
-    problems = _domain_problems(args, _PRUNE_DOMAINS)
-    if not problems:
-        budget = keep_budget(args.kv_prune_keep_ratio, args.block_size, args.kv_prune_k_min)
-        if budget < args.kv_prune_recency:
-            problems.append(f"--kv-prune-recency {args.kv_prune_recency} exceeds the keep budget {budget} "
-                            f"(max(--kv-prune-k-min, --block-size x --kv-prune-keep-ratio)); raise "
-                            f"--kv-prune-k-min or lower --kv-prune-recency")
-    return problems
-
-
-def kvsplice_problems(args):
-    """The geometry's sizes; with --kvsplice-enable (and no --kvsplice-load)
-    everything calibration needs, so it cannot fail or be skipped after training began."""
-    problems = []
-    head_dim = args.n_embd // args.n_head if args.n_head >= 1 else 0
-    if not 1 <= args.kvsplice_k <= head_dim:
-        problems.append(f"--kvsplice-k must be in [1, head_dim={head_dim}], got {args.kvsplice_k}")
-    if args.kvsplice_knots < 1:
-        problems.append(f"--kvsplice-knots must be >= 1, got {args.kvsplice_knots}")
-    if args.kvsplice_load:
-        if not Path(args.kvsplice_load).is_file():
-            problems.append(f"--kvsplice-load {args.kvsplice_load}: no such file")
-        return problems
-    problems += _domain_problems(args, _CALIBRATION_DOMAINS)
-    need = args.kvsplice_k + 1  # the fit's minimum number of V vectors per layer
-    if args.kvsplice_samples < need:
-        problems.append(f"--kvsplice-samples must be at least --kvsplice-k + 1 = {need} (V vectors kept "
-                        f"per layer for the fit), got {args.kvsplice_samples}")
-    vectors = args.kvsplice_max_batches * args.batch_size * args.block_size * args.n_head
-    if args.kvsplice_max_batches >= 1 and vectors < need:
-        problems.append(f"--kvsplice-max-batches {args.kvsplice_max_batches} x --batch-size {args.batch_size} x "
-                        f"--block-size {args.block_size} x --n-head {args.n_head} = {vectors} V vectors per "
-                        f"layer, fewer than --kvsplice-k + 1 = {need}; raise --kvsplice-max-batches")
-    calib = calibration_iter(args)
-    which = ("--kvsplice-calib-iter" if args.kvsplice_calib_iter is not None
-             else "--kvsplice-calib-iter (default: --warmup-iters)")
-    if not 0 <= calib < args.max_iters:
-        problems.append(f"{which} is {calib}, outside [0, --max-iters = {args.max_iters}): calibration "
-                        f"would never run and the run would train without KVSplice")
-    if not args.kvsplice_save or Path(args.kvsplice_save).name != args.kvsplice_save:
-        problems.append(f"--kvsplice-save must be a file name (it is written in --out-dir), "
-                        f"got {args.kvsplice_save!r}")
-    return problems
-
-
-def input_problems(args):
-    """The data the flags name (prepared data long enough for a block, or a recall
-    task that fits one) and the checkpoint to resume from."""
-    problems = []
-    if is_recall(args.dataset):
-        problems += recall_data(args).problems(args.block_size)
-    else:
-        try:
-            data = TokenData(args.data_dir, args.dataset)
-            if args.block_size >= 1:
-                data.check_block_size(args.block_size)
-        except (OSError, ValueError) as e:
-            problems.append(str(e))
-    if args.resume and not (Path(args.out_dir) / "last.pt").is_file():
-        problems.append(f"--resume: {Path(args.out_dir) / 'last.pt'} not found")
-    return problems
-
-
-def validate_args(args, world=1):
-    """Raise BadArguments listing every problem with the flags and the files
-    they name, before anything is created, written or trained."""
-    problems = flag_problems(args, world) + input_problems(args)
-    if problems:
-        raise BadArguments("bad arguments:\n  " + "\n  ".join(problems))
 
 
 def v_cache_record(args):
@@ -344,18 +190,6 @@ def learning_rate(it, progress, args):
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (args.learning_rate - min_lr)
 
 
-def recall_data(args):
-    return RecallData(args.dataset, args.recall_vocab, args.recall_segment, args.recall_gap,
-                      args.recall_pairs, args.recall_queries, args.recall_pair_tokens)
-
-
-def open_data(args):
-    """The dataset the flags name: prepared token memmaps, or a recall task generated on the fly."""
-    data = recall_data(args) if is_recall(args.dataset) else TokenData(args.data_dir, args.dataset)
-    data.check_block_size(args.block_size)
-    return data
-
-
 @torch.no_grad()
 def estimate_loss(model, data, args, rt, amp):
     """Mean loss over --eval-iters fixed batches per split, shared out across ranks;
@@ -363,7 +197,7 @@ def estimate_loss(model, data, args, rt, amp):
     inside or beyond --kv-prune-recency tokens back; per task)."""
     model.eval()
     out = {}
-    names = accuracy_names(data) if isinstance(data, RecallData) else []
+    names = accuracy_names(data.tasks) if isinstance(data, RecallData) else []
     for split in ("train", "val"):
         total = torch.zeros(2 + 2 * len(names), dtype=torch.float64, device=rt.device)
         for j in range(rt.rank, args.eval_iters, rt.world):
@@ -390,19 +224,6 @@ def estimate_loss(model, data, args, rt, amp):
                 out[f"val_{name}"] = correct / n if n else None
     model.train()
     return out
-
-
-def accuracy_names(data):
-    return ["acc", "acc_near", "acc_far"] + [f"acc_{t}{part}" for t in data.tasks for part in ("", "_far")]
-
-
-def format_accuracy(record, tasks):
-    """'acc 0.953 (near n/a, far 0.950; copy 1.000 far 1.000; mqar ...)' from val_acc* entries."""
-    def f(name):
-        v = record.get(f"val_{name}")
-        return "n/a" if v is None else f"{v:.3f}"
-    per_task = "; ".join(f"{t} {f('acc_' + t)} far {f('acc_' + t + '_far')}" for t in tasks)
-    return f"acc {f('acc')} (near {f('acc_near')}, far {f('acc_far')}" + (f"; {per_task})" if per_task else ")")
 
 
 def format_eta(seconds):

@@ -51,7 +51,8 @@ sys.path.insert(0, str(ROOT))
 from gpt2.calibrate import CALIB_SEED_SALT, KVSpliceCalibrator  # noqa: E402
 from gpt2.model import GPT, load_checkpoint  # noqa: E402
 from gpt2.recall import RecallData  # noqa: E402
-from gpt2.train import EVAL_SEED_SALT, open_data  # noqa: E402
+from gpt2.data import open_data  # noqa: E402
+from gpt2.train import EVAL_SEED_SALT  # noqa: E402
 from gpt2.vcache import FULL  # noqa: E402
 from lib.atomic import atomic_write_text  # noqa: E402
 from lib.kv_pruning import keep_budget  # noqa: E402
@@ -331,7 +332,7 @@ def main(argv=None):
         results[ckpt] = rows
     wall_s = time.perf_counter() - t_start
     command = "python scripts/bench_kv.py " + shlex.join(argv)
-    doc = (f"# KV-cache benchmark: post-hoc V-cache methods\n\n" + "\n".join(sections) +
+    doc = ("# KV-cache benchmark: post-hoc V-cache methods\n\n" + "\n".join(sections) +
            f"\n## Regenerate\n\n    {command}\n\n"
            f"Machine: {machine_description(torch.get_num_threads())}. Wall time {wall_s:.1f} s.\n")
     atomic_write_text(args.out_md, doc)

@@ -19,8 +19,7 @@ import statistics
 import time
 from dataclasses import dataclass, field
 
-from gpt2.calibrate import KVSpliceCalibrator
-from gpt2.vcache import FULL, describe
+from gpt2.vcache import FULL
 from lib.kv_pruning import KEEP_RATIO, keep_budget
 
 V20_K = 16  # the V20 configuration's latent dims per head

@@ -5,7 +5,8 @@ import torch
 
 from conftest import fail_at, losses_by_iter, tiny_args
 from gpt2.model import GPT
-from gpt2.train import BadArguments, train
+from gpt2.train import train
+from gpt2.validation import BadArguments
 from lib.tracking import read_metrics
 
 

@@ -1,0 +1,166 @@
+"""Every flag with a domain, and the inputs the flags name, checked before a run
+creates, writes or trains anything: validate_args raises BadArguments listing
+every problem in one message (train_ra_mla.py prints it and exits 2)."""
+
+import math
+import re
+from pathlib import Path
+
+import torch
+
+from gpt2.data import TokenData, recall_data
+from gpt2.recall import is_recall
+from lib.kv_pruning import keep_budget
+
+
+class BadArguments(ValueError):
+    """Arguments that cannot make a run, found before anything is written or
+    trained; train_ra_mla.py prints the message and exits with status 2."""
+
+
+def _finite(lo, hi=math.inf, closed_hi=False):
+    """A test for lo <= v < hi (v <= hi when closed_hi), NaN and inf failing."""
+    return lambda v: math.isfinite(v) and lo <= v and (v <= hi if closed_hi else v < hi)
+
+
+# flag -> (test, what it must be), for flags that matter whatever else is on
+_DOMAINS = {
+    "seed": (lambda v: 0 <= v < 2 ** 32, "in [0, 2**32)"),
+    "sample_tokens": (lambda v: v >= 0, ">= 0"),
+    "peak_flops": (lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
+    "max_tokens": (lambda v: v >= 0, ">= 0"),
+    "n_layer": (lambda v: v >= 1, ">= 1"),
+    "n_head": (lambda v: v >= 1, ">= 1"),
+    "n_embd": (lambda v: v >= 1, ">= 1"),
+    "block_size": (lambda v: v >= 1, ">= 1"),
+    "dropout": (_finite(0, 1), "in [0, 1)"),
+    "batch_size": (lambda v: v >= 1, ">= 1"),
+    "learning_rate": (lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
+    "min_lr_ratio": (_finite(0, 1, closed_hi=True), "in [0, 1]"),
+    "warmup_iters": (lambda v: v >= 0, ">= 0"),
+    "max_iters": (lambda v: v >= 1, ">= 1"),
+    "max_time": (_finite(0), "a finite number >= 0 (0 = no budget)"),
+    "weight_decay": (_finite(0), "a finite number >= 0"),
+    "beta1": (_finite(0, 1), "in [0, 1)"),
+    "beta2": (_finite(0, 1), "in [0, 1)"),
+    "grad_clip": (_finite(0), "a finite number >= 0 (0 = no clipping)"),
+    "eval_interval": (lambda v: v >= 1, ">= 1"),
+    "eval_iters": (lambda v: v >= 1, ">= 1"),
+    "log_interval": (lambda v: v >= 1, ">= 1"),
+}
+_PRUNE_DOMAINS = {
+    "kv_prune_keep_ratio": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "kv_prune_k_min": (lambda v: v >= 0, ">= 0"),
+    "kv_prune_recency": (lambda v: v >= 1, ">= 1"),
+}
+_CALIBRATION_DOMAINS = {
+    "kvsplice_max_batches": (lambda v: v >= 1, ">= 1"),
+    "kvsplice_epochs": (lambda v: v >= 0, ">= 0 (0 = PCA with the identity spline)"),
+    "kvsplice_lr": (lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
+}
+
+
+def _flag(dest):
+    return "--" + dest.replace("_", "-")
+
+
+def _domain_problems(args, domains):
+    return [f"{_flag(dest)} must be {what}, got {getattr(args, dest)}"
+            for dest, (ok, what) in domains.items() if not ok(getattr(args, dest))]
+
+
+def calibration_iter(args):
+    return args.kvsplice_calib_iter if args.kvsplice_calib_iter is not None else args.warmup_iters
+
+
+def flag_problems(args, world):
+    """Every flag whose value is outside its domain, or does not fit the others."""
+    problems = _domain_problems(args, _DOMAINS)
+    if args.n_head >= 1 and args.n_embd % args.n_head:
+        problems.append(f"--n-embd {args.n_embd} is not divisible by --n-head {args.n_head}")
+    if args.grad_accum < 1 or args.grad_accum % world:
+        problems.append(f"--grad-accum {args.grad_accum} must be a positive multiple of the "
+                        f"{world} DDP processes")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", args.device):
+        problems.append(f"--device must be auto, cpu, cuda or cuda:N, got {args.device!r}")
+    elif args.device.startswith("cuda") and not torch.cuda.is_available():
+        problems.append(f"--device {args.device}: CUDA is not available on this machine")
+    if args.rmlp and not 0 < args.rmlp_rff < 4 * args.n_embd:
+        problems.append(f"--rmlp-rff must be in (0, 4 x --n-embd = {4 * args.n_embd}), got {args.rmlp_rff}")
+    if args.kv_prune:
+        problems += prune_problems(args)
+    if args.kvsplice_enable or args.kvsplice_load:
+        problems += kvsplice_problems(args)
+    return problems
+
+
+def prune_problems(args):
+    problems = _domain_problems(args, _PRUNE_DOMAINS)
+    if not problems:
+        budget = keep_budget(args.kv_prune_keep_ratio, args.block_size, args.kv_prune_k_min)
+        if budget < args.kv_prune_recency:
+            problems.append(f"--kv-prune-recency {args.kv_prune_recency} exceeds the keep budget {budget} "
+                            f"(max(--kv-prune-k-min, --block-size x --kv-prune-keep-ratio)); raise "
+                            f"--kv-prune-k-min or lower --kv-prune-recency")
+    return problems
+
+
+def kvsplice_problems(args):
+    """The geometry's sizes; with --kvsplice-enable (and no --kvsplice-load)
+    everything calibration needs, so it cannot fail or be skipped after training began."""
+    problems = []
+    head_dim = args.n_embd // args.n_head if args.n_head >= 1 else 0
+    if not 1 <= args.kvsplice_k <= head_dim:
+        problems.append(f"--kvsplice-k must be in [1, head_dim={head_dim}], got {args.kvsplice_k}")
+    if args.kvsplice_knots < 1:
+        problems.append(f"--kvsplice-knots must be >= 1, got {args.kvsplice_knots}")
+    if args.kvsplice_load:
+        if not Path(args.kvsplice_load).is_file():
+            problems.append(f"--kvsplice-load {args.kvsplice_load}: no such file")
+        return problems
+    problems += _domain_problems(args, _CALIBRATION_DOMAINS)
+    need = args.kvsplice_k + 1  # the fit's minimum number of V vectors per layer
+    if args.kvsplice_samples < need:
+        problems.append(f"--kvsplice-samples must be at least --kvsplice-k + 1 = {need} (V vectors kept "
+                        f"per layer for the fit), got {args.kvsplice_samples}")
+    vectors = args.kvsplice_max_batches * args.batch_size * args.block_size * args.n_head
+    if args.kvsplice_max_batches >= 1 and vectors < need:
+        problems.append(f"--kvsplice-max-batches {args.kvsplice_max_batches} x --batch-size {args.batch_size} x "
+                        f"--block-size {args.block_size} x --n-head {args.n_head} = {vectors} V vectors per "
+                        f"layer, fewer than --kvsplice-k + 1 = {need}; raise --kvsplice-max-batches")
+    calib = calibration_iter(args)
+    which = ("--kvsplice-calib-iter" if args.kvsplice_calib_iter is not None
+             else "--kvsplice-calib-iter (default: --warmup-iters)")
+    if not 0 <= calib < args.max_iters:
+        problems.append(f"{which} is {calib}, outside [0, --max-iters = {args.max_iters}): calibration "
+                        f"would never run and the run would train without KVSplice")
+    if not args.kvsplice_save or Path(args.kvsplice_save).name != args.kvsplice_save:
+        problems.append(f"--kvsplice-save must be a file name (it is written in --out-dir), "
+                        f"got {args.kvsplice_save!r}")
+    return problems
+
+
+def input_problems(args):
+    """The data the flags name (prepared data long enough for a block, or a recall
+    task that fits one) and the checkpoint to resume from."""
+    problems = []
+    if is_recall(args.dataset):
+        problems += recall_data(args).problems(args.block_size)
+    else:
+        try:
+            data = TokenData(args.data_dir, args.dataset)
+            if args.block_size >= 1:
+                data.check_block_size(args.block_size)
+        except (OSError, ValueError) as e:
+            problems.append(str(e))
+    if args.resume and not (Path(args.out_dir) / "last.pt").is_file():
+        problems.append(f"--resume: {Path(args.out_dir) / 'last.pt'} not found")
+    return problems
+
+
+def validate_args(args, world=1):
+    """Raise BadArguments listing every problem with the flags and the files
+    they name, before anything is created, written or trained."""
+    problems = flag_problems(args, world) + input_problems(args)
+    if problems:
+        raise BadArguments("bad arguments:\n  " + "\n  ".join(problems))
