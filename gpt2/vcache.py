@@ -41,20 +41,19 @@ CODECS = {}     # kind -> VCodec subclass
 FULL = {"select": {"kind": "full"}, "codec": {"kind": "none"}}
 
 
-def register_selector(kind):
-    def register(cls):
-        cls.kind = kind
-        SELECTORS[kind] = cls
-        return cls
+def _registrar(registry):
+    """A class decorator factory: @register(kind) files the class under kind."""
+    def register(kind):
+        def add(cls):
+            cls.kind = kind
+            registry[kind] = cls
+            return cls
+        return add
     return register
 
 
-def register_codec(kind):
-    def register(cls):
-        cls.kind = kind
-        CODECS[kind] = cls
-        return cls
-    return register
+register_selector = _registrar(SELECTORS)
+register_codec = _registrar(CODECS)
 
 
 # ---- token selectors -------------------------------------------------------------

@@ -9,6 +9,7 @@ import math
 import statistics
 
 NOISE_SE = 2.0  # a difference within this many standard errors is "within noise"
+NOISE_FLOOR = 1e-6  # and so is one below float32 rounding of a mean loss, whatever its SE
 
 
 def mean_sd(values):
@@ -31,7 +32,8 @@ def paired_difference(a, b):
 
 
 def verdict(diff, se, higher="higher", lower="lower"):
-    """'within noise' unless |diff| exceeds NOISE_SE standard errors; then `higher` or `lower`."""
-    if se is None or abs(diff) <= NOISE_SE * se:
+    """'within noise' unless |diff| exceeds NOISE_SE standard errors (and NOISE_FLOOR);
+    then `higher` or `lower`."""
+    if se is None or abs(diff) <= max(NOISE_SE * se, NOISE_FLOOR):
         return "within noise"
     return higher if diff > 0 else lower

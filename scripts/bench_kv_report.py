@@ -2,6 +2,7 @@
 number is measured, and the Pareto plot. Pure: rows in, text (or a PNG) out."""
 
 import datetime
+import math
 import os
 import platform
 from pathlib import Path
@@ -9,7 +10,7 @@ from pathlib import Path
 import torch
 
 from lib.atomic import atomic_write
-from lib.stats import NOISE_SE, paired_difference, verdict
+from lib.stats import NOISE_FLOOR, NOISE_SE, paired_difference, verdict
 from scripts.bench_kv_methods import QUANT_GROUP, V20_K
 
 DECODE_TARGET = 0.8  # V20 decode tokens/s relative to the uncompressed cache
@@ -20,10 +21,22 @@ def _fmt_pct(x):
     return "n/a" if x is None else f"{x:+.2f}%"
 
 
-def _fmt_change(r):
-    """'+1.23% +- 0.40' (paired SE), or the bare change when no SE exists."""
+def _fmt_change(r, recall):
+    """Text: perplexity change '+1.23% +- 0.40' (paired SE). Recall: the loss on answers
+    is near 0, where a relative change says nothing: the loss difference '+0.1234 +- 0.0050'."""
+    if recall:
+        se = r["loss_diff_se"]
+        return f"{r['loss_diff']:+.4f}" + ("" if se is None else f" +- {se:.4f}")
     se = r.get("ppl_change_se_pct")
     return _fmt_pct(r["ppl_change_pct"]) + ("" if se is None else f" +- {se:.2f}")
+
+
+def _fmt_trained(r, recall):
+    """The trained-in run's change vs V0: perplexity %, or for recall the loss difference."""
+    pct = r.get("trained_in_pct")
+    if pct is None or not recall:
+        return _fmt_pct(pct)
+    return f"{math.log1p(pct / 100):+.4f}"
 
 
 def _fmt_acc(r, name):
@@ -92,16 +105,17 @@ def targets(rows, wall_s=None):
 def format_table(rows, wall_s=None):
     """The context-use line, the markdown table, then one line per target. Pure: rows in, text out."""
     recall = rows[0]["info"]["recall"]
-    head = ["method", "V bytes/token/layer", "compression", "val loss", "ppl change +- SE", "vs full cache"]
+    head = ["method", "V bytes/token/layer", "compression", "val loss",
+            "loss diff +- SE" if recall else "ppl change +- SE", "vs full cache"]
     head += ["acc (vs full +- SE)", "far acc (vs full +- SE)"] if recall else []
-    head += ["decode tok/s", "calib s", "trained-in ppl change"]
+    head += ["decode tok/s", "calib s", "trained-in loss diff" if recall else "trained-in ppl change"]
     lines = [context_use(rows)[1], "",
              "| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
     for r in rows:
         cells = [r["method"], f"{r['v_bytes_per_token']:.1f}", f"{r['compression']:.2f}x", f"{r['val_loss']:.4f}",
-                 _fmt_change(r), r["verdict"]]
+                 _fmt_change(r, recall), r["verdict"]]
         cells += [_fmt_acc(r, "acc"), _fmt_acc(r, "acc_far")] if recall else []
-        cells += [f"{r['decode_tok_s']:.1f}", f"{r['calib_s']:.1f}", _fmt_pct(r.get("trained_in_pct"))]
+        cells += [f"{r['decode_tok_s']:.1f}", f"{r['calib_s']:.1f}", _fmt_trained(r, recall)]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     for met, text in targets(rows, wall_s):
@@ -147,8 +161,9 @@ def notes(rows):
         f"methods timed round-robin.",
         f"- Statistics: every method is evaluated on the same {info['n_eval_batches']} val batches; ppl change "
         f"+- SE is exp(d) - 1 for the mean per-batch loss difference d to the full cache, with the paired "
-        f"standard error of d; 'within noise' means |d| <= {NOISE_SE:g} SE. Accuracy differences likewise, "
-        f"per batch.",
+        f"standard error of d; 'within noise' means |d| <= {NOISE_SE:g} SE (or below {NOISE_FLOOR:g}, float32 "
+        f"rounding of a mean loss). On recall checkpoints the loss on answers is near 0, so the table gives d "
+        f"itself instead of a perplexity change. Accuracy differences likewise, per batch.",
         f"- Controls: `random` keeps pruning's budget and recency window but picks the older tokens by a fixed "
         f"hash of position, so with the same codec it holds the same V bytes as the `prune` row; each "
         f"`window N` keeps only the last N tokens' fp32 V, N chosen so it holds the bytes of a `prune` row "

@@ -98,6 +98,7 @@ def test_paired_statistics_recover_a_known_difference():
     assert se == pytest.approx(0.01 / math.sqrt(400), rel=0.15)
     assert verdict(diff, se, "worse", "better") == "worse"
     assert verdict(0.001, 0.001) == "within noise" and verdict(-0.01, 0.001) == "lower"
+    assert verdict(5e-7, 0.0) == "within noise"  # below float32 rounding of a mean loss
     assert paired_difference([1.0], [0.5]) == (0.5, None) and verdict(0.5, None) == "within noise"
     assert mean_sd([1.0, 3.0]) == (2.0, pytest.approx(math.sqrt(2)))
     with pytest.raises(ValueError, match="equally long"):
