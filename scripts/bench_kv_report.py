@@ -91,7 +91,7 @@ def targets(rows, wall_s=None):
         out.append((None if not can_rank else not worse, text))
     if wall_s is not None:
         out.append((wall_s < WALL_TARGET_S,
-                    f"whole benchmark wall time {wall_s:.1f} s < {WALL_TARGET_S} s (2 cores, quick-start checkpoint)"))
+                    f"benchmark wall time {wall_s:.1f} s < {WALL_TARGET_S} s for this checkpoint (2 cores)"))
     ref = next((r for r in rows if r["family"] == "none"), None)
     v20 = next((r for r in rows if r["family"] == "prune+splinepca"), None)
     if ref and v20:
@@ -195,17 +195,25 @@ def write_plot(rows, path):
     path.parent.mkdir(parents=True, exist_ok=True)
     markers = "o^sDvP*Xhp<>d"
     fig, ax = plt.subplots(figsize=(11, 7))
+    recall = rows[0]["info"]["recall"]
+    metric = "acc_far" if rows[0].get("acc_far") is not None else "acc"  # far: what the V cache must hold
     for i, r in enumerate(rows):
-        se = r.get("ppl_change_se_pct")
-        ax.errorbar(r["v_bytes_per_token"], r["ppl"], yerr=None if se is None else 2 * se / 100 * rows[0]["ppl"],
-                    fmt=markers[i % len(markers)], markersize=7, capsize=3, label=r["method"])
+        if recall:
+            y, se = r[metric], r.get(f"{metric}_diff_se")
+            yerr = None if se is None else 2 * se
+        else:
+            y, se = r["ppl"], r.get("ppl_change_se_pct")
+            yerr = None if se is None else 2 * se / 100 * rows[0]["ppl"]
+        ax.errorbar(r["v_bytes_per_token"], y, yerr=yerr, fmt=markers[i % len(markers)], markersize=7, capsize=3,
+                    label=r["method"])
         below = r["family"] in ("splinepca", "prune+splinepca")  # PCA and SplinePCA often coincide
-        ax.annotate(r["method"], (r["v_bytes_per_token"], r["ppl"]), textcoords="offset points",
+        ax.annotate(r["method"], (r["v_bytes_per_token"], y), textcoords="offset points",
                     xytext=(5, -11 if below else 4), fontsize=7)
     ax.set_xscale("log")
     ax.set_xlabel("V-cache bytes per token per layer (log)")
-    ax.set_ylabel("validation perplexity (bars: +- 2 paired SE vs the full cache)")
-    ax.set_title("Post-hoc V-cache compression: perplexity vs memory")
+    what = ("far accuracy" if metric == "acc_far" else "accuracy") if recall else "validation perplexity"
+    ax.set_ylabel(f"{what} (bars: +- 2 paired SE vs the full cache)")
+    ax.set_title(f"Post-hoc V-cache methods on {rows[0]['info']['dataset']}: {what} vs memory")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0), ncol=1)
     fig.tight_layout()

@@ -203,7 +203,7 @@ def test_format_table_lines_and_targets():
                         "| +1.23% |")
     assert lines[-3] == ("- MET: SplinePCA no worse than PCA beyond 2 paired SE at every k "
                          "(k=8: val loss -0.01000 +- 0.00408)")
-    assert lines[-2] == "- MET: whole benchmark wall time 42.0 s < 600 s (2 cores, quick-start checkpoint)"
+    assert lines[-2] == "- MET: benchmark wall time 42.0 s < 600 s for this checkpoint (2 cores)"
     assert lines[-1] == ("- NOT MET: decode at V20 settings 79.0 tok/s = 0.79x the uncompressed cache's "
                          "100.0 tok/s (target >= 0.8x)")
     rows = table_rows([1.99, 2.1, 1.91, 2.0])  # the window is as good as the full cache: no ranking
