@@ -325,7 +325,7 @@ class GPT(nn.Module):
         assert block_size <= self.config.block_size
         self.config.block_size = block_size
         self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
-        self.set_v_cache(self.config.v_cache)  # budgets follow block_size
+        self.set_v_cache(self.config.v_cache, self.kvsplice_meta)  # budgets follow block_size
 
     def estimate_mfu(self, tokens_per_iter, dt, peak_flops):
         """Model FLOPs utilisation (PaLM appendix B), as in nanoGPT."""

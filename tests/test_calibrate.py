@@ -288,3 +288,14 @@ def test_a_v20_run_under_bf16_autocast_on_cpu(tiny_data_dir, tmp_path):
     assert full.dtype == decoded.dtype == torch.bfloat16
     assert cache.layers[0].v.shape[-1] == 8 and cache.layers[0].v.shape[-2] == 24  # latent V of kept tokens
     assert torch.allclose(decoded.float(), full.float(), rtol=2 ** -5, atol=2 ** -5)  # a few bf16 ulps
+
+
+def test_cropping_the_context_keeps_the_geometry_and_rescales_the_budget():
+    model = tiny_model(v_cache=v_cache(prune=True, k_min=8, recency=4))
+    model.attach_kvsplice(fitted_geometry(model))
+    geometry = model.transformer.h[0].attn.vcache.codec.kvsplice.state_dict()
+    assert model.transformer.h[0].attn.vcache.selector.rule.budget == 24  # int(64 x 0.382)
+    model.crop_block_size(32)
+    attn = model.transformer.h[0].attn.vcache
+    assert attn.selector.rule.budget == 12 and attn.codec.fitted
+    assert all(torch.equal(geometry[n], t) for n, t in attn.codec.kvsplice.state_dict().items())
