@@ -204,7 +204,7 @@ def estimate_loss(model, data, args, rt, amp):
             if names:
                 x, y, distance, task = data.get_batch_with_distance(split, args.batch_size, args.block_size,
                                                                     args.seed + EVAL_SEED_SALT, 0, j)
-                x, y = x.to(rt.device), y.to(rt.device)
+                x, y, distance, task = (t.to(rt.device) for t in (x, y, distance, task))
             else:
                 x, y = data.get_batch(split, args.batch_size, args.block_size,
                                       args.seed + EVAL_SEED_SALT, 0, j, rt.device)
@@ -212,7 +212,7 @@ def estimate_loss(model, data, args, rt, amp):
                 logits, loss = model(x, y)
             counts = [loss.item(), 1.0] + [0.0] * (2 * len(names))
             if names and split == "val":
-                acc = answer_accuracy(logits.cpu(), y.cpu(), distance, task, args.kv_prune_recency)
+                acc = answer_accuracy(logits, y, distance, task, args.kv_prune_recency)  # on device: no logits copy
                 counts[2:] = [v for name in names for v in acc.get(name, (0, 0))]
             total += torch.tensor(counts, dtype=torch.float64, device=rt.device)
         if rt.ddp:
