@@ -9,20 +9,24 @@ for good by the rule in lib/kv_pruning.py: the recency window plus the top
 (budget - W) older tokens by selector.score, final once the token leaves the
 window.
 
-Every call, a prefill of a prompt or one new token, runs the same math: the
-candidates are the held old tokens plus the tail (window + new tokens), the
-tail's scores are the running sums carried over plus the attention the new
-queries give, and lib.kv_pruning.keep_mask decides per query. The result is
-the full-sequence selector.forward on v_decode(v_encode(v)), up to float
-rounding (see the caveat in the tests: an exact near-tie between two scores
-may be ordered differently when rounding differs).
+A prefill of several tokens ranks the candidates (the held old tokens plus
+the tail: window + new tokens) with lib.kv_pruning.keep_mask per query; a
+one-token step is its incremental form (at most one token changes status).
+Either way the result is the full-sequence selector.forward on
+v_decode(v_encode(v)), up to float rounding (see the caveat in the tests: an
+exact near-tie between two scores may be ordered differently when rounding
+differs).
 
-Layout of a pruned layer, per (batch, head), in position order:
-    v      (B, nh, n, kdim)  held values: old kept tokens, then the window
+Layout of a pruned layer, per (batch, head):
+    v      (B, nh, n, kdim)  held values (old kept tokens and the window)
     v_pos  (B, nh, n)        their positions (heads hold different tokens)
-    old_score  (B, nh, n_old)   final scores of the old kept tokens
-    window_sum (B, nh, w)       attention received so far by the window tokens
+    score  (B, nh, n)        an old token's final score; a window token's
+                             attention received so far
 with n = min(t, budget) for every (batch, head), so the tensors stay dense.
+A prefill leaves them in position order. Once the cache is full, a step
+writes the new token into the slot of the token it evicts, in place, so the
+order is lost (attention does not depend on it); the next prefill sorts
+them back first.
 """
 
 import math
@@ -37,6 +41,9 @@ def _identity(v):
     return v
 
 
+_COMPILED_STEP = None  # LayerKVCache._step under torch.compile, made on first use
+
+
 class LayerKVCache:
     """Keys in full, values encoded and (with a token selector) only for kept tokens."""
 
@@ -49,12 +56,25 @@ class LayerKVCache:
         self.reset()
 
     def reset(self):
-        self.length = 0         # tokens seen
-        self.k = None           # (B, nh, t, hs) every key
-        self.v = None           # (B, nh, n, kdim) encoded values held, position order
-        self.v_pos = None       # (B, nh, n) their positions (pruning only)
-        self.old_score = None   # (B, nh, n_old) final scores of held old tokens
-        self.window_sum = None  # (B, nh, w) attention received by the window so far
+        self.length = 0      # tokens seen
+        self.k = None        # (B, nh, t, hs) every key
+        self.v = None        # (B, nh, n, kdim) encoded values held
+        self.v_pos = None    # (B, nh, n) their positions (pruning only)
+        self.score = None    # (B, nh, n) final score (old tokens) or attention received (window)
+        self.ordered = True  # v, v_pos, score in position order
+
+    def compile(self):
+        """Run each one-token step as one compiled graph (torch.compile,
+        shared by every layer and cache): key append, V encode, eviction and
+        attention fused, instead of dozens of small eager ops. The first step
+        compiles (seconds on CPU)."""
+        global _COMPILED_STEP
+        if _COMPILED_STEP is None:
+            _COMPILED_STEP = torch.compile(LayerKVCache._step, dynamic=True)
+        self._step_fn = _COMPILED_STEP
+        return self
+
+    _step_fn = None  # LayerKVCache._step, or its compiled form
 
     def __call__(self, q, k, v):
         return self.forward(q, k, v)
@@ -62,89 +82,110 @@ class LayerKVCache:
     def forward(self, q, k, v):
         """q, k, v: (B, nh, T_new, hs) for the new tokens -> y (B, nh, T_new, hs)."""
         with torch.autocast(q.device.type, enabled=False):  # fp32 scores, as in training
-            return self._forward(q, k, v)
+            if q.size(-2) == 1 and self.v is not None:
+                return (self._step_fn or LayerKVCache._step)(self, q, k, v)
+            return self._prefill(q, k, v)
 
-    def _forward(self, q, k, v):
+    def _prefill(self, q, k, v):
         t0 = self.length
         self.k = k if self.k is None else torch.cat([self.k, k], dim=-2)
         self.length = t0 + q.size(-2)
         v_new = self.v_encode(v)  # (B, nh, T_new, kdim)
-        att = self._logits(q, t0)  # (B, nh, T_new, t), causal
         if self.selector is None:
             self.v = v_new if self.v is None else torch.cat([self.v, v_new], dim=-2)
-            att = F.softmax(att, dim=-1)
+            att = F.softmax(self._logits(q, t0), dim=-1)
             return (att @ self.v_decode(self.v).float()).to(q.dtype)
-        if q.size(-2) == 1 and self.v is not None:
-            return self._step_pruned(q, att, v_new, t0)
-        return self._attend_pruned(q, att, v_new, t0)
-
-    def _step_pruned(self, q, att, v_new, t0):
-        """One new token, O(held) instead of ranking every candidate pair.
-
-        At most one token changes status per step: position t0-W leaves the
-        window with its final score. It joins the old tokens if a slot is
-        free, else it and the held old tokens lose the worst of them (lowest
-        score; on a tie the older one, as keep_mask orders ties). That is the
-        incremental form of keep_mask's top-k over a growing set, so the held
-        tokens are the same.
-        """
-        W, slots = self.selector.recency, self.selector.budget - self.selector.recency
-        B, nh = q.shape[:2]
-        n_old = self.old_score.size(-1)
-        probs = F.softmax(att, dim=-1)  # (B, nh, 1, t): full keys, for the scores
-        tail_start = t0 - self.window_sum.size(-1)
-        lag = t0 - torch.arange(tail_start, t0 + 1, device=q.device)
-        received = F.pad(self.window_sum, (0, 1)) + probs[..., 0, tail_start:].masked_fill(lag >= W, 0.0)
-        v_all = torch.cat([self.v, v_new], dim=-2)  # (B, nh, n + 1, kdim): old, window, new
-        pos = torch.cat([self.v_pos, self.v_pos.new_full((B, nh, 1), t0)], dim=-1)
-        old_score = self.old_score
-        if t0 >= W:  # position t0-W leaves the window: its score is final
-            leaving = self.selector.score(received[..., :1] / W, pos[..., n_old:n_old + 1])  # (B, nh, 1)
-            received = received[..., 1:]
-            old_score = torch.cat([old_score, leaving], dim=-1)  # candidates in position order
-            if n_old + 1 > slots:  # one of the candidates goes, for good
-                worst = old_score.argmin(dim=-1, keepdim=True)  # first = oldest among equal scores
-                drop = torch.zeros_like(pos, dtype=torch.bool).scatter_(-1, worst, True)
-                keep = ~drop
-                n = pos.size(-1) - 1
-                v_all = v_all[keep].view(B, nh, n, v_all.size(-1))
-                pos = pos[keep].view(B, nh, n)
-                old_score = old_score[keep[..., :n_old + 1]].view(B, nh, n_old)
-        held_att = F.softmax(att.gather(-1, pos[..., None, :]), dim=-1)  # (B, nh, 1, held)
-        y = (held_att @ self.v_decode(v_all).float()).to(q.dtype)
-        self.v, self.v_pos, self.old_score, self.window_sum = v_all, pos, old_score, received
-        return y
+        return self._attend_pruned(q, v_new, t0)
 
     def _logits(self, q, t0):
+        """(B, nh, T_new, t) scaled q.k over every key, causal."""
         T, t = q.size(-2), self.k.size(-2)
         att = (q.float() @ self.k.float().transpose(-2, -1)) * (1.0 / math.sqrt(q.size(-1)))
+        if T == 1:  # one query sees every key
+            return att
         query_pos = torch.arange(t0, t0 + T, device=q.device)
         key_pos = torch.arange(t, device=q.device)
         return att.masked_fill(key_pos[None, :] > query_pos[:, None], float("-inf"))
 
-    def _attend_pruned(self, q, att, v_new, t0):
+    def _step(self, q, k, v):
+        """One new token: O(held) work and, with a selector, O(1) writes to V.
+
+        Position t0-W leaves the window; its score is final (the queries of
+        its window have all run). If a slot is free the new token takes it;
+        else the worst of the old tokens, the leaving one included (lowest
+        score; on a tie the older, as keep_mask orders ties), is evicted for
+        good and the new token takes its slot. That is the incremental form
+        of keep_mask's top-k over a growing set, so the held tokens are the
+        same as in the full-sequence rule.
+        """
+        t0 = self.length
+        self.k = torch.cat([self.k, k], dim=-2)
+        self.length = t0 + 1
+        v_new = self.v_encode(v)  # (B, nh, 1, kdim)
+        if self.selector is None:
+            self.v = torch.cat([self.v, v_new], dim=-2)
+            att = F.softmax(self._logits(q, t0), dim=-1)
+            return (att @ self.v_decode(self.v).float()).to(q.dtype)
+        W, budget = self.selector.recency, self.selector.budget
+        pos, score = self.v_pos, self.score
+        if t0 >= W:
+            leaving = pos == t0 - W  # (B, nh, n): one token per (batch, head)
+            score = torch.where(leaving, self.selector.score(score / W, pos), score)
+        if pos.size(-1) < budget:
+            v = torch.cat([self.v, v_new], dim=-2)
+            pos = torch.cat([pos, pos.new_full(pos.shape[:-1] + (1,), t0)], dim=-1)
+            score = F.pad(score, (0, 1))
+        else:
+            old = pos <= t0 - W
+            old_score = score.masked_fill(~old, math.inf)
+            lowest = old & (old_score == old_score.amin(-1, keepdim=True))
+            slot = pos.masked_fill(~lowest, t0).argmin(-1, keepdim=True)  # (B, nh, 1): the oldest lowest
+            v = self.v.scatter(-2, slot[..., None].expand_as(v_new), v_new)
+            pos = pos.scatter(-1, slot, t0)
+            score = score.scatter(-1, slot, 0.0)
+            self.ordered = False
+        att = self._logits(q, t0)  # (B, nh, 1, t)
+        held_att = F.softmax(att.gather(-1, pos[..., None, :]), dim=-1)  # (B, nh, 1, n)
+        y = (held_att @ self.v_decode(v).float()).to(q.dtype)
+        # the window's tokens (the new one included) receive this query's attention over every key
+        probs = F.softmax(att, dim=-1).gather(-1, pos[..., None, :])[..., 0, :]
+        self.score = score + probs.masked_fill(pos <= t0 - W, 0.0)
+        self.v, self.v_pos = v, pos
+        return y
+
+    def _sort(self):
+        """Back to position order (after in-place steps), for a prefill."""
+        order = self.v_pos.argsort(dim=-1)
+        self.v = self.v.gather(-2, order[..., None].expand_as(self.v))
+        self.v_pos, self.score = self.v_pos.gather(-1, order), self.score.gather(-1, order)
+        self.ordered = True
+
+    def _attend_pruned(self, q, v_new, t0):
         W, budget = self.selector.recency, self.selector.budget
         B, nh, T, _ = q.shape
         t = t0 + T
         new_pos = torch.arange(t0, t, device=q.device)
+        att = self._logits(q, t0)  # (B, nh, T, t)
         if self.v is None:
             self.v = v_new[..., :0, :]
             self.v_pos = new_pos.new_empty(B, nh, 0)
-            self.old_score = att.new_empty(B, nh, 0)
-            self.window_sum = att.new_empty(B, nh, 0)
-        n_old = self.old_score.size(-1)
+            self.score = att.new_empty(B, nh, 0)
+        if not self.ordered:
+            self._sort()
+        w = min(W, t0)  # held window tokens: the last w, contiguous
+        n_old = self.score.size(-1) - w
 
         # candidates: held old tokens, then the tail (window + new tokens)
         v_all = torch.cat([self.v, v_new], dim=-2)  # (B, nh, C, kdim)
         pos = torch.cat([self.v_pos, new_pos.expand(B, nh, T)], dim=-1)  # (B, nh, C)
-        tail_start = t0 - self.window_sum.size(-1)  # the tail is contiguous
+        tail_start = t0 - w
         tail_pos = torch.arange(tail_start, t, device=q.device)
         lag = new_pos[:, None] - tail_pos[None, :]  # (T, L) query - key
         in_window = (lag >= 0) & (lag < W)
         probs = F.softmax(att, dim=-1)[..., tail_start:]  # (B, nh, T, L), full keys
-        received = F.pad(self.window_sum, (0, T)) + probs.masked_fill(~in_window, 0.0).sum(-2)
+        received = F.pad(self.score[..., n_old:], (0, T)) + probs.masked_fill(~in_window, 0.0).sum(-2)
         tail_scores = self.selector.score(received / W, pos[..., n_old:])
-        scores = torch.cat([self.old_score, tail_scores], dim=-1)  # (B, nh, C)
+        scores = torch.cat([self.score[..., :n_old], tail_scores], dim=-1)  # (B, nh, C)
 
         keep = keep_mask(scores, budget, W, key_pos=pos, query_pos=new_pos)  # (B, nh, T, C)
         held_att = att.gather(-1, pos[..., None, :].expand(B, nh, T, pos.size(-1)))
@@ -157,8 +198,7 @@ class LayerKVCache:
         old = held & (pos <= t - 1 - W)
         self.v = v_all[held].view(B, nh, n, v_all.size(-1))
         self.v_pos = pos[held].view(B, nh, n)
-        self.old_score = scores[old].view(B, nh, n_old)
-        self.window_sum = received[..., received.size(-1) - min(W, t):]
+        self.score = torch.cat([scores[old].view(B, nh, n_old), received[..., received.size(-1) - min(W, t):]], -1)
         return y
 
     def v_elements_per_head(self):
@@ -169,8 +209,7 @@ class LayerKVCache:
         """Bytes of the tensors actually held: keys, values, and pruning bookkeeping."""
         def size(*tensors):
             return sum(x.numel() * x.element_size() for x in tensors if x is not None)
-        out = dict(k=size(self.k), v=size(self.v),
-                   index=size(self.v_pos, self.old_score, self.window_sum))
+        out = dict(k=size(self.k), v=size(self.v), index=size(self.v_pos, self.score))
         out["total"] = out["k"] + out["v"] + out["index"]
         return out
 
@@ -195,6 +234,13 @@ class KVCache:
     def reset(self):
         for layer in self.layers:
             layer.reset()
+
+    def compile(self):
+        """Compiled one-token steps in every layer that has them (H2O's runs eager)."""
+        for layer in self.layers:
+            if hasattr(layer, "compile"):
+                layer.compile()
+        return self
 
     def nbytes(self):
         total = dict(k=0, v=0, index=0, total=0)

@@ -29,6 +29,13 @@ Two evaluations of the same spline:
   segment seen from the inverse side) is evaluated by the reference formula
   instead. Differentiable in the input only (the parameters are frozen when
   it runs inside attention).
+- the *compiled* path: the reference formula as a chain of selects over the
+  knots (`_chain`), with no gather, which torch.compile fuses into one loop
+  (a vectorised C++ loop on CPU, one Triton kernel on CUDA). It runs whenever
+  the caller is being compiled (`--compile`), and for compress / decompress
+  when a SplinePCA is set to `compiled` (the decode cache of
+  `GPT.generate(compile=True)`): then the spline and the PCA projection are
+  one compiled kernel each way, shared by every layer.
 """
 
 import math
@@ -224,6 +231,44 @@ def _knot_table(p_in, p_out, slopes):
     return table.reshape(-1, 4).float(), _grid(p_in, M, M + 1), exact
 
 
+def _chain(v, p_in, p_out, slopes):
+    """The piecewise-linear map through (p_in -> p_out) with slopes, as a
+    chain of selects: the last knot at or left of v anchors the line, as in
+    MonotoneSpline._piecewise, so it is the reference formula. No gather and
+    no data-dependent shape: a compiler fuses it into one elementwise loop.
+    v (n, D); p_in, p_out (K, D); slopes (K+1, D), contiguous: each knot's
+    row is one vector load across the dimensions."""
+    out = p_out[0] + slopes[0] * (v - p_in[0])
+    for j in range(p_in.shape[0]):
+        out = torch.where(v >= p_in[j], p_out[j] + slopes[j + 1] * (v - p_in[j]), out)
+    return out
+
+
+def _encode_rows(v, mean, components, knots):
+    """Spline, then PCA: rows (n, D) -> (n, k). knots: (p_in, p_out, slopes), or None (identity)."""
+    z = v if knots is None else _chain(v, *knots)
+    return torch.addmm(-(mean @ components), z, components)
+
+
+def _decode_rows(z, mean, components, knots):
+    """PCA back-projection, then the spline's inverse: rows (n, k) -> (n, D)."""
+    u = torch.addmm(mean, z, components.T)
+    return u if knots is None else _chain(u, *knots)
+
+
+_COMPILED = {}
+
+
+def _compiled(kernel, rows, *args):
+    """kernel(rows, *args), torch.compile'd once per process and shared by
+    every SplinePCA (a layer's geometry is an argument, not a constant); only
+    the row count is dynamic, so the loop over dimensions is vectorised."""
+    if kernel not in _COMPILED:
+        _COMPILED[kernel] = torch.compile(kernel, dynamic=False)
+    torch._dynamo.maybe_mark_dynamic(rows, 0)
+    return _COMPILED[kernel](rows, *args)
+
+
 class MonotoneSpline(nn.Module):
     """Strictly increasing piecewise-linear map per dimension of the last axis.
 
@@ -246,7 +291,8 @@ class MonotoneSpline(nn.Module):
         # lookup tables derived from the parameters: moved by .to(), not saved
         for name in ("fwd_table", "fwd_shift", "fwd_inv_h", "fwd_offsets", "fwd_exact",
                      "inv_table", "inv_shift", "inv_inv_h", "inv_offsets", "inv_exact",
-                     "ref_x", "ref_y", "ref_s"):
+                     "ref_x", "ref_y", "ref_s",
+                     "fwd_p_in", "fwd_p_out", "fwd_slopes", "inv_p_in", "inv_p_out", "inv_slopes"):
             self.register_buffer(name, torch.empty(0), persistent=False)
         self.register_load_state_dict_post_hook(MonotoneSpline._after_load)
         self.reset_identity()
@@ -313,6 +359,9 @@ class MonotoneSpline(nn.Module):
         """Rebuild the lookup tables from the parameters (after fit / load)."""
         X, Y, s = (t.detach() for t in self._points())
         self.ref_x, self.ref_y, self.ref_s = X, Y, s
+        # _chain's (K, D) rows, both ways
+        self.fwd_p_in, self.fwd_p_out, self.fwd_slopes = (t.T.contiguous() for t in (X, Y, s))
+        self.inv_p_in, self.inv_p_out, self.inv_slopes = (t.T.contiguous() for t in (Y, X, 1.0 / s))
         X, Y, s = (t.double().cpu() for t in (X, Y, s))
         self.is_identity = bool(torch.all((s - 1).abs() < 1e-6))
         dev = self.knot_x.device
@@ -325,10 +374,20 @@ class MonotoneSpline(nn.Module):
         self.inv_table, self.inv_shift, self.inv_inv_h, self.inv_offsets, self.inv_exact = (
             t.to(dev) for t in (table, shift, inv_h, offsets, exact))
 
+    def segments(self, inverse=False):
+        """(p_in, p_out, slopes) of the map (or of its inverse) for _chain; None for the identity."""
+        if self.is_identity:
+            return None
+        if inverse:
+            return self.inv_p_in, self.inv_p_out, self.inv_slopes
+        return self.fwd_p_in, self.fwd_p_out, self.fwd_slopes
+
     def _rows(self, v, inverse):
         """The fast path on fp32 rows (n, D)."""
         if self.is_identity:
             return v
+        if torch.compiler.is_compiling():  # traced into the caller's graph
+            return _chain(v, *self.segments(inverse))
         if inverse:
             out = _ApplyTable.apply(v, self.inv_table, self.inv_shift, self.inv_inv_h, self.inv_offsets,
                                     self._inv_top)
@@ -449,6 +508,13 @@ class SplinePCA(nn.Module):
         self.dim, self.k, self.n_knots = dim, k, knots
         self.spline = MonotoneSpline(dim, knots)
         self.pca = PCA(dim, k)
+        self.compiled = False  # compress / decompress through the compiled kernels
+
+    def set_compiled(self, compiled=True):
+        """Run compress / decompress as compiled kernels (torch.compile: the
+        first call compiles, seconds on CPU; later ones are fused loops)."""
+        self.compiled = compiled
+        return self
 
     # ---- fit ---------------------------------------------------------------
 
@@ -532,7 +598,7 @@ class SplinePCA(nn.Module):
 
     def _chunks(self, rows, fn, width):
         """fn over rows (n, *) -> (n, width), piece by piece on CPU."""
-        if rows.device.type != "cpu" or rows.shape[0] <= _CPU_CHUNK_ROWS:
+        if rows.device.type != "cpu" or rows.shape[0] <= _CPU_CHUNK_ROWS or torch.compiler.is_compiling():
             return fn(rows)
         parts = rows.split(_CPU_CHUNK_ROWS)
         if torch.is_grad_enabled() and (rows.requires_grad or any(p.requires_grad for p in self.parameters())):
@@ -544,6 +610,11 @@ class SplinePCA(nn.Module):
 
     def compress(self, V):
         """V (..., dim) -> latent (..., k), in V's dtype."""
+        if self.compiled and not torch.compiler.is_compiling():
+            with _no_autocast(V.device):
+                z = _compiled(_encode_rows, V.reshape(-1, self.dim).float(), self.pca.mean, self.pca.components,
+                              self.spline.segments())
+            return z.to(V.dtype).reshape(*V.shape[:-1], self.k)
         with _no_autocast(V.device):
             z = self._chunks(V.reshape(-1, self.dim).float(),
                              lambda v: self.pca._compress_rows(self.spline._rows(v, inverse=False)), self.k)
@@ -551,6 +622,11 @@ class SplinePCA(nn.Module):
 
     def decompress(self, Z):
         """latent (..., k) -> V_hat (..., dim), in Z's dtype."""
+        if self.compiled and not torch.compiler.is_compiling():
+            with _no_autocast(Z.device):
+                v = _compiled(_decode_rows, Z.reshape(-1, self.k).float(), self.pca.mean, self.pca.components,
+                              self.spline.segments(inverse=True))
+            return v.to(Z.dtype).reshape(*Z.shape[:-1], self.dim)
         with _no_autocast(Z.device):
             v = self._chunks(Z.reshape(-1, self.k).float(),
                              lambda z: self.spline._rows(self.pca._decompress_rows(z), inverse=True), self.dim)

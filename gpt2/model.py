@@ -11,6 +11,7 @@ cache, one per layer), so the two cannot drift apart.
 """
 
 import math
+import time
 from dataclasses import dataclass, field, fields
 
 import torch
@@ -178,8 +179,9 @@ class GPT(nn.Module):
             n -= self.transformer.wpe.weight.numel()
         return n
 
-    def forward(self, idx, targets=None, caches=None):
-        """Returns (logits, loss) as nanoGPT; logits for every position.
+    def forward(self, idx, targets=None, caches=None, last_only=False):
+        """Returns (logits, loss) as nanoGPT; logits for every position, or
+        with last_only (sampling) for the last one alone.
 
         With `caches` (a gpt2.kv_cache.KVCache), idx holds only the new tokens
         and positions continue from what the cache already holds.
@@ -192,7 +194,7 @@ class GPT(nn.Module):
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         for i, block in enumerate(self.transformer.h):
             x = block(x, None if caches is None else caches.layers[i])
-        x = self.transformer.ln_f(x)
+        x = self.transformer.ln_f(x[:, -1:] if last_only else x)
         logits = self.lm_head(x)
         loss = None
         if targets is not None:
@@ -235,35 +237,50 @@ class GPT(nn.Module):
 
     # ---- generation with a KV cache ----------------------------------------
 
-    def make_cache(self):
-        """One decode cache per layer, each made by that layer's method."""
-        return KVCache(self.config.n_layer, lambda i: self.transformer.h[i].attn.vcache.make_cache())
+    def make_cache(self, compile=False):
+        """One decode cache per layer, each made by that layer's method; with
+        compile, its one-token steps run as compiled graphs."""
+        cache = KVCache(self.config.n_layer, lambda i: self.transformer.h[i].attn.vcache.make_cache())
+        return cache.compile() if compile else cache
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, compile=False, timings=None):
         """Sample max_new_tokens after idx (B, T), decoding through a KV cache.
 
         The cache holds what the model's V-cache method stores: only kept
         tokens (with pruning) and as the k-dim latent (with KVSplice), for
         example. When the context reaches block_size, the cache is rebuilt
-        from the last block_size // 2 tokens.
+        from the last block_size // 2 tokens. compile=True runs each
+        one-token step as a compiled graph and the codecs' kernels compiled
+        (torch.compile: seconds on the first call). A `timings` dict receives
+        prefill_s (the prompt) and decode_s (the new tokens).
         """
-        bs = self.config.block_size
-        cache = self.make_cache()
-        logits, _ = self(idx[:, -bs:], caches=cache)
-        for _ in range(max_new_tokens):
-            logits = logits[:, -1, :] / max(temperature, 1e-8)
-            if top_k is not None:
-                v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-                logits[logits < v[:, [-1]]] = -float("inf")
-            probs = F.softmax(logits, dim=-1)
-            idx_next = torch.multinomial(probs, num_samples=1)
-            idx = torch.cat((idx, idx_next), dim=1)
-            if cache.length >= bs:
-                cache = self.make_cache()
-                logits, _ = self(idx[:, -(bs // 2):], caches=cache)
-            else:
-                logits, _ = self(idx_next, caches=cache)
+        codecs = [block.attn.vcache.codec for block in self.transformer.h]
+        previous = [codec.set_compiled(compile) for codec in codecs]
+        try:
+            bs = self.config.block_size
+            t0 = time.perf_counter()
+            cache = self.make_cache(compile)
+            logits, _ = self(idx[:, -bs:], caches=cache, last_only=True)
+            t1 = time.perf_counter()
+            for _ in range(max_new_tokens):
+                logits = logits[:, -1, :] / max(temperature, 1e-8)
+                if top_k is not None:
+                    v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                    logits[logits < v[:, [-1]]] = -float("inf")
+                probs = F.softmax(logits, dim=-1)
+                idx_next = torch.multinomial(probs, num_samples=1)
+                idx = torch.cat((idx, idx_next), dim=1)
+                if cache.length >= bs:
+                    cache = self.make_cache(compile)
+                    logits, _ = self(idx[:, -(bs // 2):], caches=cache, last_only=True)
+                else:
+                    logits, _ = self(idx_next, caches=cache, last_only=True)
+            if timings is not None:
+                timings.update(prefill_s=t1 - t0, decode_s=time.perf_counter() - t1)
+        finally:
+            for codec, was in zip(codecs, previous):
+                codec.set_compiled(was)
         return idx
 
     # ---- weights -------------------------------------------------------------

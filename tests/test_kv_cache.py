@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from gpt2.kv_cache import KVCache, LayerKVCache
-from lib.kv_pruning import VOnlyPruner
+from lib.kv_pruning import VOnlyPruner, importance_scores, keep_mask
 
 
 def qkv(B, H, T, hs, seed=0, scale=1.0):
@@ -58,15 +58,31 @@ def test_incremental_decode_equals_full_sequence(pruned, encoded, chunks):
     assert cache.v_elements_per_head() == n_held * (6 if encoded else hs)
 
 
-def test_heads_hold_different_tokens_and_positions_stay_sorted():
+def test_held_tokens_are_the_full_rules_keep_set_per_head():
+    """After single-token steps (slots reused in place), each head holds exactly the
+    tokens the full-sequence rule keeps for the last query."""
+    pruner = small_pruner()
+    q, k, v = qkv(1, 4, 96, 16, seed=2, scale=1.5)
+    cache = LayerKVCache(pruner)
+    decode(cache, q[:, :, :95], k[:, :, :95], v[:, :, :95], (10,))
+    att = (q[:, :, :95] @ k[:, :, :95].transpose(-2, -1) / 4).masked_fill(~torch.ones(95, 95, dtype=torch.bool).tril(), float("-inf"))
+    scores = importance_scores(F.softmax(att, dim=-1), pruner.recency)
+    last = keep_mask(scores, pruner.budget, pruner.recency)[0, :, -1]  # (H, 95)
+    assert not cache.ordered
+    for h in range(4):
+        assert sorted(cache.v_pos[0, h].tolist()) == last[h].nonzero().flatten().tolist()
+    assert len({tuple(sorted(p.tolist())) for p in cache.v_pos[0]}) > 1  # heads differ
+
+
+def test_a_prefill_after_steps_restores_position_order():
     q, k, v = qkv(1, 4, 96, 16, seed=2, scale=1.5)
     cache = LayerKVCache(small_pruner())
-    decode(cache, q, k, v, (10,))
-    pos = cache.v_pos[0]  # (H, n)
-    assert pos.shape == (4, 48)
+    decode(cache, q[:, :, :90], k[:, :, :90], v[:, :, :90], (10,))
+    cache(q[:, :, 90:], k[:, :, 90:], v[:, :, 90:])  # a 6-token prefill
+    pos = cache.v_pos[0]
+    assert cache.ordered and pos.shape == (4, 48)
     assert (pos[:, 1:] > pos[:, :-1]).all()
-    assert len({tuple(p.tolist()) for p in pos}) > 1
-    assert (pos[:, -8:] == torch.arange(88, 96)).all()  # the recency window
+    assert (pos[:, -8:] == torch.arange(88, 96)).all()  # the recency window, last
 
 
 def test_bf16_cache_runs_and_stays_finite():

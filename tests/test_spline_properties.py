@@ -1,13 +1,13 @@
 """Property-based checks of gpt2/kvsplice.py's MonotoneSpline: the fast lookup
-path is the fitted spline (forward_ref / inverse_ref), its inverse undoes it,
-and it is monotone, for every spline the fitter can produce and for any
-increasing knots a geometry file may hold."""
+path and the compiled path's select chain are the fitted spline (forward_ref /
+inverse_ref), its inverse undoes it, and it is monotone, for every spline the
+fitter can produce and for any increasing knots a geometry file may hold."""
 
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gpt2.kvsplice import _KNOT_GRID, MonotoneSpline
+from gpt2.kvsplice import _KNOT_GRID, MonotoneSpline, _chain
 
 DIMS = 3
 # few examples, the same ones every run: the suite stays fast and reproducible
@@ -84,6 +84,12 @@ def check_spline(sp, seed):
     # 1e-5 of the span, or of the value itself far outside (fp32 resolution there)
     assert ((y - y_ref).abs() <= 1e-5 * (scale_y + y_ref.abs())).all()
     assert ((back - back_ref).abs() <= 1e-5 * (scale_x + back_ref.abs())).all()
+    if not sp.is_identity:  # the compiled path's formula, run eagerly
+        with torch.no_grad():
+            y_chain = _chain(x.float(), *sp.segments()).double()
+            back_chain = _chain(y_ref.float(), *sp.segments(inverse=True)).double()
+        assert ((y_chain - y_ref).abs() <= 1e-5 * (scale_y + y_ref.abs())).all()
+        assert ((back_chain - back_ref).abs() <= 1e-5 * (scale_x + back_ref.abs())).all()
     # the inverse undoes the forward map up to the forward's own rounding,
     # which the inverse's slope 1/s magnifies (at most 1/min_slope)
     assert ((roundtrip - x).abs() <= 1e-5 * (scale_x + x.abs()) + 1e-6 * (scale_y + y.abs()) / min_slope).all()
