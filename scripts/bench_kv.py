@@ -28,6 +28,11 @@ Columns, and what each is measured from:
     trained-in             perplexity change of the trained-in ablation runs
                            (V19 vs V0, V20 vs V0) under --matrix, if they exist
 
+Then a decode-speed section (once, at the first checkpoint's shape): V0 and
+V20, eager and compiled, through model.generate at each --decode-batches x
+--decode-contexts, with the targets V20 >= 0.85x the plain cache at batch 1
+and >= 1.0x at batch 16, context 1024.
+
 Writes --out-md (docs/benchmarks.md: table, targets, command, machine) and
 --out-png (docs/kv_pareto.png: perplexity vs V bytes per token).
 """
@@ -53,15 +58,17 @@ from gpt2.model import GPT, load_checkpoint  # noqa: E402
 from gpt2.recall import RecallData  # noqa: E402
 from gpt2.data import open_data  # noqa: E402
 from gpt2.train import EVAL_SEED_SALT  # noqa: E402
-from gpt2.vcache import FULL  # noqa: E402
+from gpt2.vcache import FULL, describe  # noqa: E402
 from lib.atomic import atomic_write_text  # noqa: E402
 from lib.kv_pruning import keep_budget  # noqa: E402
 from lib.stats import paired_difference, verdict  # noqa: E402
 from lib.tracking import summary_complete  # noqa: E402
-from scripts.bench_kv_measure import decode_rates, evaluate, install, v_bytes_per_token  # noqa: E402
+from scripts.bench_kv_measure import (DECODE_NEW_TOKENS, decode_models, decode_rates, evaluate,  # noqa: E402
+                                      generate_rates, install, timing_geometry, v_bytes_per_token)
 from scripts.bench_kv_methods import (V20_K, BenchMethod, bench_methods, check_preconditions,  # noqa: E402
                                       prune_settings)
-from scripts.bench_kv_report import context_use, format_table, machine_description, notes, write_plot  # noqa: E402
+from scripts.bench_kv_report import (context_use, format_decode, format_table, machine_description,  # noqa: E402
+                                     notes, write_plot)
 
 DEFAULT_KS = (8, 16, 32)
 
@@ -255,6 +262,30 @@ def compare_to_reference(row, ref):
             row[f"{name}_diff"], row[f"{name}_diff_se"] = paired_difference(*zip(*pairs))
 
 
+def decode_speed(ckpt_path, batches, contexts, repeats, log=_log):
+    """V0 and V20, eager and compiled, through model.generate at each (batch,
+    context), at the checkpoint's shape; returns the report section's text and
+    its target checks (scripts/bench_kv_report.py format_decode)."""
+    ckpt = load_checkpoint(ckpt_path)
+    config = GPT.from_checkpoint_state(ckpt).config
+    prune = prune_settings(ckpt)
+    record = {"select": {"kind": "prune", **prune}, "codec": {"kind": "splinepca", "k": V20_K, "knots": 7}}
+    geometry = timing_geometry(config.head_dim, V20_K)
+    speeds = {}
+    for context in contexts:
+        plain, v20 = decode_models(config, record, context, geometry)
+        runs = {"V0": (plain, False), "V0 compiled": (plain, True), "V20": (v20, False), "V20 compiled": (v20, True)}
+        for batch in batches:
+            t0 = time.perf_counter()
+            speeds[(batch, context)] = {**generate_rates(runs, batch, context, repeats, config.vocab_size),
+                                        "new_tokens": DECODE_NEW_TOKENS.get(context, context // 8)}
+            r = speeds[(batch, context)]
+            log(f"[bench] decode batch {batch}, context {context}: " + ", ".join(
+                f"{name} {r[name][1]:.1f} tok/s" for name in runs) + f" ({time.perf_counter() - t0:.0f} s)")
+    shape = f"{config.n_layer} layers, {config.n_head} heads, {config.n_embd} dims, vocab {config.vocab_size}"
+    return format_decode(speeds, describe(record), shape)
+
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ckpt", required=True, nargs="+",
@@ -269,6 +300,9 @@ def parse_args(argv=None):
                     help="timed single-token decode steps (default and at most: block_size/2)")
     ap.add_argument("--decode-repeats", type=int, default=5,
                     help="rounds of decode timing over all methods; the median per method is reported")
+    ap.add_argument("--decode-batches", default="1,16", help="batch sizes of the generate decode-speed section")
+    ap.add_argument("--decode-contexts", default="256,1024",
+                    help="contexts (prompt + new tokens) of the decode-speed section; empty skips it")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--ks", default=",".join(map(str, DEFAULT_KS)), help="latent dims for the PCA / SplinePCA rows")
     ap.add_argument("--fit-epochs", type=int, default=None, help="SplinePCA fit epochs (default: the checkpoint's)")
@@ -283,6 +317,16 @@ def parse_args(argv=None):
         ap.error(f"--ks expects comma-separated integers, found {args.ks!r}")
     if not args.ks:
         ap.error("--ks is empty")
+    try:
+        args.decode_batches = [int(b) for b in args.decode_batches.split(",") if b.strip()]
+        args.decode_contexts = [int(c) for c in args.decode_contexts.split(",") if c.strip()]
+    except ValueError:
+        ap.error(f"--decode-batches / --decode-contexts expect comma-separated integers, found "
+                 f"{args.decode_batches!r} / {args.decode_contexts!r}")
+    bad = [n for n in args.decode_batches + args.decode_contexts if n < 1]
+    if bad or any(c < 64 for c in args.decode_contexts):
+        ap.error(f"--decode-batches must be >= 1 and --decode-contexts >= 64, found batches "
+                 f"{args.decode_batches}, contexts {args.decode_contexts}")
     return args
 
 
@@ -330,6 +374,10 @@ def main(argv=None):
                         f"Every method applied to the trained checkpoint after training. Plot: `{png.name}`.\n\n"
                         f"{table}\n\n### How each number is measured\n\n{notes(rows)}\n")
         results[ckpt] = rows
+    if args.decode_contexts:
+        text, _ = decode_speed(args.ckpt[0], args.decode_batches, args.decode_contexts, args.decode_repeats)
+        print("\n" + text, flush=True)
+        sections.append(f"## Decode speed\n\n{text}\n")
     wall_s = time.perf_counter() - t_start
     command = "python scripts/bench_kv.py " + shlex.join(argv)
     doc = ("# KV-cache benchmark: post-hoc V-cache methods\n\n" + "\n".join(sections) +

@@ -2,12 +2,17 @@
 real cache bytes and decode speed. Each function takes the model with the
 method already installed (install)."""
 
+import copy
 import statistics
 import time
+from dataclasses import replace
 
 import torch
 
+from gpt2.kvsplice import SplinePCA
+from gpt2.model import GPT
 from gpt2.recall import answer_accuracy
+from gpt2.vcache import FULL
 
 
 def install(model, layers):
@@ -73,3 +78,54 @@ def decode_rates(model, methods, tokens, prefill, steps, repeats):
             install(model, layers)
             rates[name].append(decode_tokens_per_s(model, tokens, prefill, steps))
     return {name: statistics.median(r) for name, r in rates.items()}
+
+
+# ---- decode speed through model.generate ------------------------------------------------
+
+DECODE_NEW_TOKENS = {256: 64, 1024: 96}  # new tokens per context; the prompt fills the rest
+
+
+def timing_geometry(head_dim, k, seed=0):
+    """A SplinePCA fitted on warped V-like samples (scripts/kvsplice_validate.py),
+    so that its spline is not the identity: decode timings then include the
+    spline's arithmetic, whatever a given checkpoint's fit kept."""
+    from scripts.kvsplice_validate import warped_v
+
+    geometry = SplinePCA(head_dim, k, knots=7)
+    if not geometry.fit(warped_v(20000, head_dim, seed=seed), epochs=2, seed=seed)["kept_spline"]:
+        raise RuntimeError("the timing geometry kept the identity spline: decode timings would skip the spline")
+    return geometry
+
+
+def decode_models(config, record, context, geometry):
+    """(plain, method) models of config's shape at block_size = context, with the
+    same random weights: decode speed depends on shapes, not on what was learned."""
+    shape = dict(block_size=context, dropout=0.0, v_cache=copy.deepcopy(FULL))
+    torch.manual_seed(0)
+    plain = GPT(replace(config, **shape)).eval()
+    method = GPT(replace(config, **shape)).eval()
+    method.load_state_dict(plain.state_dict())
+    method.set_v_cache(record)
+    for block in method.transformer.h:
+        block.attn.vcache.codec.attach(geometry)
+    return plain, method
+
+
+def generate_rates(runs, batch, context, repeats, vocab_size, seed=0):
+    """{name: (prefill s, decode tokens/s)}, medians over `repeats` round-robin
+    rounds of model.generate (its own prefill / decode timings). runs: {name:
+    (model, compile)}. A first short generate per run compiles and warms up."""
+    new = DECODE_NEW_TOKENS.get(context, context // 8)
+    g = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(0, vocab_size, (batch, context - new), generator=g)
+    for model, compile in runs.values():
+        model.generate(prompt, 2, top_k=50, compile=compile)
+    times = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, (model, compile) in runs.items():
+            t = {}
+            torch.manual_seed(seed)
+            model.generate(prompt, new, temperature=0.8, top_k=50, compile=compile, timings=t)
+            times[name].append((t["prefill_s"], batch * new / t["decode_s"]))
+    return {name: (statistics.median(p for p, _ in r), statistics.median(d for _, d in r))
+            for name, r in times.items()}

@@ -13,7 +13,8 @@ from lib.atomic import atomic_write
 from lib.stats import NOISE_FLOOR, NOISE_SE, paired_difference, verdict
 from scripts.bench_kv_methods import QUANT_GROUP, V20_K
 
-DECODE_TARGET = 0.8  # V20 decode tokens/s relative to the uncompressed cache
+# V20's decode tokens/s relative to the plain cache's, at context 1024, by batch
+DECODE_TARGETS = {1: 0.85, 16: 1.0}
 WALL_TARGET_S = 600
 
 
@@ -92,13 +93,6 @@ def targets(rows, wall_s=None):
     if wall_s is not None:
         out.append((wall_s < WALL_TARGET_S,
                     f"benchmark wall time {wall_s:.1f} s < {WALL_TARGET_S} s for this checkpoint (2 cores)"))
-    ref = next((r for r in rows if r["family"] == "none"), None)
-    v20 = next((r for r in rows if r["family"] == "prune+splinepca"), None)
-    if ref and v20:
-        ratio = v20["decode_tok_s"] / ref["decode_tok_s"]
-        out.append((ratio >= DECODE_TARGET,
-                    f"decode at V20 settings {v20['decode_tok_s']:.1f} tok/s = {ratio:.2f}x the uncompressed "
-                    f"cache's {ref['decode_tok_s']:.1f} tok/s (target >= {DECODE_TARGET}x)"))
     return out
 
 
@@ -121,6 +115,37 @@ def format_table(rows, wall_s=None):
     for met, text in targets(rows, wall_s):
         lines.append(f"- {'NOT RESOLVED' if met is None else 'MET' if met else 'NOT MET'}: {text}")
     return "\n".join(lines)
+
+
+def format_decode(speeds, record, shape):
+    """The decode-speed section: speeds {(batch, context): {"V0" | "V0 compiled" | "V20" |
+    "V20 compiled": (prefill s, decode tok/s), "new_tokens": n}}. Returns (markdown, [(met, text)])."""
+    lines = ["| batch | context | prompt + new | V0 tok/s | V0 compiled | V20 tok/s | V20 compiled "
+             "| V20 compiled / best V0 | prefill s: V0 / V20 |",
+             "|---:|---:|---|---:|---:|---:|---:|---:|---|"]
+    checks = []
+    for (batch, context), r in sorted(speeds.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        best_v0 = max(r["V0"][1], r["V0 compiled"][1])
+        ratio = r["V20 compiled"][1] / best_v0
+        new = r["new_tokens"]
+        lines.append(f"| {batch} | {context} | {context - new} + {new} | {r['V0'][1]:.1f} | {r['V0 compiled'][1]:.1f} "
+                     f"| {r['V20'][1]:.1f} | {r['V20 compiled'][1]:.1f} | {ratio:.2f}x "
+                     f"| {r['V0'][0]:.2f} / {r['V20'][0]:.2f} |")
+        if context == 1024 and batch in DECODE_TARGETS:
+            target = DECODE_TARGETS[batch]
+            checks.append((ratio >= target, f"decode at batch {batch}, context 1024: V20 (compiled) "
+                           f"{r['V20 compiled'][1]:.1f} tok/s = {ratio:.2f}x the plain cache's best "
+                           f"{best_v0:.1f} tok/s (target >= {target}x)"))
+    text = (f"Through `model.generate` (top-k 50, temperature 0.8): decode tokens/s = batch x new tokens / "
+            f"the decode time generate reports; the prefill (the prompt) is timed apart, in the last column. "
+            f"Models of the first checkpoint's shape ({shape}) at block_size = context, with random weights "
+            f"shared by V0 and V20 (speed depends on shapes, not on what was learned); V20 = `{record}`, with "
+            f"a SplinePCA whose spline is not the identity (fitted on warped samples). \"compiled\" = "
+            f"`generate(compile=True)`: each one-token step is one torch.compile graph (compile time excluded: "
+            f"a short generate runs first). Median of the rounds, round-robin over the four columns.\n\n"
+            + "\n".join(lines) + "\n\n"
+            + "\n".join(f"- {'MET' if met else 'NOT MET'}: {t}" for met, t in checks))
+    return text, checks
 
 
 # ---- outputs -------------------------------------------------------------------
