@@ -237,11 +237,16 @@ def _chain(v, p_in, p_out, slopes):
     MonotoneSpline._piecewise, so it is the reference formula. No gather and
     no data-dependent shape: a compiler fuses it into one elementwise loop.
     v (n, D); p_in, p_out (K, D); slopes (K+1, D), contiguous: each knot's
-    row is one vector load across the dimensions."""
-    out = p_out[0] + slopes[0] * (v - p_in[0])
+    row is one vector load across the dimensions. The selects pick the line
+    (its anchor and slope), not values computed from v: the gradient to v is
+    the slope alone, and a backward saves one tensor, not a mask per knot."""
+    x0, y0, slope = p_in[0], p_out[0], slopes[0]
     for j in range(p_in.shape[0]):
-        out = torch.where(v >= p_in[j], p_out[j] + slopes[j + 1] * (v - p_in[j]), out)
-    return out
+        right = v >= p_in[j]
+        x0 = torch.where(right, p_in[j], x0)
+        y0 = torch.where(right, p_out[j], y0)
+        slope = torch.where(right, slopes[j + 1], slope)
+    return y0 + slope * (v - x0)
 
 
 def _encode_rows(v, mean, components, knots):
@@ -316,8 +321,9 @@ class MonotoneSpline(nn.Module):
         x = x.reshape(-1, self.dim).float()
         z = torch.linspace(-2.5, 2.5, self.knots, dtype=torch.float64) if self.knots > 1 else torch.zeros(1, dtype=torch.float64)
         levels = 0.5 * (1 + torch.erf(z / math.sqrt(2)))
-        pos = (levels * (x.shape[0] - 1)).round().long().to(x.device)
-        q = x.sort(dim=0).values[pos].T.double()  # (D, K)
+        pos = (levels * (x.shape[0] - 1)).round().long().tolist()
+        # K order statistics by selection: a full sort of N x D costs more than the rest of place_knots
+        q = torch.stack([x.kthvalue(p + 1, dim=0).values for p in pos], dim=1).double()  # (D, K)
         # snap the inner knots to a grid of _KNOT_GRID cells between the outer
         # ones: then every forward cell is a single line (no correction term)
         lo, hi = q[:, :1], q[:, -1:]
