@@ -41,8 +41,6 @@ def _identity(v):
     return v
 
 
-_COMPILED_STEP = None  # LayerKVCache._step under torch.compile, made on first use
-
 
 class LayerKVCache:
     """Keys in full, values encoded and (with a token selector) only for kept tokens."""
@@ -63,19 +61,6 @@ class LayerKVCache:
         self.score = None    # (B, nh, n) final score (old tokens) or attention received (window)
         self.ordered = True  # v, v_pos, score in position order
 
-    def compile(self):
-        """Run each one-token step as one compiled graph (torch.compile,
-        shared by every layer and cache): key append, V encode, eviction and
-        attention fused, instead of dozens of small eager ops. The first step
-        compiles (seconds on CPU)."""
-        global _COMPILED_STEP
-        if _COMPILED_STEP is None:
-            _COMPILED_STEP = torch.compile(LayerKVCache._step, dynamic=True)
-        self._step_fn = _COMPILED_STEP
-        return self
-
-    _step_fn = None  # LayerKVCache._step, or its compiled form
-
     def __call__(self, q, k, v):
         return self.forward(q, k, v)
 
@@ -83,7 +68,7 @@ class LayerKVCache:
         """q, k, v: (B, nh, T_new, hs) for the new tokens -> y (B, nh, T_new, hs)."""
         with torch.autocast(q.device.type, enabled=False):  # fp32 scores, as in training
             if q.size(-2) == 1 and self.v is not None:
-                return (self._step_fn or LayerKVCache._step)(self, q, k, v)
+                return self._step(q, k, v)
             return self._prefill(q, k, v)
 
     def _prefill(self, q, k, v):
@@ -188,8 +173,11 @@ class LayerKVCache:
         scores = torch.cat([self.score[..., :n_old], tail_scores], dim=-1)  # (B, nh, C)
 
         keep = keep_mask(scores, budget, W, key_pos=pos, query_pos=new_pos)  # (B, nh, T, C)
-        held_att = att.gather(-1, pos[..., None, :].expand(B, nh, T, pos.size(-1)))
-        held_att = F.softmax(held_att.masked_fill(~keep, float("-inf")), dim=-1)
+        if pos.size(-1) == t:  # every token is a candidate (a first prefill): att is already in their order
+            held_att = att.masked_fill_(~keep, float("-inf"))
+        else:
+            held_att = att.gather(-1, pos[..., None, :].expand(B, nh, T, pos.size(-1))).masked_fill_(~keep, float("-inf"))
+        held_att = F.softmax(held_att, dim=-1)
         y = (held_att @ self.v_decode(v_all).float()).to(q.dtype)
 
         # keep what the last query kept; the rest is evicted for good
@@ -234,13 +222,6 @@ class KVCache:
     def reset(self):
         for layer in self.layers:
             layer.reset()
-
-    def compile(self):
-        """Compiled one-token steps in every layer that has them (H2O's runs eager)."""
-        for layer in self.layers:
-            if hasattr(layer, "compile"):
-                layer.compile()
-        return self
 
     def nbytes(self):
         total = dict(k=0, v=0, index=0, total=0)

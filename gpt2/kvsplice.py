@@ -32,10 +32,10 @@ Two evaluations of the same spline:
 - the *compiled* path: the reference formula as a chain of selects over the
   knots (`_chain`), with no gather, which torch.compile fuses into one loop
   (a vectorised C++ loop on CPU, one Triton kernel on CUDA). It runs whenever
-  the caller is being compiled (`--compile`), and for compress / decompress
-  when a SplinePCA is set to `compiled` (the decode cache of
-  `GPT.generate(compile=True)`): then the spline and the PCA projection are
-  one compiled kernel each way, shared by every layer.
+  the caller is being compiled (`--compile` training, the decode step of
+  `GPT.generate(compile=True)`), and for compress / decompress of a SplinePCA
+  set to `compiled`: then the spline and the PCA projection are one compiled
+  kernel each way, shared by every SplinePCA.
 """
 
 import math

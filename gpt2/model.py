@@ -237,11 +237,13 @@ class GPT(nn.Module):
 
     # ---- generation with a KV cache ----------------------------------------
 
-    def make_cache(self, compile=False):
-        """One decode cache per layer, each made by that layer's method; with
-        compile, its one-token steps run as compiled graphs."""
-        cache = KVCache(self.config.n_layer, lambda i: self.transformer.h[i].attn.vcache.make_cache())
-        return cache.compile() if compile else cache
+    def make_cache(self):
+        """One decode cache per layer, each made by that layer's method."""
+        return KVCache(self.config.n_layer, lambda i: self.transformer.h[i].attn.vcache.make_cache())
+
+    def _decode_step(self, idx, cache):
+        """Logits (B, 1, vocab) of one new token per sequence, through the cache."""
+        return self(idx, caches=cache, last_only=True)[0]
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, compile=False, timings=None):
@@ -251,36 +253,33 @@ class GPT(nn.Module):
         tokens (with pruning) and as the k-dim latent (with KVSplice), for
         example. When the context reaches block_size, the cache is rebuilt
         from the last block_size // 2 tokens. compile=True runs each
-        one-token step as a compiled graph and the codecs' kernels compiled
-        (torch.compile: seconds on the first call). A `timings` dict receives
-        prefill_s (the prompt) and decode_s (the new tokens).
+        one-token step (every layer, its cache update and attention, the
+        head) as one torch.compile graph: the first steps compile (tens of
+        seconds on CPU, cached for later calls); the prompt's prefill runs
+        eager. A `timings` dict receives prefill_s (the prompt) and decode_s
+        (the new tokens).
         """
-        codecs = [block.attn.vcache.codec for block in self.transformer.h]
-        previous = [codec.set_compiled(compile) for codec in codecs]
-        try:
-            bs = self.config.block_size
-            t0 = time.perf_counter()
-            cache = self.make_cache(compile)
-            logits, _ = self(idx[:, -bs:], caches=cache, last_only=True)
-            t1 = time.perf_counter()
-            for _ in range(max_new_tokens):
-                logits = logits[:, -1, :] / max(temperature, 1e-8)
-                if top_k is not None:
-                    v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-                    logits[logits < v[:, [-1]]] = -float("inf")
-                probs = F.softmax(logits, dim=-1)
-                idx_next = torch.multinomial(probs, num_samples=1)
-                idx = torch.cat((idx, idx_next), dim=1)
-                if cache.length >= bs:
-                    cache = self.make_cache(compile)
-                    logits, _ = self(idx[:, -(bs // 2):], caches=cache, last_only=True)
-                else:
-                    logits, _ = self(idx_next, caches=cache, last_only=True)
-            if timings is not None:
-                timings.update(prefill_s=t1 - t0, decode_s=time.perf_counter() - t1)
-        finally:
-            for codec, was in zip(codecs, previous):
-                codec.set_compiled(was)
+        step = torch.compile(self._decode_step, dynamic=True) if compile else self._decode_step
+        bs = self.config.block_size
+        t0 = time.perf_counter()
+        cache = self.make_cache()
+        logits, _ = self(idx[:, -bs:], caches=cache, last_only=True)
+        t1 = time.perf_counter()
+        for _ in range(max_new_tokens):
+            logits = logits[:, -1, :] / max(temperature, 1e-8)
+            if top_k is not None:
+                v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                logits[logits < v[:, [-1]]] = -float("inf")
+            probs = F.softmax(logits, dim=-1)
+            idx_next = torch.multinomial(probs, num_samples=1)
+            idx = torch.cat((idx, idx_next), dim=1)
+            if cache.length >= bs:
+                cache = self.make_cache()
+                logits, _ = self(idx[:, -(bs // 2):], caches=cache, last_only=True)
+            else:
+                logits = step(idx_next, cache)
+        if timings is not None:
+            timings.update(prefill_s=t1 - t0, decode_s=time.perf_counter() - t1)
         return idx
 
     # ---- weights -------------------------------------------------------------

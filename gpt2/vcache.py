@@ -223,11 +223,6 @@ class VCodec(nn.Module):
         """Bytes of one stored vector when V arrives in `dtype`."""
         raise NotImplementedError
 
-    def set_compiled(self, compiled):
-        """Run encode / decode as compiled kernels where the codec has them
-        (GPT.generate(compile=True)); returns the previous setting."""
-        return False
-
 
 @register_codec("none")
 class NoCodec(VCodec):
@@ -280,12 +275,6 @@ class _Geometry(VCodec):
 
     def storage(self):
         return (self.encode, self.decode) if self.fitted else (None, None)
-
-    def set_compiled(self, compiled):
-        previous = self.fitted and self.kvsplice.compiled
-        if self.fitted:
-            self.kvsplice.set_compiled(compiled)
-        return previous
 
     def encode(self, v):
         return self.kvsplice.compress(v)

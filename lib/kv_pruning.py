@@ -90,9 +90,10 @@ def eviction_positions(scores, positions, slots):
     positions = positions.expand_as(scores)
     if slots <= 0:
         return positions
-    s_c, s_o = scores.unsqueeze(-1), scores.unsqueeze(-2)  # (B, nh, C, 1), (B, nh, 1, C)
-    p_c, p_o = positions.unsqueeze(-1), positions.unsqueeze(-2)
-    beats = (s_o > s_c) | ((s_o == s_c) & (p_o > p_c))  # (B, nh, C, C): [c, o]
+    # the order as one rank: a stable sort by score keeps equal scores in
+    # position order, so o beats c iff rank[o] > rank[c] (one (C, C) pass, not five)
+    rank = scores.argsort(dim=-1, stable=True).argsort(dim=-1)
+    beats = rank.unsqueeze(-2) > rank.unsqueeze(-1)  # (B, nh, C, C): [c, o]
     n_beating = beats.cumsum(-1, dtype=torch.int32)  # among candidates 0 .. o
     first = (n_beating < slots).sum(-1)  # (B, nh, C): index of the slots-th, C if none
     never = positions.new_full(positions.shape[:-1] + (1,), NEVER)

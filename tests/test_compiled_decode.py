@@ -1,7 +1,8 @@
-"""The compiled decode path (GPT.generate(compile=True)) computes what the eager
-one does: each one-token cache step as one torch.compile graph, and KVSplice's
-compress / decompress as compiled kernels. Compiling takes seconds on CPU, so
-one small model covers both, with a spline that is not the identity."""
+"""The compiled paths compute what the eager ones do: GPT.generate(compile=True)
+runs each one-token step (every layer's cache update and attention) as one
+torch.compile graph, and a SplinePCA set to compiled runs compress / decompress
+as compiled kernels. Compiling takes seconds on CPU, so one small model covers
+both, with a spline that is not the identity."""
 
 import torch
 
@@ -52,9 +53,10 @@ def test_compiled_decode_steps_equal_eager():
         with torch.no_grad():
             logits = {}
             for compile in (False, True):
-                cache = m.make_cache(compile)
+                step = torch.compile(m._decode_step, dynamic=True) if compile else m._decode_step
+                cache = m.make_cache()
                 steps = [m(idx[:, :20], caches=cache)[0]]  # a prefill past the budget of 12, then steps
-                steps += [m(idx[:, t:t + 1], caches=cache)[0] for t in range(20, 40)]
+                steps += [step(idx[:, t:t + 1], cache) for t in range(20, 40)]
                 logits[compile] = torch.cat(steps, dim=1)
         assert torch.allclose(logits[True], logits[False], atol=1e-4, rtol=0), record
         full, _ = m(idx)
