@@ -303,6 +303,8 @@ def parse_args(argv=None):
     ap.add_argument("--decode-batches", default="1,16", help="batch sizes of the generate decode-speed section")
     ap.add_argument("--decode-contexts", default="256,1024",
                     help="contexts (prompt + new tokens) of the decode-speed section; empty skips it")
+    ap.add_argument("--generate-repeats", type=int, default=3,
+                    help="round-robin rounds of the decode-speed section; the median is reported")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--ks", default=",".join(map(str, DEFAULT_KS)), help="latent dims for the PCA / SplinePCA rows")
     ap.add_argument("--fit-epochs", type=int, default=None, help="SplinePCA fit epochs (default: the checkpoint's)")
@@ -323,10 +325,10 @@ def parse_args(argv=None):
     except ValueError:
         ap.error(f"--decode-batches / --decode-contexts expect comma-separated integers, found "
                  f"{args.decode_batches!r} / {args.decode_contexts!r}")
-    bad = [n for n in args.decode_batches + args.decode_contexts if n < 1]
+    bad = [n for n in args.decode_batches + args.decode_contexts + [args.generate_repeats] if n < 1]
     if bad or any(c < 64 for c in args.decode_contexts):
-        ap.error(f"--decode-batches must be >= 1 and --decode-contexts >= 64, found batches "
-                 f"{args.decode_batches}, contexts {args.decode_contexts}")
+        ap.error(f"--decode-batches and --generate-repeats must be >= 1 and --decode-contexts >= 64, found "
+                 f"batches {args.decode_batches}, contexts {args.decode_contexts}, repeats {args.generate_repeats}")
     return args
 
 
@@ -375,7 +377,7 @@ def main(argv=None):
                         f"{table}\n\n### How each number is measured\n\n{notes(rows)}\n")
         results[ckpt] = rows
     if args.decode_contexts:
-        text, _ = decode_speed(args.ckpt[0], args.decode_batches, args.decode_contexts, args.decode_repeats)
+        text, _ = decode_speed(args.ckpt[0], args.decode_batches, args.decode_contexts, args.generate_repeats)
         print("\n" + text, flush=True)
         sections.append(f"## Decode speed\n\n{text}\n")
     wall_s = time.perf_counter() - t_start

@@ -32,7 +32,7 @@ def bench_run(tiny_data_dir, tmp_path_factory):
     results = main(["--ckpt", str(run / "last.pt"), str(recall / "last.pt"), "--out-md", str(out_md),
                     "--out-png", str(out_png), "--ks", "8,16", "--eval-batches", "2", "--batch-size", "2",
                     "--calib-batches", "2", "--decode-steps", "4", "--decode-repeats", "1", "--fit-epochs", "2",
-                    "--threads", "1", "--decode-batches", "2", "--decode-contexts", "64"])
+                    "--threads", "1", "--decode-batches", "2", "--decode-contexts", "64", "--generate-repeats", "1"])
     rows, recall_rows = results.values()
     return rows, out_md, out_png, recall_rows
 
