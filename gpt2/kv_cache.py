@@ -41,7 +41,6 @@ def _identity(v):
     return v
 
 
-
 class LayerKVCache:
     """Keys in full, values encoded and (with a token selector) only for kept tokens."""
 
@@ -93,7 +92,7 @@ class LayerKVCache:
         return att.masked_fill(key_pos[None, :] > query_pos[:, None], float("-inf"))
 
     def _step(self, q, k, v):
-        """One new token: O(held) work and, with a selector, O(1) writes to V.
+        """One new token: O(held) reads and, once a pruned cache is full, O(1) writes to V.
 
         Position t0-W leaves the window; its score is final (the queries of
         its window have all run). If a slot is free the new token takes it;
@@ -125,7 +124,7 @@ class LayerKVCache:
             old_score = score.masked_fill(~old, math.inf)
             lowest = old & (old_score == old_score.amin(-1, keepdim=True))
             slot = pos.masked_fill(~lowest, t0).argmin(-1, keepdim=True)  # (B, nh, 1): the oldest lowest
-            v = self.v.scatter(-2, slot[..., None].expand_as(v_new), v_new)
+            v = self.v.scatter_(-2, slot[..., None].expand_as(v_new), v_new)  # in place: O(1) writes
             pos = pos.scatter(-1, slot, t0)
             score = score.scatter(-1, slot, 0.0)
             self.ordered = False
