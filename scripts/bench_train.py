@@ -6,7 +6,12 @@ shapes (4 layers, 4 heads, 256 dims, block 256, batch 8, compact Shakespeare
 vocabulary of 19,083 ids), for the ablation steps' attention variants side by
 side in one run, so the ratios are not at the mercy of a noisy machine.
 
-    python scripts/bench_train.py [--iters 8] [--steps V0,V19] [--vocab 19083]
+Two columns per step: eager, and under torch.compile (Inductor). The
+compiled column is the median of the iterations after the warmup ones, so
+it excludes compilation; the compile time (the warmup iterations' wall time
+beyond as many steady ones) is printed on its own.
+
+    python scripts/bench_train.py [--iters 8] [--steps V0,V19] [--vocab 19083] [--no-compile] [--threads N]
 """
 
 import argparse
@@ -24,6 +29,16 @@ from gpt2.calibrate import KVSpliceCalibrator  # noqa: E402
 from gpt2.model import GPT  # noqa: E402
 from gpt2.train import model_config_from_args  # noqa: E402
 from train_ra_mla import parse_args  # noqa: E402
+
+QUICKSTART = ("--n-layer", "4", "--n-head", "4", "--n-embd", "256", "--block-size", "256",
+              "--kv-prune-k-min", "32", "--kv-prune-recency", "32")
+# the target of issue 12: V20's compiled step within this factor of V0's
+COMPILED_V20_TARGET = 1.10
+
+
+def step_config(step, vocab, flags):
+    """The GPTConfig an ablation step trains, at the shapes `flags` give."""
+    return model_config_from_args(parse_args(["--ablation-step", step, *flags]), vocab)
 
 
 def with_geometry(model, k, batch, warp=True, seed=0):
@@ -50,46 +65,69 @@ def with_geometry(model, k, batch, warp=True, seed=0):
     return model
 
 
-def bench(cfg, batch, iters, warmup=2):
+def bench(cfg, batch, iters, compiled=False, warmup=2):
+    """(median seconds per step after `warmup`, seconds the warmup took beyond as many median steps)."""
     torch.manual_seed(0)
     model = GPT(cfg)
     codec = cfg.v_cache["codec"]
     if codec["kind"] == "splinepca":
         with_geometry(model, codec["k"], batch)
+    if compiled:
+        torch._dynamo.reset()  # every variant compiles afresh, far from the recompile limit
+    step_model = torch.compile(model) if compiled else model
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     x = torch.randint(0, cfg.vocab_size, (batch, cfg.block_size))
-    times = []
+    warm, times = [], []
     for i in range(warmup + iters):
         t0 = time.perf_counter()
-        _, loss = model(x, x)
+        _, loss = step_model(x, x)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
+        (times if i >= warmup else warm).append(time.perf_counter() - t0)
     times.sort()
-    return times[len(times) // 2]  # median
+    median = times[len(times) // 2]
+    return median, max(0.0, sum(warm) - warmup * median)
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--iters", type=int, default=8)
+    ap.add_argument("--iters", type=int, default=8, help="timed iterations per step and column")
     ap.add_argument("--steps", default="V0,V19,V20,V21", help="ablation steps to time")
     ap.add_argument("--vocab", type=int, default=19083)
     ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                    help="also time each step under torch.compile")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     a = ap.parse_args(argv)
     torch.set_flush_denormal(True)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    steps = a.steps.split(",")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; quick-start shapes: 4 layers, "
-          f"4 heads, 256 dims, block 256, batch {a.batch_size}, vocab {a.vocab}; median of {a.iters} iters")
-    base = None
-    for step in a.steps.split(","):
-        args = parse_args(["--ablation-step", step, "--n-layer", "4", "--n-head", "4", "--n-embd", "256",
-                           "--block-size", "256", "--kv-prune-k-min", "32", "--kv-prune-recency", "32"])
-        cfg = model_config_from_args(args, a.vocab)
-        dt = bench(cfg, a.batch_size, a.iters)
+          f"4 heads, 256 dims, block 256, batch {a.batch_size}, vocab {a.vocab}; median of {a.iters} iters"
+          + ("; compiled: Inductor, compile time apart" if a.compile else ""))
+    header = f"{'step':<4} {'eager ms/iter':>14} {'tokens/s':>10} {'x ' + steps[0]:>7}"
+    if a.compile:
+        header += f" | {'compiled ms/iter':>16} {'tokens/s':>10} {'x ' + steps[0]:>7} {'compile s':>9}"
+    print(header)
+    base, base_c, compiled = None, None, {}
+    for step in steps:
+        cfg = step_config(step, a.vocab, QUICKSTART)
+        tokens = a.batch_size * cfg.block_size
+        dt, _ = bench(cfg, a.batch_size, a.iters)
         base = base or dt
-        tok = a.batch_size * cfg.block_size / dt
-        print(f"{step:<4} {dt * 1000:8.1f} ms/iter {tok:10,.0f} tokens/s   x{dt / base:.2f} of {a.steps.split(',')[0]}")
+        row = f"{step:<4} {dt * 1000:14.1f} {tokens / dt:10,.0f} {dt / base:7.2f}"
+        if a.compile:
+            dtc, compile_s = bench(cfg, a.batch_size, a.iters, compiled=True)
+            base_c = base_c or dtc
+            compiled[step] = dtc
+            row += f" | {dtc * 1000:16.1f} {tokens / dtc:10,.0f} {dtc / base_c:7.2f} {compile_s:9.1f}"
+        print(row, flush=True)
+    if "V0" in compiled and "V20" in compiled:
+        ratio = compiled["V20"] / compiled["V0"]
+        verdict = "meets" if ratio <= COMPILED_V20_TARGET else "misses"
+        print(f"compiled V20 / compiled V0 = {ratio:.2f} ({verdict} the target of {COMPILED_V20_TARGET:.2f})")
     return 0
 
 
