@@ -9,7 +9,10 @@ side in one run, so the ratios are not at the mercy of a noisy machine.
 Two columns per step: eager, and under torch.compile (Inductor). The
 compiled column is the median of the iterations after the warmup ones, so
 it excludes compilation; the compile time (the warmup iterations' wall time
-beyond as many steady ones) is printed on its own.
+beyond as many steady ones) is printed on its own, each variant compiled
+from empty Inductor caches (a warm cache makes reruns far faster). Every
+variant is built and warmed first, then all are timed in turns, one
+iteration each per round.
 
     python scripts/bench_train.py [--iters 8] [--steps V0,V19] [--vocab 19083] [--no-compile] [--threads N]
 """
@@ -18,6 +21,7 @@ import argparse
 import contextlib
 import io
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -65,29 +69,42 @@ def with_geometry(model, k, batch, warp=True, seed=0):
     return model
 
 
-def bench(cfg, batch, iters, compiled=False, warmup=2):
-    """(median seconds per step after `warmup`, seconds the warmup took beyond as many median steps)."""
+def training_step(cfg, batch, compiled=False):
+    """A closure running one forward + backward + AdamW step of a fresh model of cfg."""
     torch.manual_seed(0)
     model = GPT(cfg)
     codec = cfg.v_cache["codec"]
     if codec["kind"] == "splinepca":
         with_geometry(model, codec["k"], batch)
-    if compiled:
-        torch._dynamo.reset()  # every variant compiles afresh, far from the recompile limit
     step_model = torch.compile(model) if compiled else model
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     x = torch.randint(0, cfg.vocab_size, (batch, cfg.block_size))
-    warm, times = [], []
-    for i in range(warmup + iters):
+
+    def step():
         t0 = time.perf_counter()
         _, loss = step_model(x, x)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        (times if i >= warmup else warm).append(time.perf_counter() - t0)
-    times.sort()
-    median = times[len(times) // 2]
-    return median, max(0.0, sum(warm) - warmup * median)
+        return time.perf_counter() - t0
+    return step
+
+
+def warmed(step, warmup=2):
+    """(step, seconds of its first `warmup` iterations): compilation happens there."""
+    return step, [step() for _ in range(warmup)]
+
+
+def bench(steps, iters):
+    """Time warmed closures in turns, one iteration each per round, so that a
+    change in the machine's load hits them all alike. Returns per closure
+    (median seconds per iteration, seconds its warmup took beyond as many medians)."""
+    times = [[] for _ in steps]
+    for _ in range(iters):
+        for (step, _), t in zip(steps, times):
+            t.append(step())
+    medians = [sorted(t)[len(t) // 2] for t in times]
+    return [(m, max(0.0, sum(warm) - len(warm) * m)) for m, (_, warm) in zip(medians, steps)]
 
 
 def main(argv=None):
@@ -110,22 +127,29 @@ def main(argv=None):
     header = f"{'step':<4} {'eager ms/iter':>14} {'tokens/s':>10} {'x ' + steps[0]:>7}"
     if a.compile:
         header += f" | {'compiled ms/iter':>16} {'tokens/s':>10} {'x ' + steps[0]:>7} {'compile s':>9}"
+    cfgs = [step_config(step, a.vocab, QUICKSTART) for step in steps]
+    closures = [warmed(training_step(cfg, a.batch_size)) for cfg in cfgs]
+    if a.compile:
+        from torch._inductor.utils import fresh_inductor_cache
+
+        torch.compile(torch.sin)(torch.ones(2))  # Inductor's one-time start-up, charged to no step
+        with tempfile.TemporaryDirectory(prefix="bench-train-inductor-") as cache:
+            for cfg in cfgs:  # each from empty caches: its compile time, not a hit on the previous one's kernels
+                with fresh_inductor_cache(dir=cache, delete=False):
+                    closures.append(warmed(training_step(cfg, a.batch_size, compiled=True)))
+    results = bench(closures, a.iters)
+    eager, compiled = results[:len(steps)], results[len(steps):]
     print(header)
-    base, base_c, compiled = None, None, {}
-    for step in steps:
-        cfg = step_config(step, a.vocab, QUICKSTART)
-        tokens = a.batch_size * cfg.block_size
-        dt, _ = bench(cfg, a.batch_size, a.iters)
-        base = base or dt
-        row = f"{step:<4} {dt * 1000:14.1f} {tokens / dt:10,.0f} {dt / base:7.2f}"
+    tokens = a.batch_size * cfgs[0].block_size
+    for i, step in enumerate(steps):
+        dt = eager[i][0]
+        row = f"{step:<4} {dt * 1000:14.1f} {tokens / dt:10,.0f} {dt / eager[0][0]:7.2f}"
         if a.compile:
-            dtc, compile_s = bench(cfg, a.batch_size, a.iters, compiled=True)
-            base_c = base_c or dtc
-            compiled[step] = dtc
-            row += f" | {dtc * 1000:16.1f} {tokens / dtc:10,.0f} {dtc / base_c:7.2f} {compile_s:9.1f}"
-        print(row, flush=True)
-    if "V0" in compiled and "V20" in compiled:
-        ratio = compiled["V20"] / compiled["V0"]
+            dtc, compile_s = compiled[i]
+            row += f" | {dtc * 1000:16.1f} {tokens / dtc:10,.0f} {dtc / compiled[0][0]:7.2f} {compile_s:9.1f}"
+        print(row)
+    if a.compile and "V0" in steps and "V20" in steps:
+        ratio = compiled[steps.index("V20")][0] / compiled[steps.index("V0")][0]
         verdict = "meets" if ratio <= COMPILED_V20_TARGET else "misses"
         print(f"compiled V20 / compiled V0 = {ratio:.2f} ({verdict} the target of {COMPILED_V20_TARGET:.2f})")
     return 0
