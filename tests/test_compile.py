@@ -30,13 +30,6 @@ TINY = ("--n-layer", "2", "--n-head", "2", "--n-embd", "64", "--block-size", "64
         "--kv-prune-k-min", "16", "--kv-prune-recency", "8", "--kvsplice-k", "8")
 VOCAB, BATCH = 96, 4
 
-# gpt2/kvsplice.py gathers the spline's lookup tables through complex64 /
-# complex128 views (_ApplyLines, _ApplyTable); until they gather real tensors,
-# Inductor falls back to eager for the spline's hot path
-COMPLEX_GATHER = pytest.mark.xfail(strict=True, raises=AssertionError,
-                                   reason="gpt2/kvsplice.py gathers spline tables as complex")
-
-
 @pytest.fixture(autouse=True)
 def fresh_dynamo():
     torch._dynamo.reset()
@@ -52,6 +45,10 @@ def tiny_model(step):
         with_geometry(model, cfg.v_cache["codec"]["k"], BATCH)
         splines = [block.attn.vcache.codec.kvsplice.spline for block in model.transformer.h]
         assert not any(s.is_identity for s in splines)  # the lookup runs
+        with torch.no_grad():  # the outer knots are calibration samples, which this tiny vocabulary repeats;
+            for s in splines:  # on a knot the slope is either side's, and eager and compiled may differ there
+                s.knot_x.add_(1e-4)
+                s.refresh()
     if cfg.v_cache["select"]["kind"] == "prune":
         assert model.transformer.h[0].attn.vcache.selector.rule.budget < cfg.block_size  # the pruned path runs
     return model.train()
@@ -92,7 +89,7 @@ def _complex_nodes(gm, found):
     return make_boxed_func(gm.forward)
 
 
-@pytest.mark.parametrize("step", [*STEPS[:2], pytest.param("V20", marks=COMPLEX_GATHER)])
+@pytest.mark.parametrize("step", STEPS)
 def test_inductor_gets_real_graphs_that_compute_the_eager_step(step):
     model = tiny_model(step)
     x, y = batch()
