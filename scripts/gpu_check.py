@@ -19,8 +19,9 @@ a spline that is not the identity, so its lookup runs):
            forward: in fp32 within 1e-3 of the logits' scale, and under bf16
            within 4x what bf16 itself moves the full forward's logits (a
            pruning near-tie may order differently when rounding differs; a
-           wrong cache is off by the logits' own scale); model.generate must
-           run.
+           wrong cache is off by the logits' own scale); compiled, the same
+           with each one-token step compiled, as GPT.generate(compile=True)
+           runs it; model.generate must run.
   V cache  the bytes the cache holds after the block: V bytes must be what the
            method's record implies (min(T, budget) tokens x k or head_dim
            values, in the run's dtype) and what the method's v_bytes says.
@@ -85,6 +86,8 @@ def parse(argv):
     ap.add_argument("--warmup", type=int, default=3, help="untimed iterations first (compilation)")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="autocast dtype")
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True, help="torch.compile")
+    ap.add_argument("--compile-decode", action=argparse.BooleanOptionalAction, default=True,
+                    help="with --compile, also decode with compiled one-token steps (GPT.generate(compile=True))")
     ap.add_argument("--peak-flops", type=float, default=H100_BF16_PEAK,
                     help="accelerator peak FLOP/s for MFU (H100/H200 SXM dense bf16: 989e12)")
     ap.add_argument("--decode-batch", type=int, default=2, help="sequences decoded in the decode check")
@@ -193,16 +196,22 @@ def train_timing(model, a, amp, fail):
 
 
 @torch.no_grad()
-def decode_and_forward(model, idx, amp):
+def decode_and_forward(model, idx, amp, compile=False):
     """(full forward logits, cached decode logits, the cache): the first three
-    quarters of idx prefilled, the rest decoded one token at a time."""
+    quarters of idx prefilled, the rest decoded one token at a time; with
+    compile, each one-token step as one torch.compile graph, as
+    GPT.generate(compile=True) runs it."""
+    def one_token(tokens, cache):
+        return model(tokens, caches=cache, last_only=True)[0]
+
+    step = torch.compile(one_token, dynamic=True) if compile else one_token
     prefill = idx.size(1) - idx.size(1) // 4
     with amp:
         full = model(idx)[0].float()
         cache = model.make_cache()
         parts = [model(idx[:, :prefill], caches=cache)[0]]
         for t in range(prefill, idx.size(1)):
-            parts.append(model(idx[:, t:t + 1], caches=cache)[0])
+            parts.append(step(idx[:, t:t + 1], cache))
     return full, torch.cat(parts, dim=1).float(), cache
 
 
@@ -220,15 +229,21 @@ def decode_check(model, a, amp, fail):
     if a.dtype == "bfloat16":
         full16, dec16, cache = decode_and_forward(model, idx, amp)
         floor = (full16 - full32).abs().max().item()
-        err16, tol16 = (dec16 - full16).abs().max().item(), max(BF16_NOISE_FACTOR * floor, tol32)
-        out["bf16"] = (err16, tol16, floor)
-        if not err16 <= tol16:
-            fail(f"cached decode differs from the full forward under bf16: max |dlogit| {err16:.3g} > "
-                 f"{BF16_NOISE_FACTOR} x {floor:.3g} (what bf16 moves the full forward's logits)")
+        tol16 = max(BF16_NOISE_FACTOR * floor, tol32)
+        out["bf16"] = ((dec16 - full16).abs().max().item(), tol16, floor)
     else:
-        cache = decode_and_forward(model, idx, amp)[2]
+        full16, cache = full32, decode_and_forward(model, idx, amp)[2]
+    if a.compile and a.compile_decode:  # the compiled decode path, in the run's dtype
+        _, decc, _ = decode_and_forward(model, idx, amp, compile=True)
+        out["compiled"] = ((decc - full16).abs().max().item(), tol16 if a.dtype == "bfloat16" else tol32)
+    for name in ("bf16", "compiled"):
+        if name in out and not out[name][0] <= out[name][1]:
+            what = "compiled cached decode" if name == "compiled" else "cached decode"
+            fail(f"{what} differs from the full forward under {a.dtype}: max |dlogit| {out[name][0]:.3g} > "
+                 f"{out[name][1]:.3g}" + (f" ({BF16_NOISE_FACTOR} x what bf16 moves the full forward's logits)"
+                                          if a.dtype == "bfloat16" else ""))
     out["cache"] = cache
-    sample = model.generate(idx[:1, :8], 8, top_k=50)
+    sample = model.generate(idx[:1, :8], 8, top_k=50, compile=a.compile and a.compile_decode)
     if sample.shape != (1, 16) or not bool(((sample >= 0) & (sample < a.vocab)).all()):
         fail(f"model.generate returned {tuple(sample.shape)} with ids outside [0, {a.vocab})")
     return out
@@ -269,6 +284,7 @@ def run_step(step, a, amp):
         print(f"FAIL {step}: {msg}", flush=True)
 
     result = {"step": step}
+    t0 = time.perf_counter()
     try:
         model = build(step, a)
         result["train"] = train_timing(model, a, amp, fail)
@@ -281,7 +297,7 @@ def run_step(step, a, amp):
         model = None
         if a.device.startswith("cuda"):
             torch.cuda.empty_cache()
-    result["failures"] = failures
+    result["failures"], result["wall_s"] = failures, time.perf_counter() - t0
     print_step(result, a)
     return result
 
@@ -305,6 +321,8 @@ def print_step(r, a):
         if "bf16" in d:
             err, tol, floor = d["bf16"]
             line += f"; bf16 {err:.2e} (tol {BF16_NOISE_FACTOR} x {floor:.2e})"
+        if "compiled" in d:
+            line += f"; compiled steps {d['compiled'][0]:.2e} (tol {d['compiled'][1]:.2e})"
         print(line)
     v = r.get("v")
     if v:
@@ -335,7 +353,8 @@ def check(a):
     failures = [f"{r['step']}: {msg}" for r in results for msg in r["failures"]]
     elapsed = time.perf_counter() - t_start
     print_summary(results, a)
-    over = f" (over the {FIVE_MINUTES // 60}-minute budget)" if elapsed > FIVE_MINUTES else ""
+    over = (f" (over the {FIVE_MINUTES // 60}-minute budget: the wall-time column says where; "
+            f"--no-compile-decode skips compiling the decode steps)" if elapsed > FIVE_MINUTES else "")
     if failures:
         print(f"gpu_check: FAILED, {len(failures)} check(s), in {elapsed:.0f} s{over}:", file=sys.stderr)
         for msg in failures:
@@ -348,14 +367,14 @@ def check(a):
 def print_summary(results, a):
     cuda = a.device.startswith("cuda")
     print(f"{'step':<4} {'ms/iter':>9} {'tokens/s':>12} {'MFU':>6} {'peak GiB':>9} {'V B/head/layer':>15} "
-          f"{'V vs V0':>8}  result")
+          f"{'V vs V0':>8} {'wall s':>7}  result")
     for r in results:
         t, v = r.get("train") or {}, r.get("v") or {}
         fmt = (lambda key, spec: format(t[key], spec) if key in t else "-")
         print(f"{r['step']:<4} {fmt('ms', '9.1f'):>9} {fmt('tokens_s', '12,.0f'):>12} "
               f"{fmt('mfu', '6.1%') if cuda else '-':>6} {fmt('peak_gib', '9.2f') if cuda else '-':>9} "
               f"{format(v['per_head_layer'], ',') if v else '-':>15} "
-              f"{format(v['ratio'], '.1%') if v else '-':>8}  {'FAIL' if r['failures'] else 'ok'}")
+              f"{format(v['ratio'], '.1%') if v else '-':>8} {r['wall_s']:7.0f}  {'FAIL' if r['failures'] else 'ok'}")
 
 
 # ---- --estimate: what the GPU defconfigs cost, on paper ----------------------------
