@@ -21,7 +21,7 @@ a spline that is not the identity, so its lookup runs):
            pruning near-tie may order differently when rounding differs; a
            wrong cache is off by the logits' own scale); compiled, the same
            with each one-token step compiled, as GPT.generate(compile=True)
-           runs it; model.generate must run.
+           runs it; model.generate must sample.
   V cache  the bytes the cache holds after the block: V bytes must be what the
            method's record implies (min(T, budget) tokens x k or head_dim
            values, in the run's dtype) and what the method's v_bytes says.
@@ -243,7 +243,7 @@ def decode_check(model, a, amp, fail):
                  f"{out[name][1]:.3g}" + (f" ({BF16_NOISE_FACTOR} x what bf16 moves the full forward's logits)"
                                           if a.dtype == "bfloat16" else ""))
     out["cache"] = cache
-    sample = model.generate(idx[:1, :8], 8, top_k=50, compile=a.compile and a.compile_decode)
+    sample = model.generate(idx[:1, :8], 8, top_k=50)  # sampling on the device; the compiled steps are checked above
     if sample.shape != (1, 16) or not bool(((sample >= 0) & (sample < a.vocab)).all()):
         fail(f"model.generate returned {tuple(sample.shape)} with ids outside [0, {a.vocab})")
     return out
@@ -257,7 +257,7 @@ def v_cache_check(model, cache, a, fail):
     held = T
     if select["kind"] == "prune":
         held = min(T, keep_budget(select["keep_ratio"], cfg.block_size, select["k_min"]))
-    width = codec["k"] if codec["kind"] != "none" else hd
+    width = codec["k"] if codec["kind"] in ("splinepca", "pca") else hd  # the ablation steps' codecs
     elem = torch.empty((), dtype=getattr(torch, a.dtype)).element_size()
     per_head_layer = held * width * elem
     expected = cfg.n_layer * B * cfg.n_head * per_head_layer
