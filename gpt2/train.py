@@ -424,7 +424,7 @@ def train_step(run):
         sync = nullcontext() if (not rt.ddp or j == per_rank - 1) else run.model.no_sync()
         with sync:
             with run.amp:
-                _, loss = run.model(x, y)
+                loss = run.model(x, y)[1]  # drop the logits now: they would live through backward
             run.scaler.scale(loss / per_rank).backward()
         loss_sum += loss.detach()
     if args.grad_clip > 0:
