@@ -72,11 +72,13 @@ class LayerKVCache:
 
     def _prefill(self, q, k, v):
         t0 = self.length
-        self.k = k if self.k is None else torch.cat([self.k, k], dim=-2)
+        # contiguous from the start (k, v arrive as views of c_attn's output), so
+        # a compiled step sees the same strides at every length
+        self.k = k.contiguous() if self.k is None else torch.cat([self.k, k], dim=-2)
         self.length = t0 + q.size(-2)
         v_new = self.v_encode(v)  # (B, nh, T_new, kdim)
         if self.selector is None:
-            self.v = v_new if self.v is None else torch.cat([self.v, v_new], dim=-2)
+            self.v = v_new.contiguous() if self.v is None else torch.cat([self.v, v_new], dim=-2)
             att = F.softmax(self._logits(q, t0), dim=-1)
             return (att @ self.v_decode(self.v).float()).to(q.dtype)
         return self._attend_pruned(q, v_new, t0)
