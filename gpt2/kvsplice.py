@@ -15,7 +15,7 @@ Pure tensors in, tensors out: nothing here knows about models. Everything
 works on CPU and CUDA; compress / decompress / roundtrip take fp32, fp16 or
 bf16 and return the input dtype (the arithmetic is always fp32).
 
-Two evaluations of the same spline:
+Three evaluations of the same spline:
 - the *reference* path (`forward_ref` / `inverse_ref`): segment found by
   comparison, differentiable in the spline's parameters; used by `fit`.
 - the *fast* path (`forward` / `inverse`): lookup tables built once after
@@ -249,16 +249,16 @@ def _chain(v, p_in, p_out, slopes):
     return y0 + slope * (v - x0)
 
 
-def _encode_rows(v, mean, components, knots):
-    """Spline, then PCA: rows (n, D) -> (n, k). knots: (p_in, p_out, slopes), or None (identity)."""
-    z = v if knots is None else _chain(v, *knots)
+def _encode_rows(v, mean, components, segments):
+    """Spline, then PCA: rows (n, D) -> (n, k). segments: MonotoneSpline.segments(), None for the identity."""
+    z = v if segments is None else _chain(v, *segments)
     return torch.addmm(-(mean @ components), z, components)
 
 
-def _decode_rows(z, mean, components, knots):
+def _decode_rows(z, mean, components, segments):
     """PCA back-projection, then the spline's inverse: rows (n, k) -> (n, D)."""
     u = torch.addmm(mean, z, components.T)
-    return u if knots is None else _chain(u, *knots)
+    return u if segments is None else _chain(u, *segments)
 
 
 _COMPILED = {}
