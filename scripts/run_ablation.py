@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from gpt2.ablations import STEPS, step_overrides  # noqa: E402
-from gpt2.data import dataset_dir_name  # noqa: E402
+from gpt2.data import dataset_dir_name, stale_reason  # noqa: E402
 from gpt2.recall import is_recall  # noqa: E402
 from lib.atomic import atomic_write_text  # noqa: E402
 from lib.config import parse_with_config  # noqa: E402
@@ -38,9 +38,14 @@ from train_ra_mla import build_parser  # noqa: E402
 def ensure_data(args, dataset):
     from gpt2.prepare_data import prepare
 
-    meta = Path(args.data_dir) / dataset_dir_name(dataset) / "meta.json"
-    if is_recall(dataset) or meta.exists():  # recall tasks are generated on the fly
+    if is_recall(dataset):  # recall tasks are generated on the fly
         return
+    meta = Path(args.data_dir) / dataset_dir_name(dataset) / "meta.json"
+    if meta.exists():
+        stale = stale_reason(json.loads(meta.read_text()), dataset)
+        if stale is None:
+            return
+        print(f"[ablation] {meta.parent}: {stale}", flush=True)
     print(f"[ablation] preparing dataset {dataset} into {args.data_dir}/", flush=True)
     prepare(dataset, args.data_dir, compact_vocab=args.compact_vocab, max_tokens=args.max_tokens or None)
 
