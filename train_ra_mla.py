@@ -36,6 +36,13 @@ def build_parser():
     g.add_argument("--compile", action=B, default=False, help="torch.compile the model")
     g.add_argument("--sample-tokens", type=int, default=0,
                    help="after training, generate this many tokens through the KV cache")
+    g.add_argument("--sample-prompt", default="",
+                   help="the text the sample continues (empty: a newline, as nanoGPT's sample.py); drawn "
+                        "with --seed, so every step of a matrix continues the same prompt with the same draws")
+    g.add_argument("--sample-temperature", type=float, default=0.8,
+                   help="sampling temperature: below 1 favours the likelier tokens (nanoGPT samples at 0.8)")
+    g.add_argument("--sample-top-k", type=int, default=200,
+                   help="sample among the k likeliest tokens only (0 = all; nanoGPT samples with 200)")
     g.add_argument("--peak-flops", type=float, default=312e12,
                    help="accelerator peak FLOP/s for MFU (A100 bf16: 312e12)")
 

@@ -261,6 +261,21 @@ def decode_tokens(ids, meta: dict) -> str:
     return get_encoding().decode(ids)
 
 
+def encode_text(text, meta: dict) -> list:
+    """Text -> token ids as stored in this dataset's .bin files (compact or GPT-2);
+    ValueError naming the tokens a compact vocabulary lacks."""
+    ids = get_encoding().encode_ordinary(text)
+    if not meta.get("compact"):
+        return ids
+    id_map = np.asarray(meta["id_map"])
+    pos = np.minimum(np.searchsorted(id_map, ids), len(id_map) - 1)
+    missing = [i for i, p in zip(ids, pos.tolist()) if id_map[p] != i]
+    if missing:
+        pieces = ", ".join(repr(get_encoding().decode([i])) for i in missing)
+        raise ValueError(f"the corpus never uses the token(s) {pieces}, so its compact vocabulary lacks them")
+    return pos.tolist()
+
+
 def unigram_entropy(dataset_dir) -> float:
     """Cross-entropy (nats/token) of the val split under the train split's unigram
     frequencies, add-one smoothed over vocab_size: the loss of a model that knows
