@@ -131,18 +131,22 @@ def main(argv=None):
         print(f"[ablation] {label} done in {time.time() - t0:.0f}s")
         run_dirs[dataset].append(run_dir)
 
+    invalid = False
     if len(plan) > len(datasets) or len(datasets) > 1:
-        from scripts.compare_runs import write_comparison
+        from scripts.compare_runs import INVALID, write_comparison
 
         texts = [write_comparison(dirs, out_dir if dataset is None else out_dir / dataset, dataset)
                  for dataset, dirs in run_dirs.items() if dirs]
         if len(datasets) > 1 and texts:
             atomic_write_text(out_dir / "summary.md", "\n".join(texts))
             print(f"wrote {out_dir / 'summary.md'}")
+        invalid = any(INVALID in text for text in texts)
     if failed:
         print(f"[ablation] failed steps: {', '.join(failed)}", file=sys.stderr)
-        return 1
-    return 0
+    if invalid:
+        print(f"[ablation] {INVALID}: the runs in {out_dir} trained different token counts (summary.md)",
+              file=sys.stderr)
+    return 1 if failed or invalid else 0
 
 
 if __name__ == "__main__":
