@@ -89,9 +89,10 @@ def build_parser():
     g.add_argument("--warmup-iters", type=int, default=100, help="linear LR warmup iterations")
     g.add_argument("--max-iters", type=int, default=5000, help="iterations; the LR schedule spans them")
     g.add_argument("--max-time", type=float, default=0.0,
-                   help="time budget in seconds (0 = none); if, at the end of warmup, the measured pace "
-                        "says --max-iters will not fit, the LR schedule is shortened once to the "
-                        "iterations that do, so the run still ends at the minimum LR")
+                   help="time budget in seconds of one run (0 = none); if, at the end of warmup, the measured "
+                        "pace says --max-iters will not fit, the LR schedule is shortened once to the "
+                        "iterations that do, so the run still ends at the minimum LR. A matrix of runs "
+                        "takes --matrix-time instead, so that its steps train alike")
     g.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay on weight matrices")
     g.add_argument("--beta1", type=float, default=0.9, help="AdamW beta1")
     g.add_argument("--beta2", type=float, default=0.95, help="AdamW beta2")
@@ -135,6 +136,11 @@ def build_parser():
     g.add_argument("--ablation-step", default=None, help="apply one step of gpt2/ablations.py (e.g. V20)")
     g.add_argument("--ablation-steps", default="",
                    help="comma-separated steps that `make train` (scripts/run_ablation.py) runs")
+    g.add_argument("--matrix-time", type=float, default=0.0,
+                   help="time budget in seconds for the whole matrix `make train` runs (steps x seeds x "
+                        "datasets; 0 = none): the pace of each step is measured first, then every run trains "
+                        "the one iteration count, at most --max-iters, that fits the matrix in it "
+                        "(recorded in OUT_DIR/budget.json)")
     g.add_argument("--ablation-datasets", default="",
                    help="comma-separated datasets: `make train` runs the matrix once per dataset, into "
                         "OUT_DIR/<dataset>/ (empty: --dataset alone)")

@@ -43,6 +43,7 @@ _DOMAINS = {
     "warmup_iters": (lambda v: v >= 0, ">= 0"),
     "max_iters": (lambda v: v >= 1, ">= 1"),
     "max_time": (_finite(0), "a finite number >= 0 (0 = no budget)"),
+    "matrix_time": (_finite(0), "a finite number >= 0 (0 = no budget: every run trains --max-iters)"),
     "weight_decay": (_finite(0), "a finite number >= 0"),
     "beta1": (_finite(0, 1), "in [0, 1)"),
     "beta2": (_finite(0, 1), "in [0, 1)"),
@@ -70,6 +71,11 @@ def _flag(dest):
 def _domain_problems(args, domains):
     return [f"{_flag(dest)} must be {what}, got {getattr(args, dest)}"
             for dest, (ok, what) in domains.items() if not ok(getattr(args, dest))]
+
+
+def matrix_problems(args):
+    """The flags only the ablation runner reads (scripts/run_ablation.py), checked before it measures or trains."""
+    return _domain_problems(args, {"matrix_time": _DOMAINS["matrix_time"]})
 
 
 def calibration_iter(args):

@@ -29,6 +29,8 @@ BAD = [
     (("--weight-decay", "inf"), "--weight-decay must be a finite number >= 0, got inf"),
     (("--grad-clip", "-1"), "--grad-clip must be a finite number >= 0 (0 = no clipping), got -1.0"),
     (("--max-time", "-5"), "--max-time must be a finite number >= 0 (0 = no budget), got -5.0"),
+    (("--matrix-time", "nan"), "--matrix-time must be a finite number >= 0 (0 = no budget: every run trains "
+                               "--max-iters), got nan"),
     (("--warmup-iters", "-1"), "--warmup-iters must be >= 0, got -1"),
     (("--max-iters", "0"), "--max-iters must be >= 1, got 0"),
     (("--eval-iters", "0"), "--eval-iters must be >= 1, got 0"),
