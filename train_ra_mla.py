@@ -48,7 +48,8 @@ def build_parser():
 
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default="shakespeare",
-                   help="shakespeare, file:PATH, finewebedu or openwebtext; or a recall task generated on "
+                   help="shakespeare (the plays as plain text; shakespeare-raw: their Markdown as shipped), "
+                        "file:PATH, finewebedu or openwebtext; or a recall task generated on "
                         "the fly (gpt2/recall.py): copy, mqar (associative recall), recall (both)")
     g.add_argument("--data-dir", default="data", help="where prepared datasets live")
     g.add_argument("--compact-vocab", action=B, default=False,

@@ -40,8 +40,7 @@ def stale_reason(meta, dataset):
     """Why a prepared dataset is not what `dataset` names now, or None: data/shakespeare
     prepared before the plays were made plain text holds their Markdown."""
     if dataset in _TEXT_FORMS and meta.get("text") != text_form(dataset):
-        return (f"it holds the text as {meta.get('text', 'markdown')}, but --dataset {dataset} is "
-                f"{text_form(dataset)} text; prepare it again")
+        return f"it holds {meta.get('text', 'markdown')} text, but --dataset {dataset} is {text_form(dataset)} text"
     return None
 
 
@@ -55,7 +54,7 @@ class TokenData:
         self.meta = json.loads(meta_path.read_text())
         stale = stale_reason(self.meta, dataset)
         if stale:
-            raise FileNotFoundError(f"{self.dir} was prepared by an older version: {stale}: {hint}")
+            raise FileNotFoundError(f"{self.dir} was prepared by an older version ({stale}): {hint}")
         self.splits = {}
         for split in ("train", "val"):
             path = self.dir / f"{split}.bin"

@@ -209,5 +209,6 @@ def test_shakespeare_prepared_before_plain_text_is_refused_as_stale(tmp_path):
     meta = load_meta(out)
     del meta["text"]  # what data/shakespeare/meta.json said when it held the Markdown
     (out / "meta.json").write_text(json.dumps(meta))
-    with pytest.raises(FileNotFoundError, match="older version: it holds the text as markdown.*make data"):
+    stale = r"older version \(it holds markdown text, but --dataset shakespeare is plain text\): run `make data`"
+    with pytest.raises(FileNotFoundError, match=stale):
         TokenData(tmp_path, "shakespeare")
