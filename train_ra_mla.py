@@ -36,12 +36,20 @@ def build_parser():
     g.add_argument("--compile", action=B, default=False, help="torch.compile the model")
     g.add_argument("--sample-tokens", type=int, default=0,
                    help="after training, generate this many tokens through the KV cache")
+    g.add_argument("--sample-prompt", default="",
+                   help="the text the sample continues (empty: a newline, as nanoGPT's sample.py); drawn "
+                        "with --seed, so every step of a matrix continues the same prompt with the same draws")
+    g.add_argument("--sample-temperature", type=float, default=0.8,
+                   help="sampling temperature: below 1 favours the likelier tokens (nanoGPT samples at 0.8)")
+    g.add_argument("--sample-top-k", type=int, default=200,
+                   help="sample among the k likeliest tokens only (0 = all; nanoGPT samples with 200)")
     g.add_argument("--peak-flops", type=float, default=312e12,
                    help="accelerator peak FLOP/s for MFU (A100 bf16: 312e12)")
 
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default="shakespeare",
-                   help="shakespeare, file:PATH, finewebedu or openwebtext; or a recall task generated on "
+                   help="shakespeare (the plays as plain text; shakespeare-raw: their Markdown as shipped), "
+                        "file:PATH, finewebedu or openwebtext; or a recall task generated on "
                         "the fly (gpt2/recall.py): copy, mqar (associative recall), recall (both)")
     g.add_argument("--data-dir", default="data", help="where prepared datasets live")
     g.add_argument("--compact-vocab", action=B, default=False,
@@ -82,9 +90,10 @@ def build_parser():
     g.add_argument("--warmup-iters", type=int, default=100, help="linear LR warmup iterations")
     g.add_argument("--max-iters", type=int, default=5000, help="iterations; the LR schedule spans them")
     g.add_argument("--max-time", type=float, default=0.0,
-                   help="time budget in seconds (0 = none); if, at the end of warmup, the measured pace "
-                        "says --max-iters will not fit, the LR schedule is shortened once to the "
-                        "iterations that do, so the run still ends at the minimum LR")
+                   help="time budget in seconds of one run (0 = none); if, at the end of warmup, the measured "
+                        "pace says --max-iters will not fit, the LR schedule is shortened once to the "
+                        "iterations that do, so the run still ends at the minimum LR. A matrix of runs "
+                        "takes --matrix-time instead, so that its steps train alike")
     g.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay on weight matrices")
     g.add_argument("--beta1", type=float, default=0.9, help="AdamW beta1")
     g.add_argument("--beta2", type=float, default=0.95, help="AdamW beta2")
@@ -128,6 +137,11 @@ def build_parser():
     g.add_argument("--ablation-step", default=None, help="apply one step of gpt2/ablations.py (e.g. V20)")
     g.add_argument("--ablation-steps", default="",
                    help="comma-separated steps that `make train` (scripts/run_ablation.py) runs")
+    g.add_argument("--matrix-time", type=float, default=0.0,
+                   help="time budget in seconds for the whole matrix `make train` runs (steps x seeds x "
+                        "datasets; 0 = none): the pace of each step is measured first, then every run trains "
+                        "the one iteration count, at most --max-iters, that fits the matrix in it "
+                        "(recorded in OUT_DIR/budget.json)")
     g.add_argument("--ablation-datasets", default="",
                    help="comma-separated datasets: `make train` runs the matrix once per dataset, into "
                         "OUT_DIR/<dataset>/ (empty: --dataset alone)")

@@ -108,26 +108,35 @@ class KVSpliceCalibrator:
             groups = [pooled[pick]]
         else:
             groups = self.samples
-        modules, stats = [], []
-        for i, X in enumerate(groups):
-            if X.shape[0] < self.k + 1:
-                raise ValueError(f"[KVSplice] layer {i}: {X.shape[0]} V vectors, need at least k+1 = {self.k + 1}; "
-                                 f"raise --kvsplice-max-batches")
-            mod = SplinePCA(self.head_dim, self.k, knots)
-            s = mod.fit(X, epochs=epochs, lr=lr, seed=seed + i)
-            label = "shared" if shared else f"layer {i}"
-            print(f"[KVSplice] {label}: {X.shape[0]:,} vectors, held-out MSE PCA {s['pca_val_mse']:.5f} "
-                  f"SplinePCA {s['spline_val_mse']:.5f} (ratio {s['spline_val_mse'] / max(s['pca_val_mse'], 1e-30):.3f}"
-                  f"{'' if s['kept_spline'] else ', identity spline kept'}), {s['seconds']:.1f}s", flush=True)
-            modules.append(mod)
-            stats.append(s)
+        threads = torch.get_num_threads()
+        # The fit is hundreds of Adam steps on ~100 rows each, on the CPU: a second thread
+        # only waits on the first, and when another process holds the other core it waits
+        # long (2 epochs of a 32,000-row fit: 26 s on 2 threads, 3-4 s on 1, measured on
+        # a busy 2-core machine).
+        torch.set_num_threads(1)
+        try:
+            modules, stats = zip(*(self._fit_one(i, X, knots, epochs, lr, shared, seed) for i, X in enumerate(groups)))
+        finally:
+            torch.set_num_threads(threads)
         return {
             "Hd": self.head_dim, "k": self.k, "knots": knots, "n_layer": self.n_layer, "shared": shared,
             "state_dict": [{n: t.detach().cpu() for n, t in m.state_dict().items()} for m in modules],
             "format_version": GEOMETRY_FORMAT,
-            "fit_stats": {"layers": stats, "seconds": time.time() - t0, "samples_seen": list(self.seen),
+            "fit_stats": {"layers": list(stats), "seconds": time.time() - t0, "samples_seen": list(self.seen),
                           "dropped_nonfinite": self.dropped},
         }
+
+    def _fit_one(self, i, X, knots, epochs, lr, shared, seed):
+        if X.shape[0] < self.k + 1:
+            raise ValueError(f"[KVSplice] layer {i}: {X.shape[0]} V vectors, need at least k+1 = {self.k + 1}; "
+                             f"raise --kvsplice-max-batches")
+        mod = SplinePCA(self.head_dim, self.k, knots)
+        s = mod.fit(X, epochs=epochs, lr=lr, seed=seed + i)
+        label = "shared" if shared else f"layer {i}"
+        print(f"[KVSplice] {label}: {X.shape[0]:,} vectors, held-out MSE PCA {s['pca_val_mse']:.5f} "
+              f"SplinePCA {s['spline_val_mse']:.5f} (ratio {s['spline_val_mse'] / max(s['pca_val_mse'], 1e-30):.3f}"
+              f"{'' if s['kept_spline'] else ', identity spline kept'}), {s['seconds']:.1f}s", flush=True)
+        return mod, s
 
     def dump_samples(self, path):
         atomic_torch_save({i: s for i, s in enumerate(self.samples)}, path)

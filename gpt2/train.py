@@ -23,7 +23,7 @@ from gpt2.geometry import load_geometry, save_geometry
 from gpt2.model import GPT, GPTConfig, load_checkpoint
 from gpt2.prepare_data import decode_tokens, unigram_entropy
 from gpt2.recall import RecallData, accuracy_names, answer_accuracy, format_accuracy
-from gpt2.validation import BadArguments, calibration_iter, validate_args
+from gpt2.validation import BadArguments, calibration_iter, sample_prompt_ids, validate_args
 from lib.atomic import atomic_torch_save
 from lib.tracking import Tracker
 
@@ -312,7 +312,7 @@ def _train(args, rt, on_iter):
     if rt.master:
         print_results(summary)
         if args.sample_tokens > 0 and isinstance(run.data, TokenData):
-            print_sample(run.raw_model, run.data, args.sample_tokens, rt.device)
+            print_sample(run.raw_model, run.data, args, rt.device)
     run.tracker.finish(summary, exit_code=0 if reason is None else 1)
     if reason is not None:
         raise IncompleteRun(reason)
@@ -553,8 +553,14 @@ def print_results(s):
           f"({vc['bytes_per_head']:,} bytes) vs {vc['baseline_elements_per_head']:,} uncompressed")
 
 
-def print_sample(model, data, n, device):
+def print_sample(model, data, args, device):
+    """--sample-tokens tokens after --sample-prompt, drawn with --seed: every step of a
+    matrix continues the same prompt with the same random draws, so the samples
+    differ only by what the models learned."""
     model.eval()
-    start = torch.tensor([[data.splits["val"][0]]], dtype=torch.long, device=device)
-    out = model.generate(start, n, temperature=0.8, top_k=50)
-    print("\n== sample ==\n" + decode_tokens(out[0].tolist(), data.meta))
+    start = torch.tensor([sample_prompt_ids(args, data.meta)], dtype=torch.long, device=device)
+    torch.manual_seed(args.seed)
+    out = model.generate(start, args.sample_tokens, temperature=args.sample_temperature,
+                         top_k=args.sample_top_k or None)
+    print(f"\n== sample (temperature {args.sample_temperature:g}, top-k {args.sample_top_k or 'all'}, "
+          f"seed {args.seed}) ==\n" + decode_tokens(out[0].tolist(), data.meta))

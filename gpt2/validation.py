@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from gpt2.data import TokenData, recall_data
+from gpt2.prepare_data import encode_text
 from gpt2.recall import is_recall
 from lib.kv_pruning import keep_budget
 
@@ -27,6 +28,8 @@ def _finite(lo, hi=math.inf, closed_hi=False):
 _DOMAINS = {
     "seed": (lambda v: 0 <= v < 2 ** 32, "in [0, 2**32)"),
     "sample_tokens": (lambda v: v >= 0, ">= 0"),
+    "sample_temperature": (lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
+    "sample_top_k": (lambda v: v >= 0, ">= 0 (0 = all tokens)"),
     "peak_flops": (lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
     "max_tokens": (lambda v: v >= 0, ">= 0"),
     "n_layer": (lambda v: v >= 1, ">= 1"),
@@ -40,6 +43,7 @@ _DOMAINS = {
     "warmup_iters": (lambda v: v >= 0, ">= 0"),
     "max_iters": (lambda v: v >= 1, ">= 1"),
     "max_time": (_finite(0), "a finite number >= 0 (0 = no budget)"),
+    "matrix_time": (_finite(0), "a finite number >= 0 (0 = no budget: every run trains --max-iters)"),
     "weight_decay": (_finite(0), "a finite number >= 0"),
     "beta1": (_finite(0, 1), "in [0, 1)"),
     "beta2": (_finite(0, 1), "in [0, 1)"),
@@ -67,6 +71,11 @@ def _flag(dest):
 def _domain_problems(args, domains):
     return [f"{_flag(dest)} must be {what}, got {getattr(args, dest)}"
             for dest, (ok, what) in domains.items() if not ok(getattr(args, dest))]
+
+
+def matrix_problems(args):
+    """The flags only the ablation runner reads (scripts/run_ablation.py), checked before it measures or trains."""
+    return _domain_problems(args, {"matrix_time": _DOMAINS["matrix_time"]})
 
 
 def calibration_iter(args):
@@ -140,6 +149,15 @@ def kvsplice_problems(args):
     return problems
 
 
+def sample_prompt_ids(args, meta):
+    """--sample-prompt as token ids of the dataset (a newline when empty); ValueError
+    when the prompt needs tokens the dataset's vocabulary lacks."""
+    try:
+        return encode_text(args.sample_prompt or "\n", meta)
+    except ValueError as e:
+        raise ValueError(f"--sample-prompt {args.sample_prompt!r}: {e}") from None
+
+
 def input_problems(args):
     """The data the flags name (prepared data long enough for a block, or a recall
     task that fits one) and the checkpoint to resume from."""
@@ -151,6 +169,8 @@ def input_problems(args):
             data = TokenData(args.data_dir, args.dataset)
             if args.block_size >= 1:
                 data.check_block_size(args.block_size)
+            if args.sample_tokens > 0:
+                sample_prompt_ids(args, data.meta)
         except (OSError, ValueError) as e:
             problems.append(str(e))
     if args.resume and not (Path(args.out_dir) / "last.pt").is_file():

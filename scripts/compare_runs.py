@@ -4,17 +4,24 @@
     python scripts/compare_runs.py RUN_DIR... [--out DIR]
 
 Reads each run's summary.json and metrics.jsonl (never wandb) and writes
-DIR/summary.md and DIR/val_loss.png. A run whose summary.json says it is
+DIR/summary.md, DIR/summary.json (the same table, and whether the comparison
+is valid) and DIR/val_loss.png. A run whose summary.json says it is
 incomplete (a feature it asked for never engaged) is left out, with a note
 on stderr. Runs of the same step (several seeds)
 are pooled: the table gives mean +- sd of the final val loss over seeds and
-the plot the mean curve. Columns: final val loss, perplexity, difference to
-V0 and to V19 (mean +- sd of the per-seed paired differences when the steps
-ran the same seeds), recall accuracy overall and far (and far vs V0) on
-recall tasks, V-cache elements and bytes per head at block_size (read off a
-real cache at the end of training), training tokens/s. Above the table, the
-context-use line of the V0 checkpoint: full cache vs a short window, with its
-paired standard error; without a clear gap the steps cannot be ranked.
+the plot the mean curve. Columns: iterations and tokens trained, final val
+loss, perplexity, difference to V0 and to V19 (mean +- sd of the per-seed
+paired differences when the steps ran the same seeds), recall accuracy
+overall and far (and far vs V0) on recall tasks, V-cache elements and bytes
+per head at block_size (read off a real cache at the end of training),
+training tokens/s. Above the table, the context-use line of the V0
+checkpoint: full cache vs a short window, with its paired standard error;
+without a clear gap the steps cannot be ranked.
+
+Runs that trained different token counts do not compare: a step that trained
+less looks worse for it. Such a comparison is marked INVALID at the top of
+summary.md, its difference columns read "invalid", and summary.json says
+"valid": false with the reason.
 """
 
 import argparse
@@ -91,27 +98,56 @@ def _vs(runs, ref_runs, key="final_val_loss", relative=True):
     return f"{mean - ref:+.4f}" + (f" ({(mean - ref) / ref * 100:+.2f}%)" if relative and ref else "")
 
 
-def summary_table(runs):
-    """Per step: final val loss (mean +- sd over seeds), differences to V0 and V19
-    (per-seed paired when seeded), recall accuracy when the runs have it, V cache, speed."""
+INVALID = "INVALID COMPARISON"
+
+
+def _fmt_range(values):
+    """One count, or min-max when the runs differ; n/a when a run did not record it."""
+    if None in values:
+        return "n/a"
+    lo, hi = min(values), max(values)
+    return f"{lo:,}" if lo == hi else f"{lo:,}-{hi:,}"
+
+
+def unequal_budgets(runs):
+    """Why these runs do not compare (they trained different token counts), or None."""
+    by_step = {name: sorted({r["summary"].get("tokens") for r in rs}, key=lambda t: (t is None, t))
+               for name, rs in group_runs(runs).items()}
+    counts = {t for ts in by_step.values() for t in ts}
+    if len(counts) <= 1:
+        return None
+    listed = "; ".join(f"{name} " + ", ".join("n/a" if t is None else f"{t:,}" for t in ts)
+                       for name, ts in by_step.items())
+    return f"the runs trained different token counts ({listed})"
+
+
+def summary_table(runs, valid=True):
+    """Per step: iterations and tokens trained, final val loss (mean +- sd over seeds),
+    differences to V0 and V19 (per-seed paired when seeded; "invalid" when not `valid`),
+    recall accuracy when the runs have it, V cache, speed."""
     groups = group_runs(runs)
     recall = any("val_acc" in r["summary"] for r in runs)
-    head = "| step | runs | final val loss | ppl | vs V0 | vs V19 |"
+    head = "| step | runs | iters | tokens | final val loss | ppl | vs V0 | vs V19 |"
     head += " acc | far acc | far acc vs V0 |" if recall else ""
     lines = [head + " V elements/head | V bytes/head | train tok/s |",
              "|" + "---|" * (head.count("|") - 1 + 3)]
+
+    def vs(rs, ref, key="final_val_loss", relative=not recall):
+        return _vs(rs, groups.get(ref), key, relative) if valid else "invalid"
+
     for name, rs in groups.items():
         losses = [r["summary"]["final_val_loss"] for r in rs]
         vc = rs[0]["summary"].get("v_cache") or {}
         tps = [r["summary"]["tokens_per_s"] for r in rs if r["summary"].get("tokens_per_s")]
-        cells = [name, str(len(rs)), _fmt_mean_sd(losses), f"{math.exp(mean_sd(losses)[0]):.2f}",
-                 _vs(rs, groups.get("V0"), relative=not recall), _vs(rs, groups.get("V19"), relative=not recall)]
+        cells = [name, str(len(rs)), _fmt_range([r["summary"].get("iters") for r in rs]),
+                 _fmt_range([r["summary"].get("tokens") for r in rs]), _fmt_mean_sd(losses),
+                 f"{math.exp(mean_sd(losses)[0]):.2f}", vs(rs, "V0"), vs(rs, "V19")]
         if recall:
             acc = [r["summary"].get("val_acc") for r in rs]
             far = [r["summary"].get("val_acc_far") for r in rs]
             cells += [_fmt_mean_sd(acc, 3) if None not in acc else "n/a",
                       _fmt_mean_sd(far, 3) if None not in far else "n/a",
-                      _vs(rs, groups.get("V0"), "val_acc_far", relative=False) if None not in far else "n/a"]
+                      vs(rs, "V0", "val_acc_far", relative=False) if None not in far else "n/a"]
         cells += [f"{vc.get('elements_per_head', 'n/a'):,}", f"{vc.get('bytes_per_head', 'n/a'):,}",
                   f"{statistics.fmean(tps) if tps else float('nan'):,.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
@@ -150,24 +186,51 @@ def plot_val_loss(runs, path):
     ax.set_ylabel("val loss")
     ax.set_title("validation loss per ablation step")
     ax.grid(alpha=0.3)
-    ax.legend()
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
     fig.tight_layout()
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
     plt.close(fig)
 
 
+def summary_record(runs, problem):
+    """summary.json: per step the runs' own figures, and whether they compare."""
+    steps = {}
+    for name, rs in group_runs(runs).items():
+        losses = [r["summary"]["final_val_loss"] for r in rs]
+        mean, sd = mean_sd(losses)
+        steps[name] = {"runs": [str(r["dir"]) for r in rs], "iters": [r["summary"].get("iters") for r in rs],
+                       "tokens": [r["summary"].get("tokens") for r in rs], "final_val_loss": losses,
+                       "final_val_loss_mean": mean, "final_val_loss_sd": sd if len(rs) > 1 else None,
+                       "v_cache": rs[0]["summary"].get("v_cache"),
+                       "tokens_per_s": [r["summary"].get("tokens_per_s") for r in rs]}
+        for key in ("val_acc", "val_acc_far"):
+            if all(r["summary"].get(key) is not None for r in rs):
+                steps[name][key] = [r["summary"][key] for r in rs]
+    return {"valid": problem is None, "invalid_reason": problem, "steps": steps}
+
+
 def write_comparison(run_dirs, out_dir, title=None):
     runs = load_complete_runs(run_dirs)
     out_dir = Path(out_dir)
-    table = summary_table(runs)
+    if any(r["dir"].resolve() == out_dir.resolve() for r in runs):
+        raise ValueError(f"--out {out_dir} is one of the compared run directories: its summary.json is the run's own")
+    problem = unequal_budgets(runs)
+    table = summary_table(runs, valid=problem is None)
     context = context_use_line(runs)
     dirs = " ".join(str(r["dir"]) for r in runs)
-    text = (f"# Ablation summary{f': {title}' if title else ''}\n\n{context}\n\n{table}\n\n"
+    warning = ""
+    if problem:
+        warning = (f"**{INVALID}: {problem}. A step that trained less looks worse for it, so no difference "
+                   f"between the steps is given. Train every run alike and compare again: `make train FORCE=1`, "
+                   f"with one budget for the whole matrix (--matrix-time).**\n\n")
+    text = (f"# Ablation summary{f': {title}' if title else ''}\n\n{warning}{context}\n\n{table}\n\n"
             f"Regenerate: `python scripts/compare_runs.py {dirs} --out {out_dir}`\n")
     atomic_write_text(out_dir / "summary.md", text)
+    atomic_write_text(out_dir / "summary.json", json.dumps(summary_record(runs, problem), indent=1) + "\n")
     plot_val_loss(runs, out_dir / "val_loss.png")
-    print("\n" + context + "\n\n" + table)
-    print(f"\nwrote {out_dir / 'summary.md'} and {out_dir / 'val_loss.png'}")
+    print("\n" + warning + context + "\n\n" + table)
+    print(f"\nwrote {out_dir / 'summary.md'}, {out_dir / 'summary.json'} and {out_dir / 'val_loss.png'}")
     return text
 
 
@@ -176,8 +239,8 @@ def main(argv=None):
     ap.add_argument("run_dirs", nargs="+")
     ap.add_argument("--out", default=None, help="where to write (default: parent of the first run)")
     a = ap.parse_args(argv)
-    write_comparison(a.run_dirs, a.out or Path(a.run_dirs[0]).parent)
-    return 0
+    text = write_comparison(a.run_dirs, a.out or Path(a.run_dirs[0]).parent)
+    return 1 if INVALID in text else 0
 
 
 if __name__ == "__main__":

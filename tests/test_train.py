@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import fail_at, losses_by_iter, tiny_args
-from gpt2.model import GPT
+from gpt2.model import GPT, GPTConfig
 from gpt2.train import train
 from gpt2.validation import BadArguments
 from lib.tracking import read_metrics
@@ -34,6 +34,23 @@ def test_checkpoint_rebuilds_model_and_generates(tiny_data_dir, tmp_path):
     assert model.config.v_cache["select"]["kind"] == "prune" and model.config.n_layer == 2
     out = model.eval().generate(torch.zeros(1, 1, dtype=torch.long), 20)
     assert out.shape == (1, 21)
+
+
+def test_the_sample_continues_the_prompt_and_its_draws_follow_the_seed(tiny_data_dir, tmp_path, capsys):
+    from gpt2.data import TokenData
+    from gpt2.train import print_sample
+
+    args = tiny_args(tiny_data_dir, tmp_path / "run", "--sample-tokens", "12", "--sample-prompt", "THESEUS:",
+                     "--sample-temperature", "0.5", "--sample-top-k", "20")
+    data = TokenData(tiny_data_dir, "shakespeare")
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=64, vocab_size=data.vocab_size))
+    samples = []
+    for _ in range(2):
+        torch.manual_seed(99 + len(samples))  # whatever the generator's state, the seed decides the draws
+        print_sample(model, data, args, "cpu")
+        samples.append(capsys.readouterr().out)
+    assert samples[0] == samples[1]
+    assert "== sample (temperature 0.5, top-k 20, seed 1337) ==\nTHESEUS:" in samples[0]
 
 
 def test_resume_reproduces_the_uninterrupted_run(tiny_data_dir, tmp_path):
