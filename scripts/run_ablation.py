@@ -17,9 +17,11 @@ Every run trains --max-iters iterations. With --matrix-time SECONDS
 (CONFIG_MATRIX_TIME) the whole matrix has one time budget instead: before the
 first run the pace of each step is measured, one iteration count (at most
 --max-iters) is chosen for all runs to fit, printed, and recorded in
-OUT_DIR/budget.json, which a rerun or resume reads back (gpt2/budget.py). A
-per-run --max-time is refused in a matrix of several runs: each run would cut
-itself at its own pace, and the steps would train different token counts.
+OUT_DIR/budget.json, which a rerun or resume reads back (gpt2/budget.py).
+Decided once: if the machine slows down later, the matrix takes longer rather
+than train its steps unequally. A per-run --max-time is refused in a matrix
+of several runs: each run would cut itself at its own pace, and the steps
+would train different token counts.
 
     python scripts/run_ablation.py --config .config [--force] [extra train flags...]
 """
@@ -150,7 +152,7 @@ def decide_iterations(ours, extra, args, datasets, steps, plan, out_dir):
             f"--matrix-time (CONFIG_MATRIX_TIME), or lower --warmup-iters / --kvsplice-calib-iter")
     cap = " (the --max-iters cap)" if iters == args.max_iters else ""
     print(f"[budget] --matrix-time {args.matrix_time:g} s for {len(plan)} runs: {iters} iterations per run{cap}, "
-          f"{iters * tokens_per_iter:,} tokens each; estimated {format_eta(cost)} with the probe"
+          f"{iters * tokens_per_iter:,} tokens each; training estimated at {format_eta(cost)}, the probe included"
           + (f"; not measured, bad arguments: {', '.join(skipped)}" if skipped else "")
           + f"; recorded in {path}", flush=True)
     budget.write_budget(out_dir, {
