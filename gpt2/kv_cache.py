@@ -66,22 +66,19 @@ class LayerKVCache:
     def forward(self, q, k, v):
         """q, k, v: (B, nh, T_new, hs) for the new tokens -> y (B, nh, T_new, hs)."""
         with torch.autocast(q.device.type, enabled=False):  # fp32 scores, as in training
+            t0 = self.length
+            # contiguous from the start (k, v arrive as views of c_attn's output), so
+            # a compiled step sees the same strides at every length
+            self.k = k.contiguous() if self.k is None else torch.cat([self.k, k], dim=-2)
+            self.length = t0 + q.size(-2)
+            v_new = self.v_encode(v)  # (B, nh, T_new, kdim)
+            if self.selector is None:
+                self.v = v_new.contiguous() if self.v is None else torch.cat([self.v, v_new], dim=-2)
+                att = F.softmax(self._logits(q, t0), dim=-1)
+                return (att @ self.v_decode(self.v).float()).to(q.dtype)
             if q.size(-2) == 1 and self.v is not None:
-                return self._step(q, k, v)
-            return self._prefill(q, k, v)
-
-    def _prefill(self, q, k, v):
-        t0 = self.length
-        # contiguous from the start (k, v arrive as views of c_attn's output), so
-        # a compiled step sees the same strides at every length
-        self.k = k.contiguous() if self.k is None else torch.cat([self.k, k], dim=-2)
-        self.length = t0 + q.size(-2)
-        v_new = self.v_encode(v)  # (B, nh, T_new, kdim)
-        if self.selector is None:
-            self.v = v_new.contiguous() if self.v is None else torch.cat([self.v, v_new], dim=-2)
-            att = F.softmax(self._logits(q, t0), dim=-1)
-            return (att @ self.v_decode(self.v).float()).to(q.dtype)
-        return self._attend_pruned(q, v_new, t0)
+                return self._step(q, v_new, t0)
+            return self._attend_pruned(q, v_new, t0)
 
     def _logits(self, q, t0):
         """(B, nh, T_new, t) scaled q.k over every key, causal."""
@@ -93,7 +90,7 @@ class LayerKVCache:
         key_pos = torch.arange(t, device=q.device)
         return att.masked_fill(key_pos[None, :] > query_pos[:, None], float("-inf"))
 
-    def _step(self, q, k, v):
+    def _step(self, q, v_new, t0):
         """One new token: O(held) reads and, once a pruned cache is full, O(1) writes to V.
 
         Position t0-W leaves the window; its score is final (the queries of
@@ -104,14 +101,6 @@ class LayerKVCache:
         of keep_mask's top-k over a growing set, so the held tokens are the
         same as in the full-sequence rule.
         """
-        t0 = self.length
-        self.k = torch.cat([self.k, k], dim=-2)
-        self.length = t0 + 1
-        v_new = self.v_encode(v)  # (B, nh, 1, kdim)
-        if self.selector is None:
-            self.v = torch.cat([self.v, v_new], dim=-2)
-            att = F.softmax(self._logits(q, t0), dim=-1)
-            return (att @ self.v_decode(self.v).float()).to(q.dtype)
         W, budget = self.selector.recency, self.selector.budget
         pos, score = self.v_pos, self.score
         if t0 >= W:
