@@ -27,6 +27,13 @@ A prefill leaves them in position order. Once the cache is full, a step
 writes the new token into the slot of the token it evicts, in place, so the
 order is lost (attention does not depend on it); the next prefill sorts
 them back first.
+
+Keys (and V without a token selector, which holds every token) live in a
+buffer of `capacity` tokens allocated at the first forward (the model's
+block_size: a cache never holds more); a step writes its token into the
+next row, in place, instead of copying the whole cache into a longer one.
+self.k / self.v are views of the rows written, and nbytes() counts those.
+Past capacity the buffer doubles.
 """
 
 import math
@@ -44,17 +51,19 @@ def _identity(v):
 class LayerKVCache:
     """Keys in full, values encoded and (with a token selector) only for kept tokens."""
 
-    def __init__(self, selector=None, v_encode=None, v_decode=None):
+    def __init__(self, selector=None, v_encode=None, v_decode=None, capacity=0):
         if (v_encode is None) != (v_decode is None):
             raise ValueError("v_encode and v_decode come as a pair: got only one of them")
         self.selector = selector
+        self.capacity = capacity  # tokens the key buffer is allocated for at the first forward
         self.v_encode = v_encode or _identity
         self.v_decode = v_decode or _identity
         self.reset()
 
     def reset(self):
         self.length = 0      # tokens seen
-        self.k = None        # (B, nh, t, hs) every key
+        self.k = None        # (B, nh, t, hs) every key: a view of the first t rows of _k_rows
+        self._k_rows = self._v_rows = None  # the buffers (B, nh, capacity, *)
         self.v = None        # (B, nh, n, kdim) encoded values held
         self.v_pos = None    # (B, nh, n) their positions (pruning only)
         self.score = None    # (B, nh, n) final score (old tokens) or attention received (window)
@@ -67,18 +76,31 @@ class LayerKVCache:
         """q, k, v: (B, nh, T_new, hs) for the new tokens -> y (B, nh, T_new, hs)."""
         with torch.autocast(q.device.type, enabled=False):  # fp32 scores, as in training
             t0 = self.length
-            # contiguous from the start (k, v arrive as views of c_attn's output), so
-            # a compiled step sees the same strides at every length
-            self.k = k.contiguous() if self.k is None else torch.cat([self.k, k], dim=-2)
-            self.length = t0 + q.size(-2)
+            t = t0 + q.size(-2)
+            self._k_rows = self._write(self._k_rows, k, t0)
+            self.k = self._k_rows[:, :, :t]
+            self.length = t
             v_new = self.v_encode(v)  # (B, nh, T_new, kdim)
             if self.selector is None:
-                self.v = v_new.contiguous() if self.v is None else torch.cat([self.v, v_new], dim=-2)
+                self._v_rows = self._write(self._v_rows, v_new, t0)
+                self.v = self._v_rows[:, :, :t]
                 att = F.softmax(self._logits(q, t0), dim=-1)
                 return (att @ self.v_decode(self.v).float()).to(q.dtype)
             if q.size(-2) == 1 and self.v is not None:
                 return self._step(q, v_new, t0)
             return self._attend_pruned(q, v_new, t0)
+
+    def _write(self, rows, x, t0):
+        """x (B, nh, T_new, d) into rows t0.. of the buffer `rows`, in place; a
+        buffer is allocated (or, when full, doubled) first."""
+        t = t0 + x.size(-2)
+        if rows is None or rows.size(-2) < t:
+            grown = x.new_empty(x.shape[:-2] + (max(t, self.capacity, 2 * t0), x.size(-1)))
+            if rows is not None:
+                grown[:, :, :t0] = rows[:, :, :t0]
+            rows = grown
+        rows[:, :, t0:t] = x
+        return rows
 
     def _logits(self, q, t0):
         """(B, nh, T_new, t) scaled q.k over every key, causal."""
@@ -115,7 +137,10 @@ class LayerKVCache:
             old_score = score.masked_fill(~old, math.inf)
             lowest = old & (old_score == old_score.amin(-1, keepdim=True))
             slot = pos.masked_fill(~lowest, t0).argmin(-1, keepdim=True)  # (B, nh, 1): the oldest lowest
-            v = self.v.scatter_(-2, slot[..., None].expand_as(v_new), v_new)  # in place: O(1) writes
+            B, nh = slot.shape[:2]
+            heads = (torch.arange(B, device=q.device)[:, None], torch.arange(nh, device=q.device))
+            # in place, O(1) writes (index_put_, unlike scatter_, a compiled step also does in place)
+            v = self.v.index_put_((*heads, slot[..., 0]), v_new[..., 0, :])
             pos = pos.scatter(-1, slot, t0)
             score = score.scatter(-1, slot, 0.0)
             self.ordered = False

@@ -256,9 +256,13 @@ def _encode_rows(v, mean, components, segments):
 
 
 def _decode_rows(z, mean, components, segments):
-    """PCA back-projection, then the spline's inverse: rows (n, k) -> (n, D)."""
-    u = torch.addmm(mean, z, components.T)
-    return u if segments is None else _chain(u, *segments)
+    """PCA back-projection, then the spline's inverse: rows (n, k) -> (n, D).
+    With a spline, the mean is folded into its knots (chain(u + mean, p_in)
+    == chain(u, p_in - mean)): one bias pass over the n x D rows fewer."""
+    if segments is None:
+        return torch.addmm(mean, z, components.T)
+    p_in, p_out, slopes = segments
+    return _chain(z @ components.T, p_in - mean, p_out, slopes)
 
 
 _COMPILED = {}
@@ -628,7 +632,12 @@ class SplinePCA(nn.Module):
 
     def decompress(self, Z):
         """latent (..., k) -> V_hat (..., dim), in Z's dtype."""
-        if self.compiled and not torch.compiler.is_compiling():
+        if torch.compiler.is_compiling():  # traced into the caller's graph
+            with _no_autocast(Z.device):
+                v = _decode_rows(Z.reshape(-1, self.k).float(), self.pca.mean, self.pca.components,
+                                 self.spline.segments(inverse=True))
+            return v.to(Z.dtype).reshape(*Z.shape[:-1], self.dim)
+        if self.compiled:
             with _no_autocast(Z.device):
                 v = _compiled(_decode_rows, Z.reshape(-1, self.k).float(), self.pca.mean, self.pca.components,
                               self.spline.segments(inverse=True))

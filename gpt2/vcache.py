@@ -97,7 +97,7 @@ class Full(TokenSelector):
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
 
     def make_cache(self, v_encode=None, v_decode=None):
-        return LayerKVCache(None, v_encode, v_decode)
+        return LayerKVCache(None, v_encode, v_decode, capacity=self.block_size)
 
     def held_tokens(self, T):
         return T
@@ -115,7 +115,7 @@ class KeepRule(TokenSelector):
         return self.rule(q, k, v, dropout_p=dropout_p)
 
     def make_cache(self, v_encode=None, v_decode=None):
-        return LayerKVCache(self.rule, v_encode, v_decode)
+        return LayerKVCache(self.rule, v_encode, v_decode, capacity=self.block_size)
 
     def held_tokens(self, T):
         return min(T, self.rule.budget)

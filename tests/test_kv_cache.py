@@ -58,6 +58,22 @@ def test_incremental_decode_equals_full_sequence(pruned, encoded, chunks):
     assert cache.v_elements_per_head() == n_held * (6 if encoded else hs)
 
 
+@pytest.mark.parametrize("capacity, buffers", [(96, 1), (0, 6)])
+def test_steps_write_keys_in_place_into_one_buffer(capacity, buffers):
+    """With a capacity, the first forward allocates the buffer and every step
+    writes one row of it; without, it doubles when full (5 -> 10 -> ... -> 160)."""
+    q, k, v = qkv(1, 2, 96, 8, seed=6)
+    cache = LayerKVCache(None, capacity=capacity)
+    cache(q[:, :, :5], k[:, :, :5], v[:, :, :5])
+    storages = {cache.k.data_ptr()}
+    for t in range(5, 96):
+        cache(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1])
+        storages.add(cache.k.data_ptr())
+    assert torch.equal(cache.k, k) and torch.equal(cache.v, v)
+    assert len(storages) == buffers
+    assert cache.nbytes()["k"] == cache.nbytes()["v"] == 96 * 2 * 8 * 4  # the rows held, not the buffer
+
+
 def test_held_tokens_are_the_full_rules_keep_set_per_head():
     """After single-token steps (slots reused in place), each head holds exactly the
     tokens the full-sequence rule keeps for the last query."""
