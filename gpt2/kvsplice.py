@@ -632,15 +632,11 @@ class SplinePCA(nn.Module):
 
     def decompress(self, Z):
         """latent (..., k) -> V_hat (..., dim), in Z's dtype."""
-        if torch.compiler.is_compiling():  # traced into the caller's graph
+        if self.compiled or torch.compiler.is_compiling():  # is_compiling: traced into the caller's graph
+            args = (Z.reshape(-1, self.k).float(), self.pca.mean, self.pca.components,
+                    self.spline.segments(inverse=True))
             with _no_autocast(Z.device):
-                v = _decode_rows(Z.reshape(-1, self.k).float(), self.pca.mean, self.pca.components,
-                                 self.spline.segments(inverse=True))
-            return v.to(Z.dtype).reshape(*Z.shape[:-1], self.dim)
-        if self.compiled:
-            with _no_autocast(Z.device):
-                v = _compiled(_decode_rows, Z.reshape(-1, self.k).float(), self.pca.mean, self.pca.components,
-                              self.spline.segments(inverse=True))
+                v = _decode_rows(*args) if torch.compiler.is_compiling() else _compiled(_decode_rows, *args)
             return v.to(Z.dtype).reshape(*Z.shape[:-1], self.dim)
         with _no_autocast(Z.device):
             v = self._chunks(Z.reshape(-1, self.k).float(),
