@@ -252,7 +252,7 @@ def _chain(v, p_in, p_out, slopes):
 def _encode_rows(v, mean, components, segments):
     """Spline, then PCA: rows (n, D) -> (n, k). segments: MonotoneSpline.segments(), None for the identity."""
     z = v if segments is None else _chain(v, *segments)
-    return torch.addmm(-(mean @ components), z, components)
+    return (z - mean) @ components  # the centring fuses into the spline's loop
 
 
 def _decode_rows(z, mean, components, segments):
