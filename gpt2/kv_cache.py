@@ -92,10 +92,13 @@ class LayerKVCache:
 
     def _write(self, rows, x, t0):
         """x (B, nh, T_new, d) into rows t0.. of the buffer `rows`, in place; a
-        buffer is allocated (or, when full, doubled) first."""
+        buffer is allocated (or, when full, doubled) first. One row is always
+        spare: a view of the rows written is then never the whole buffer, so a
+        compiled step sees the same kind of (non-contiguous) view at every
+        length, and the last step before capacity does not recompile."""
         t = t0 + x.size(-2)
-        if rows is None or rows.size(-2) < t:
-            grown = x.new_empty(x.shape[:-2] + (max(t, self.capacity, 2 * t0), x.size(-1)))
+        if rows is None or rows.size(-2) <= t:
+            grown = x.new_empty(x.shape[:-2] + (max(t, self.capacity, 2 * t0) + 1, x.size(-1)))
             if rows is not None:
                 grown[:, :, :t0] = rows[:, :, :t0]
             rows = grown
