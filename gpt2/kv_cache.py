@@ -29,11 +29,11 @@ order is lost (attention does not depend on it); the next prefill sorts
 them back first.
 
 Keys (and V without a token selector, which holds every token) live in a
-buffer of `capacity` tokens allocated at the first forward (the model's
-block_size: a cache never holds more); a step writes its token into the
-next row, in place, instead of copying the whole cache into a longer one.
-self.k / self.v are views of the rows written, and nbytes() counts those.
-Past capacity the buffer doubles.
+buffer allocated at the first forward for `capacity` tokens (the model's
+block_size: a cache never holds more) plus one spare row; a step writes
+its token into the next row, in place, instead of copying the whole cache
+into a longer one. self.k / self.v are views of the rows written, and
+nbytes() counts those. Past capacity the buffer doubles.
 """
 
 import math
