@@ -34,7 +34,7 @@ import torch
 
 from gpt2.calibrate import CALIB_SEED_SALT, KVSpliceCalibrator
 from gpt2.data import open_data
-from gpt2.train import autocast_context, build_model, configure_optimizer
+from gpt2.train import autocast_context, build_model, configure_optimizer, resolve_device, sync
 from gpt2.validation import calibration_iter
 from lib.atomic import atomic_write_text
 
@@ -53,17 +53,6 @@ class Pace:
     def run_seconds(self, iters):
         """Estimated seconds of a run of `iters` iterations."""
         return iters * self.iter_s + math.ceil(iters / self.eval_interval) * self.eval_s + self.calib_s
-
-
-def resolve_device(device_arg):
-    if device_arg == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device_arg
-
-
-def _sync(device):
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def probe_pace(args, world=1, iters=PROBE_ITERS, calibrations=None):
@@ -90,7 +79,7 @@ def probe_pace(args, world=1, iters=PROBE_ITERS, calibrations=None):
     optimizer = configure_optimizer(model, args, device)
     times = []
     for it in range(iters + 1):  # the first, untimed, pays for allocations and caches
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         for j in range(per_rank):
             x, y = data.get_batch("train", args.batch_size, args.block_size, args.seed, it, j, device)
@@ -101,7 +90,7 @@ def probe_pace(args, world=1, iters=PROBE_ITERS, calibrations=None):
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        _sync(device)
+        sync(device)
         times.append(time.perf_counter() - t0)
 
     model.eval()
@@ -109,7 +98,7 @@ def probe_pace(args, world=1, iters=PROBE_ITERS, calibrations=None):
     t0 = time.perf_counter()
     with torch.no_grad(), amp:
         model(x, y)
-    _sync(device)
+    sync(device)
     forward_s = time.perf_counter() - t0
     del model, optimizer
     if device.startswith("cuda"):
@@ -146,10 +135,10 @@ def _probe_calibration(model, data, args, device, amp, cache):
         return geometry, geometry["fit_stats"]["layers"][0]["seconds"]
 
     with contextlib.redirect_stdout(io.StringIO()):  # the calibrator's progress lines
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         cal.collect(batches, amp)
-        _sync(device)
+        sync(device)
         collect_s = (time.perf_counter() - t0) / n_batches * args.kvsplice_max_batches
         geometry, fixed_s = fit(0)
         epoch_s = 0.0

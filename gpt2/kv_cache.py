@@ -55,7 +55,7 @@ class LayerKVCache:
         if (v_encode is None) != (v_decode is None):
             raise ValueError("v_encode and v_decode come as a pair: got only one of them")
         self.selector = selector
-        self.capacity = capacity  # tokens the key buffer is allocated for at the first forward
+        self.capacity = capacity  # tokens the buffers are allocated for at the first forward
         self.v_encode = v_encode or _identity
         self.v_decode = v_decode or _identity
         self.reset()

@@ -620,10 +620,10 @@ class SplinePCA(nn.Module):
 
     def compress(self, V):
         """V (..., dim) -> latent (..., k), in V's dtype."""
-        if self.compiled and not torch.compiler.is_compiling():
+        if self.compiled or torch.compiler.is_compiling():  # is_compiling: traced into the caller's graph
+            args = (V.reshape(-1, self.dim).float(), self.pca.mean, self.pca.components, self.spline.segments())
             with _no_autocast(V.device):
-                z = _compiled(_encode_rows, V.reshape(-1, self.dim).float(), self.pca.mean, self.pca.components,
-                              self.spline.segments())
+                z = _encode_rows(*args) if torch.compiler.is_compiling() else _compiled(_encode_rows, *args)
             return z.to(V.dtype).reshape(*V.shape[:-1], self.k)
         with _no_autocast(V.device):
             z = self._chunks(V.reshape(-1, self.dim).float(),

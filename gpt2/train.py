@@ -44,10 +44,22 @@ class Runtime:
         return self.rank == 0
 
 
+def resolve_device(device_arg):
+    """--device: "auto" is cuda when this machine has a GPU, else cpu."""
+    if device_arg == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device_arg
+
+
+def sync(device):
+    """Wait for the device's queued work (CUDA runs asynchronously), so a timer reads the work done."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
 def setup_runtime(device_arg):
     """Device choice and, under torchrun, the process group (NCCL on CUDA, gloo on CPU)."""
-    if device_arg == "auto":
-        device_arg = "cuda" if torch.cuda.is_available() else "cpu"
+    device_arg = resolve_device(device_arg)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
         rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
@@ -421,8 +433,8 @@ def train_step(run):
     for j in range(per_rank):
         x, y = run.data.get_batch("train", args.batch_size, args.block_size, args.seed, run.it,
                                   rt.rank * per_rank + j, rt.device)
-        sync = nullcontext() if (not rt.ddp or j == per_rank - 1) else run.model.no_sync()
-        with sync:
+        grad_sync = nullcontext() if (not rt.ddp or j == per_rank - 1) else run.model.no_sync()
+        with grad_sync:
             with run.amp:
                 loss = run.model(x, y)[1]  # drop the logits now: they would live through backward
             run.scaler.scale(loss / per_rank).backward()
@@ -435,8 +447,7 @@ def train_step(run):
     run.optimizer.zero_grad(set_to_none=True)
     run.it += 1
     run.tokens += run.tokens_per_iter
-    if rt.device.startswith("cuda"):
-        torch.cuda.synchronize()
+    sync(rt.device)
     dt = time.time() - t0
     run.t_train += dt
     return lr, loss_sum, dt

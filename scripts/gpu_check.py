@@ -52,7 +52,7 @@ from torch.utils._pytree import tree_flatten
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gpt2.model import GPT  # noqa: E402
-from gpt2.train import autocast_context, configure_optimizer  # noqa: E402
+from gpt2.train import autocast_context, configure_optimizer, sync  # noqa: E402
 from lib.kv_pruning import keep_budget  # noqa: E402
 from scripts.bench_train import step_config, with_geometry  # noqa: E402
 from train_ra_mla import parse_args  # noqa: E402
@@ -115,11 +115,6 @@ def check_device(a):
                                  f"pass --dtype float32")
     elif a.device != "cpu":
         raise DeviceUnusable(f"--device {a.device}: expected cuda, cuda:N or cpu")
-
-
-def sync(device):
-    if device.startswith("cuda"):
-        torch.cuda.synchronize(device)
 
 
 @contextlib.contextmanager
@@ -201,10 +196,7 @@ def decode_and_forward(model, idx, amp, compile=False):
     quarters of idx prefilled, the rest decoded one token at a time; with
     compile, each one-token step as one torch.compile graph, as
     GPT.generate(compile=True) runs it."""
-    def one_token(tokens, cache):
-        return model(tokens, caches=cache, last_only=True)[0]
-
-    step = torch.compile(one_token, dynamic=True) if compile else one_token
+    step = torch.compile(model._decode_step, dynamic=True) if compile else model._decode_step
     prefill = idx.size(1) - idx.size(1) // 4
     with amp:
         full = model(idx)[0].float()
