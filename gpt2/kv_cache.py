@@ -142,9 +142,11 @@ class LayerKVCache:
             slot = pos.masked_fill(~lowest, t0).argmin(-1, keepdim=True)  # (B, nh, 1): the oldest lowest
             B, nh = slot.shape[:2]
             heads = (torch.arange(B, device=q.device)[:, None], torch.arange(nh, device=q.device))
-            # in place, O(1) writes (index_put_, unlike scatter_, a compiled step also does in place)
+            # in place, O(1) writes (index_put_, unlike scatter_, a compiled step also does in place);
+            # in place, v and v_pos also stay what the prefill made them (views), so a compiled step's
+            # guards hold at the next step and it does not recompile
             v = self.v.index_put_((*heads, slot[..., 0]), v_new[..., 0, :])
-            pos = pos.scatter(-1, slot, t0)
+            pos = pos.index_put_((*heads, slot[..., 0]), pos.new_full((), t0))
             score = score.scatter(-1, slot, 0.0)
             self.ordered = False
         att = self._logits(q, t0)  # (B, nh, 1, t)

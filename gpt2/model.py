@@ -261,9 +261,13 @@ class GPT(nn.Module):
         """
         step = torch.compile(self._decode_step, dynamic=True) if compile else self._decode_step
         bs = self.config.block_size
+        # timings on CUDA wait for the kernels each phase launched
+        wait = (lambda: torch.cuda.synchronize(idx.device)) if timings is not None and idx.is_cuda else (lambda: None)
+        wait()
         t0 = time.perf_counter()
         cache = self.make_cache()
         logits, _ = self(idx[:, -bs:], caches=cache, last_only=True)
+        wait()
         t1 = time.perf_counter()
         for _ in range(max_new_tokens):
             logits = logits[:, -1, :] / max(temperature, 1e-8)
@@ -279,6 +283,7 @@ class GPT(nn.Module):
             else:
                 logits = step(idx_next, cache)
         if timings is not None:
+            wait()
             timings.update(prefill_s=t1 - t0, decode_s=time.perf_counter() - t1)
         return idx
 

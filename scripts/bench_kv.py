@@ -285,7 +285,8 @@ def decode_speed(ckpt_path, batches, contexts, repeats, log=_log):
             r = speeds[(batch, context)]
             log(f"[bench] decode batch {batch}, context {context}: " + ", ".join(
                 f"{name} {r[name][1]:.1f} tok/s" for name in runs) + f" ({time.perf_counter() - t0:.0f} s)")
-    shape = f"{config.n_layer} layers, {config.n_head} heads, {config.n_embd} dims, vocab {config.vocab_size}"
+    shape = (f"the first checkpoint's shape ({config.n_layer} layers, {config.n_head} heads, {config.n_embd} dims, "
+             f"vocab {config.vocab_size})")
     return format_decode(speeds, describe(record), shape)
 
 

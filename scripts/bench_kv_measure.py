@@ -114,12 +114,13 @@ def decode_models(config, record, context, geometry):
 def generate_rates(runs, batch, context, repeats, vocab_size, seed=0):
     """{name: (prefill s, decode tokens/s)}, medians over `repeats` round-robin
     rounds of model.generate (its own prefill / decode timings). runs: {name:
-    (model, compile)}. A first short generate per run, from half the context
+    (model, compile)}, all on one device. A first short generate per run, from half the context
     (past the pruning budget, so the cache is full as in the timed runs),
     compiles and warms up."""
     new = DECODE_NEW_TOKENS.get(context, context // 8)
     g = torch.Generator().manual_seed(seed)
-    prompt = torch.randint(0, vocab_size, (batch, context - new), generator=g)
+    device = next(iter(runs.values()))[0].lm_head.weight.device
+    prompt = torch.randint(0, vocab_size, (batch, context - new), generator=g).to(device)
     for model, compile in runs.values():
         model.generate(prompt[:, :context // 2], 3, top_k=50, compile=compile)
     times = {name: [] for name in runs}

@@ -118,7 +118,8 @@ def format_table(rows, wall_s=None):
 
 
 def format_decode(speeds, record, shape):
-    """The decode-speed section: speeds {(batch, context): {"V0" | "V0 compiled" | "V20" |
+    """The decode-speed section (shape: what the models are, e.g. "the first
+    checkpoint's shape (12 layers, ...)"): speeds {(batch, context): {"V0" | "V0 compiled" | "V20" |
     "V20 compiled": (prefill s, decode tok/s), "new_tokens": n}}. Returns (markdown, [(met, text)])."""
     lines = ["| batch | context | prompt + new | V0 tok/s | V0 compiled | V20 tok/s | V20 compiled "
              "| V20 compiled / best V0 | prefill s: V0 / V20 |",
@@ -138,7 +139,7 @@ def format_decode(speeds, record, shape):
                            f"{best_v0:.1f} tok/s (target >= {target}x)"))
     text = (f"Through `model.generate` (top-k 50, temperature 0.8): decode tokens/s = batch x new tokens / "
             f"the decode time generate reports; the prefill (the prompt) is timed apart, in the last column. "
-            f"Models of the first checkpoint's shape ({shape}) at block_size = context, with random weights "
+            f"Models of {shape} at block_size = context, with random weights "
             f"shared by V0 and V20 (speed depends on shapes, not on what was learned); V20 = `{record}`, with "
             f"a SplinePCA whose spline is not the identity (fitted on warped samples). \"compiled\" = "
             f"`generate(compile=True)`: each one-token step is one torch.compile graph (compile time excluded: "

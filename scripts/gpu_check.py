@@ -26,6 +26,12 @@ a spline that is not the identity, so its lookup runs):
            method's record implies (min(T, budget) tokens x k or head_dim
            values, in the run's dtype) and what the method's v_bytes says.
 
+--decode-speed 1,16,64 then times decoding through model.generate, V20
+against the plain cache, eager and compiled, at those batch sizes and context
+--block-size, under the autocast dtype: make bench's decode-speed table
+(scripts/bench_kv.py) on this device. It prints figures, it checks nothing
+(an error in it is a failure).
+
 Exit status 0 when every check passed; 1 with a FAIL line per failed check;
 2 when the device cannot run the check at all (no CUDA, no bf16).
 
@@ -54,6 +60,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gpt2.model import GPT  # noqa: E402
 from gpt2.train import autocast_context, configure_optimizer, sync  # noqa: E402
 from lib.kv_pruning import keep_budget  # noqa: E402
+from gpt2.vcache import describe  # noqa: E402
+from scripts.bench_kv_measure import DECODE_NEW_TOKENS, decode_models, generate_rates, timing_geometry  # noqa: E402
+from scripts.bench_kv_report import format_decode  # noqa: E402
 from scripts.bench_train import step_config, with_geometry  # noqa: E402
 from train_ra_mla import parse_args  # noqa: E402
 
@@ -73,7 +82,8 @@ class DeviceUnusable(Exception):
 def parse(argv):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda", help="cuda, cuda:N or cpu")
-    ap.add_argument("--steps", default="V0,V19,V20", help="ablation steps (gpt2/ablations.py)")
+    ap.add_argument("--steps", default="V0,V19,V20",
+                    help="ablation steps (gpt2/ablations.py); empty runs none (e.g. with --decode-speed)")
     ap.add_argument("--n-layer", type=int, default=12)
     ap.add_argument("--n-head", type=int, default=12)
     ap.add_argument("--n-embd", type=int, default=768)
@@ -91,10 +101,22 @@ def parse(argv):
     ap.add_argument("--peak-flops", type=float, default=H100_BF16_PEAK,
                     help="accelerator peak FLOP/s for MFU (H100/H200 SXM dense bf16: 989e12)")
     ap.add_argument("--decode-batch", type=int, default=2, help="sequences decoded in the decode check")
+    ap.add_argument("--decode-speed", default="", metavar="BATCHES",
+                    help="after the checks, V20 against V0 decode tokens/s through model.generate at these "
+                         "batch sizes (e.g. 1,16,64), context --block-size, eager and compiled, under the "
+                         "autocast dtype: the decode-speed table of docs/benchmarks.md on this device")
+    ap.add_argument("--decode-speed-repeats", type=int, default=3, help="round-robin rounds per batch size")
     ap.add_argument("--estimate", action="store_true",
                     help="print what the GPU defconfigs cost (FLOPs, hours, memory) and exit; no device")
     ap.add_argument("--mfu", type=float, default=0.40, help="--estimate: the MFU assumed")
-    return ap.parse_args(argv)
+    a = ap.parse_args(argv)
+    try:
+        a.decode_speed = [int(b) for b in a.decode_speed.split(",") if b.strip()]
+    except ValueError:
+        ap.error(f"--decode-speed {a.decode_speed!r}: expected comma-separated batch sizes, e.g. 1,16,64")
+    if any(b < 1 for b in a.decode_speed) or a.decode_speed_repeats < 1:
+        ap.error("--decode-speed batch sizes and --decode-speed-repeats must be >= 1")
+    return a
 
 
 def shape_flags(a):
@@ -211,11 +233,21 @@ def decode_check(model, a, amp, fail):
     model.eval()
     gen = torch.Generator(device=a.device).manual_seed(2)
     idx = torch.randint(0, a.vocab, (a.decode_batch, a.block_size), device=a.device, generator=gen)
+    clock = time.perf_counter()
+
+    def lap(name):  # wall time of each part of the check, for the step's wall line
+        nonlocal clock
+        sync(a.device)
+        now = time.perf_counter()
+        out["wall"][name], clock = now - clock, now
+
+    out = {"wall": {}}
     with no_tf32(a.device):
         full32, dec32, _ = decode_and_forward(model, idx, contextlib.nullcontext())
+    lap("fp32")
     scale = full32.abs().max().item()
     err32, tol32 = (dec32 - full32).abs().max().item(), FP32_REL_TOL * max(scale, 1.0)
-    out = {"fp32": (err32, tol32), "cache": None}
+    out.update(fp32=(err32, tol32), cache=None)
     if not err32 <= tol32:
         fail(f"cached decode differs from the full forward in fp32: max |dlogit| {err32:.3g} > {tol32:.3g}")
     if a.dtype == "bfloat16":
@@ -225,9 +257,11 @@ def decode_check(model, a, amp, fail):
         out["bf16"] = ((dec16 - full16).abs().max().item(), tol16, floor)
     else:
         full16, cache = full32, decode_and_forward(model, idx, amp)[2]
+    lap(a.dtype)
     if a.compile and a.compile_decode:  # the compiled decode path, in the run's dtype
         _, decc, _ = decode_and_forward(model, idx, amp, compile=True)
         out["compiled"] = ((decc - full16).abs().max().item(), tol16 if a.dtype == "bfloat16" else tol32)
+        lap("compiled (compile included)")
     for name in ("bf16", "compiled"):
         if name in out and not out[name][0] <= out[name][1]:
             what = "compiled cached decode" if name == "compiled" else "cached decode"
@@ -238,6 +272,7 @@ def decode_check(model, a, amp, fail):
     sample = model.generate(idx[:1, :8], 8, top_k=50)  # sampling on the device; the compiled steps are checked above
     if sample.shape != (1, 16) or not bool(((sample >= 0) & (sample < a.vocab)).all()):
         fail(f"model.generate returned {tuple(sample.shape)} with ids outside [0, {a.vocab})")
+    lap("generate")
     return out
 
 
@@ -279,7 +314,9 @@ def run_step(step, a, amp):
     t0 = time.perf_counter()
     try:
         model = build(step, a)
+        result["build_s"] = time.perf_counter() - t0
         result["train"] = train_timing(model, a, amp, fail)
+        result["train_s"] = time.perf_counter() - t0 - result["build_s"]
         result["decode"] = decode_check(model, a, amp, fail)
         result["v"] = v_cache_check(model, result["decode"].pop("cache"), a, fail)
     except Exception as e:  # an OOM or a compile error is a failed check, not the end of the others
@@ -322,6 +359,10 @@ def print_step(r, a):
         print(f"     V cache after {a.block_size} tokens: {v['held']} tokens x {v['width']} values per head "
               f"= {v['per_head_layer']:,} bytes per (sequence, head, layer), {v['ratio']:.1%} of V0; "
               f"cache.nbytes(): V {b['v']:,}  K {b['k']:,}  index {b['index']:,}  total {b['total']:,}")
+    if "build_s" in r:
+        parts = [f"build {r['build_s']:.1f}"] + ([f"train {r['train_s']:.1f}"] if "train_s" in r else [])
+        parts += [f"decode {name} {sec:.1f}" for name, sec in (d or {}).get("wall", {}).items()]
+        print(f"     wall s: {', '.join(parts)}; in all {r['wall_s']:.0f}")
     print(flush=True)
 
 
@@ -341,10 +382,18 @@ def check(a):
           f"{'torch.compile' if a.compile else 'eager'}; median of {a.iters} iterations after {a.warmup}"
           + (f"; MFU against a peak of {a.peak_flops / 1e12:,.0f} TFLOP/s" if a.device.startswith("cuda") else ""),
           flush=True)
-    results = [run_step(step, a, amp) for step in a.steps.split(",")]
+    results = [run_step(step, a, amp) for step in a.steps.split(",") if step.strip()]
     failures = [f"{r['step']}: {msg}" for r in results for msg in r["failures"]]
-    elapsed = time.perf_counter() - t_start
     print_summary(results, a)
+    if a.decode_speed:
+        t0 = time.perf_counter()
+        try:
+            print(decode_speed(a, amp))
+        except Exception as e:  # measured after the checks: their results stand
+            traceback.print_exc()
+            failures.append(f"decode speed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        print(f"decode speed: {time.perf_counter() - t0:.0f} s", flush=True)
+    elapsed = time.perf_counter() - t_start
     over = (f" (over the {FIVE_MINUTES // 60}-minute budget: the wall-time column says where; "
             f"--no-compile-decode skips compiling the decode steps)" if elapsed > FIVE_MINUTES else "")
     if failures:
@@ -354,6 +403,30 @@ def check(a):
         return 1
     print(f"gpu_check: all checks passed in {elapsed:.0f} s{over}")
     return 0
+
+
+def decode_speed(a, amp):
+    """V20 against the plain cache through model.generate, as make bench's
+    decode section runs it (scripts/bench_kv.py decode_speed) but at this
+    check's shapes, on its device and under its autocast dtype. Returns the
+    section's markdown; the targets it states are measurements, not checks."""
+    config = step_config("V0", a.vocab, shape_flags(a))
+    record = step_config("V20", a.vocab, shape_flags(a)).v_cache
+    geometry = timing_geometry(config.head_dim, record["codec"]["k"])
+    plain, v20 = (m.to(a.device) for m in decode_models(config, record, a.block_size, geometry))
+    runs = {"V0": (plain, False), "V0 compiled": (plain, True), "V20": (v20, False), "V20 compiled": (v20, True)}
+    torch._dynamo.reset()  # the checks' compiled steps count towards _decode_step's recompile limit
+    speeds = {}
+    for batch in a.decode_speed:
+        t0 = time.perf_counter()
+        with amp:
+            r = generate_rates(runs, batch, a.block_size, a.decode_speed_repeats, a.vocab)
+        speeds[(batch, a.block_size)] = {**r, "new_tokens": DECODE_NEW_TOKENS.get(a.block_size, a.block_size // 8)}
+        print(f"decode speed, batch {batch}: " + ", ".join(f"{name} {r[name][1]:,.1f} tok/s" for name in runs)
+              + f" ({time.perf_counter() - t0:.0f} s)", flush=True)
+    shape = (f"this check's shape ({a.n_layer} layers, {a.n_head} heads, {a.n_embd} dims, vocab {a.vocab}; "
+             f"{a.dtype} autocast, {torch.cuda.get_device_name(a.device) if a.device.startswith('cuda') else 'CPU'})")
+    return format_decode(speeds, describe(record), shape)[0]
 
 
 def print_summary(results, a):

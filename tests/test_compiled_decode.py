@@ -64,3 +64,23 @@ def test_compiled_decode_steps_equal_eager():
     timings = {}
     out = m.generate(idx[:, :30], 8, top_k=5, compile=True, timings=timings)
     assert out.shape == (2, 38) and timings["prefill_s"] > 0 and timings["decode_s"] > 0
+
+
+def test_a_compiled_step_compiles_once_per_cache_kind():
+    """Every step after the prefill reuses the first step's graph: the pruned
+    cache's in-place writes keep its tensors what the prefill made them, so
+    Dynamo's guards hold (a recompile of GPT-2's whole step costs a minute on
+    a GPU machine)."""
+    from torch._dynamo.testing import CompileCounter
+
+    idx = torch.randint(0, 64, (3, 40), generator=torch.Generator().manual_seed(2))
+    for record in (V20, {"select": {"kind": "full"}, "codec": {"kind": "none"}}):
+        torch._dynamo.reset()
+        m, counter = model(record), CompileCounter()
+        step = torch.compile(m._decode_step, backend=counter, dynamic=True)
+        with torch.no_grad():
+            cache = m.make_cache()
+            m(idx[:, :20], caches=cache)  # past the budget of 12: every step evicts one
+            for t in range(20, 40):
+                step(idx[:, t:t + 1].clone(), cache)  # a fresh tensor, as generate's sampled token
+        assert counter.frame_count == 1, (record, counter.frame_count)
