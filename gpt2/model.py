@@ -273,7 +273,8 @@ class GPT(nn.Module):
             logits = logits[:, -1, :] / max(temperature, 1e-8)
             if top_k is not None:
                 v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-                logits[logits < v[:, [-1]]] = -float("inf")
+                # out of place, one elementwise kernel on any device
+                logits = logits.masked_fill(logits < v[:, [-1]], -float("inf"))
             probs = F.softmax(logits, dim=-1)
             idx_next = torch.multinomial(probs, num_samples=1)
             idx = torch.cat((idx, idx_next), dim=1)

@@ -75,6 +75,16 @@ def test_generate_through_cache_matches_full_forward(prune):
     assert out.shape == (2, 55)
 
 
+def test_generate_samples_only_among_the_top_k():
+    """top_k=1 is greedy decoding: each new token is the full forward's argmax."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=48, vocab_size=40)).eval()
+    out = model.generate(torch.randint(0, 40, (3, 6)), 12, temperature=2.0, top_k=1)
+    with torch.no_grad():
+        logits, _ = model(out[:, :-1])
+    assert torch.equal(out[:, 6:], logits[:, 5:].argmax(-1))
+
+
 def test_rmlp_parameter_count_and_shape():
     cfg = GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=8, vocab_size=10, rmlp=True, rmlp_rff=16)
     std, rec = MLP(cfg), ReciprocalMLP(cfg)
