@@ -143,8 +143,7 @@ class LayerKVCache:
             B, nh = slot.shape[:2]
             heads = (torch.arange(B, device=q.device)[:, None], torch.arange(nh, device=q.device))
             # in place, O(1) writes (index_put_, unlike scatter_, a compiled step also does in place);
-            # in place, v and v_pos also stay what the prefill made them (views), so a compiled step's
-            # guards hold at the next step and it does not recompile
+            # v and v_pos also stay the views the prefill made, so a compiled step's guards hold next step
             v = self.v.index_put_((*heads, slot[..., 0]), v_new[..., 0, :])
             pos = pos.index_put_((*heads, slot[..., 0]), pos.new_full((), t0))
             score = score.scatter(-1, slot, 0.0)

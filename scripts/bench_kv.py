@@ -63,11 +63,11 @@ from lib.atomic import atomic_write_text  # noqa: E402
 from lib.kv_pruning import keep_budget  # noqa: E402
 from lib.stats import paired_difference, verdict  # noqa: E402
 from lib.tracking import summary_complete  # noqa: E402
-from scripts.bench_kv_measure import (DECODE_NEW_TOKENS, decode_models, decode_rates, evaluate,  # noqa: E402
-                                      generate_rates, install, timing_geometry, v_bytes_per_token)
+from scripts.bench_kv_measure import (decode_models, decode_rates, decode_row, evaluate, install,  # noqa: E402
+                                      timing_geometry, v_bytes_per_token)
 from scripts.bench_kv_methods import (V20_K, BenchMethod, bench_methods, check_preconditions,  # noqa: E402
                                       prune_settings)
-from scripts.bench_kv_report import (context_use, format_decode, format_table, machine_description,  # noqa: E402
+from scripts.bench_kv_report import (context_use, decode_rates_line, format_decode, format_table, machine_description,  # noqa: E402
                                      notes, write_plot)
 
 DEFAULT_KS = (8, 16, 32)
@@ -274,17 +274,11 @@ def decode_speed(ckpt_path, batches, contexts, repeats, log=_log):
     speeds = {}
     for context in contexts:
         plain, v20 = decode_models(config, record, context, geometry)
-        runs = {"V0": (plain, False), "V0 compiled": (plain, True), "V20": (v20, False), "V20 compiled": (v20, True)}
         for batch in batches:
-            # fresh compile caches: every model's _decode_step shares one recompile limit (8), past
-            # which Dynamo silently runs eager
-            torch._dynamo.reset()
             t0 = time.perf_counter()
-            speeds[(batch, context)] = {**generate_rates(runs, batch, context, repeats, config.vocab_size),
-                                        "new_tokens": DECODE_NEW_TOKENS.get(context, context // 8)}
-            r = speeds[(batch, context)]
-            log(f"[bench] decode batch {batch}, context {context}: " + ", ".join(
-                f"{name} {r[name][1]:.1f} tok/s" for name in runs) + f" ({time.perf_counter() - t0:.0f} s)")
+            speeds[(batch, context)] = decode_row(plain, v20, batch, context, repeats, config.vocab_size)
+            log(f"[bench] decode batch {batch}, context {context}: {decode_rates_line(speeds[(batch, context)])} "
+                f"({time.perf_counter() - t0:.0f} s)")
     shape = (f"the first checkpoint's shape ({config.n_layer} layers, {config.n_head} heads, {config.n_embd} dims, "
              f"vocab {config.vocab_size})")
     return format_decode(speeds, describe(record), shape)

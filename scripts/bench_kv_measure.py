@@ -111,16 +111,20 @@ def decode_models(config, record, context, geometry):
     return plain, method
 
 
-def generate_rates(runs, batch, context, repeats, vocab_size, seed=0):
-    """{name: (prefill s, decode tokens/s)}, medians over `repeats` round-robin
-    rounds of model.generate (its own prefill / decode timings). runs: {name:
-    (model, compile)}, all on one device. A first short generate per run, from half the context
-    (past the pruning budget, so the cache is full as in the timed runs),
-    compiles and warms up."""
+def decode_row(plain, method, batch, context, repeats, vocab_size, seed=0):
+    """One row of the decode-speed table (bench_kv_report.format_decode): {"V0" |
+    "V0 compiled" | "V20" | "V20 compiled": (prefill s, decode tokens/s),
+    "new_tokens": n}, medians over `repeats` round-robin rounds of
+    model.generate (its own prefill / decode timings) on the models' device.
+    Dynamo starts fresh: every model's _decode_step shares one recompile limit
+    (8), past which Dynamo silently runs eager. A first short generate per
+    run, from half the context (past the pruning budget, so the cache is full
+    as in the timed runs), compiles and warms up."""
+    torch._dynamo.reset()
+    runs = {"V0": (plain, False), "V0 compiled": (plain, True), "V20": (method, False), "V20 compiled": (method, True)}
     new = DECODE_NEW_TOKENS.get(context, context // 8)
     g = torch.Generator().manual_seed(seed)
-    device = next(iter(runs.values()))[0].lm_head.weight.device
-    prompt = torch.randint(0, vocab_size, (batch, context - new), generator=g).to(device)
+    prompt = torch.randint(0, vocab_size, (batch, context - new), generator=g).to(plain.lm_head.weight.device)
     for model, compile in runs.values():
         model.generate(prompt[:, :context // 2], 3, top_k=50, compile=compile)
     times = {name: [] for name in runs}
@@ -130,5 +134,5 @@ def generate_rates(runs, batch, context, repeats, vocab_size, seed=0):
             torch.manual_seed(seed)
             model.generate(prompt, new, temperature=0.8, top_k=50, compile=compile, timings=t)
             times[name].append((t["prefill_s"], batch * new / t["decode_s"]))
-    return {name: (statistics.median(p for p, _ in r), statistics.median(d for _, d in r))
-            for name, r in times.items()}
+    return {**{name: (statistics.median(p for p, _ in r), statistics.median(d for _, d in r))
+               for name, r in times.items()}, "new_tokens": new}

@@ -117,6 +117,11 @@ def format_table(rows, wall_s=None):
     return "\n".join(lines)
 
 
+def decode_rates_line(row):
+    """A decode-speed row (scripts/bench_kv_measure.py decode_row) as one progress line's figures."""
+    return ", ".join(f"{name} {row[name][1]:,.1f} tok/s" for name in ("V0", "V0 compiled", "V20", "V20 compiled"))
+
+
 def format_decode(speeds, record, shape):
     """The decode-speed section (shape: what the models are, e.g. "the first
     checkpoint's shape (12 layers, ...)"): speeds {(batch, context): {"V0" | "V0 compiled" | "V20" |

@@ -61,8 +61,8 @@ from gpt2.model import GPT  # noqa: E402
 from gpt2.train import autocast_context, configure_optimizer, sync  # noqa: E402
 from gpt2.vcache import describe  # noqa: E402
 from lib.kv_pruning import keep_budget  # noqa: E402
-from scripts.bench_kv_measure import DECODE_NEW_TOKENS, decode_models, generate_rates, timing_geometry  # noqa: E402
-from scripts.bench_kv_report import format_decode  # noqa: E402
+from scripts.bench_kv_measure import decode_models, decode_row, timing_geometry  # noqa: E402
+from scripts.bench_kv_report import decode_rates_line, format_decode  # noqa: E402
 from scripts.bench_train import step_config, with_geometry  # noqa: E402
 from train_ra_mla import parse_args  # noqa: E402
 
@@ -233,7 +233,7 @@ def decode_check(model, a, amp, fail):
     model.eval()
     gen = torch.Generator(device=a.device).manual_seed(2)
     idx = torch.randint(0, a.vocab, (a.decode_batch, a.block_size), device=a.device, generator=gen)
-    clock = time.perf_counter()
+    out, clock = {"wall": {}}, time.perf_counter()
 
     def lap(name):  # wall time of each part of the check, for the step's wall line
         nonlocal clock
@@ -241,7 +241,6 @@ def decode_check(model, a, amp, fail):
         now = time.perf_counter()
         out["wall"][name], clock = now - clock, now
 
-    out = {"wall": {}}
     with no_tf32(a.device):
         full32, dec32, _ = decode_and_forward(model, idx, contextlib.nullcontext())
     lap("fp32")
@@ -386,7 +385,7 @@ def check(a):
     failures = [f"{r['step']}: {msg}" for r in results for msg in r["failures"]]
     print_summary(results, a)
     elapsed = time.perf_counter() - t_start  # the checks' time, which aims at five minutes
-    over = (f" (over the {FIVE_MINUTES // 60}-minute budget: the wall-time column says where; "
+    tail = (f" (over the {FIVE_MINUTES // 60}-minute budget: the wall-time column says where; "
             f"--no-compile-decode skips compiling the decode steps)" if elapsed > FIVE_MINUTES else "")
     if a.decode_speed:
         t0 = time.perf_counter()
@@ -395,13 +394,13 @@ def check(a):
         except Exception as e:  # measured after the checks: their results stand
             traceback.print_exc()
             failures.append(f"decode speed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-        over += f"; then the decode speed in {time.perf_counter() - t0:.0f} s"
+        tail += f"; then the decode speed in {time.perf_counter() - t0:.0f} s"
     if failures:
-        print(f"gpu_check: FAILED, {len(failures)} check(s), in {elapsed:.0f} s{over}:", file=sys.stderr)
+        print(f"gpu_check: FAILED, {len(failures)} check(s), in {elapsed:.0f} s{tail}:", file=sys.stderr)
         for msg in failures:
             print(f"  FAIL {msg}", file=sys.stderr)
         return 1
-    print(f"gpu_check: all checks passed in {elapsed:.0f} s{over}")
+    print(f"gpu_check: all checks passed in {elapsed:.0f} s{tail}")
     return 0
 
 
@@ -414,16 +413,13 @@ def decode_speed(a, amp):
     record = step_config("V20", a.vocab, shape_flags(a)).v_cache
     geometry = timing_geometry(config.head_dim, record["codec"]["k"])
     plain, v20 = (m.to(a.device) for m in decode_models(config, record, a.block_size, geometry))
-    runs = {"V0": (plain, False), "V0 compiled": (plain, True), "V20": (v20, False), "V20 compiled": (v20, True)}
-    torch._dynamo.reset()  # the checks' compiled steps count towards _decode_step's recompile limit
     speeds = {}
     for batch in a.decode_speed:
         t0 = time.perf_counter()
         with amp:
-            r = generate_rates(runs, batch, a.block_size, a.decode_speed_repeats, a.vocab)
-        speeds[(batch, a.block_size)] = {**r, "new_tokens": DECODE_NEW_TOKENS.get(a.block_size, a.block_size // 8)}
-        print(f"decode speed, batch {batch}: " + ", ".join(f"{name} {r[name][1]:,.1f} tok/s" for name in runs)
-              + f" ({time.perf_counter() - t0:.0f} s)", flush=True)
+            speeds[(batch, a.block_size)] = decode_row(plain, v20, batch, a.block_size, a.decode_speed_repeats, a.vocab)
+        print(f"decode speed, batch {batch}: {decode_rates_line(speeds[(batch, a.block_size)])} "
+              f"({time.perf_counter() - t0:.0f} s)", flush=True)
     shape = (f"this check's shape ({a.n_layer} layers, {a.n_head} heads, {a.n_embd} dims, vocab {a.vocab}; "
              f"{a.dtype} autocast, {torch.cuda.get_device_name(a.device) if a.device.startswith('cuda') else 'CPU'})")
     return format_decode(speeds, describe(record), shape)[0]
