@@ -17,23 +17,27 @@ v_decode(v_encode(v)), up to float rounding (see the caveat in the tests: an
 exact near-tie between two scores may be ordered differently when rounding
 differs).
 
-Layout of a pruned layer, per (batch, head):
-    v      (B, nh, n, kdim)  held values (old kept tokens and the window)
-    v_pos  (B, nh, n)        their positions (heads hold different tokens)
-    score  (B, nh, n)        an old token's final score; a window token's
-                             attention received so far
-with n = min(t, budget) for every (batch, head), so the tensors stay dense.
-A prefill leaves them in position order. Once the cache is full, a step
-writes the new token into the slot of the token it evicts, in place, so the
-order is lost (attention does not depend on it); the next prefill sorts
-them back first.
+Memory is allocated at the first forward and then only written in place:
+    keys           (B, nh, rows, hs)    rows = capacity (the model's block_size;
+                                        past it the buffer doubles)
+    V, no selector (B, nh, rows, kdim)  row t is token t
+    V, a selector  (B, nh, budget, kdim) slots, with per slot
+                   its position         (B, nh, budget)  heads hold different tokens
+                   its score            (B, nh, budget)  an old token's final score;
+                                        a window token's attention received so far
+The first n = min(t, budget) slots are in use for every (batch, head). A
+prefill leaves them in position order; a step puts the new token into the
+next free slot or, once all are in use, into the slot of the token it
+evicts, so the order is lost (attention does not depend on it) and the next
+prefill sorts the candidates first. k, v, v_pos and score are views of the
+rows and slots in use; nbytes() counts those. reset() keeps the buffers.
 
-Keys (and V without a token selector, which holds every token) live in a
-buffer allocated at the first forward for `capacity` tokens (the model's
-block_size: a cache never holds more) plus one spare row; a step writes
-its token into the next row, in place, instead of copying the whole cache
-into a longer one. self.k / self.v are views of the rows written, and
-nbytes() counts those. Past capacity the buffer doubles.
+`step` is the one-token update with fixed shapes: the position is a tensor,
+writes go to the buffers in place, and with rows=None attention runs over
+every row of the key buffer and every slot, with a mask of those in use. So
+one compiled graph serves every step of a generation, and on CUDA it can be
+captured once as a CUDA graph (GPT.decode_step). forward runs the same step
+eagerly over the rows written so far.
 """
 
 import math
@@ -58,50 +62,80 @@ class LayerKVCache:
         self.capacity = capacity  # tokens the buffers are allocated for at the first forward
         self.v_encode = v_encode or _identity
         self.v_decode = v_decode or _identity
+        self._k_rows = self._v_rows = None  # (B, nh, rows, *): every key (and V without a selector)
+        self._v_slots = self._pos_slots = self._score_slots = None  # (B, nh, budget[, kdim]): a selector's held V
         self.reset()
 
     def reset(self):
+        """Forget every token. The buffers stay, for the next prefill of the same
+        batch: a compiled step keeps reading and writing the same memory."""
         self.length = 0      # tokens seen
-        self.k = None        # (B, nh, t, hs) every key: a view of the first t rows of _k_rows
-        self._k_rows = self._v_rows = None  # the buffers (B, nh, capacity, *)
-        self.v = None        # (B, nh, n, kdim) encoded values held
-        self.v_pos = None    # (B, nh, n) their positions (pruning only)
-        self.score = None    # (B, nh, n) final score (old tokens) or attention received (window)
-        self.ordered = True  # v, v_pos, score in position order
+        self.n_held = 0      # V slots in use (with a selector): min(length, budget)
+        self.ordered = True  # held slots in position order
 
     def __call__(self, q, k, v):
         return self.forward(q, k, v)
 
+    # what is held: views of the buffers' rows and slots in use
+    @property
+    def k(self):
+        """(B, nh, t, hs) every key."""
+        return None if self.length == 0 else self._k_rows[:, :, :self.length]
+
+    @property
+    def v(self):
+        """(B, nh, n, kdim) the encoded values held."""
+        if self.length == 0:
+            return None
+        return self._v_rows[:, :, :self.length] if self.selector is None else self._v_slots[:, :, :self.n_held]
+
+    @property
+    def v_pos(self):
+        """(B, nh, n) the held values' positions (with a selector)."""
+        return None if self.length == 0 or self.selector is None else self._pos_slots[:, :, :self.n_held]
+
+    @property
+    def score(self):
+        """(B, nh, n) an old token's final score; a window token's attention received so far."""
+        return None if self.length == 0 or self.selector is None else self._score_slots[:, :, :self.n_held]
+
     def forward(self, q, k, v):
         """q, k, v: (B, nh, T_new, hs) for the new tokens -> y (B, nh, T_new, hs)."""
-        with torch.autocast(q.device.type, enabled=False):  # fp32 scores, as in training
-            t0 = self.length
-            t = t0 + q.size(-2)
-            self._k_rows = self._write(self._k_rows, k, t0)
-            self.k = self._k_rows[:, :, :t]
-            self.length = t
-            v_new = self.v_encode(v)  # (B, nh, T_new, kdim)
+        t0, T = self.length, q.size(-2)
+        if T == 1 and t0 > 0:  # a step, over the rows written so far
+            self._k_rows = self._room(self._k_rows, t0, t0 + 1)
             if self.selector is None:
-                self._v_rows = self._write(self._v_rows, v_new, t0)
-                self.v = self._v_rows[:, :, :t]
-                att = F.softmax(self._logits(q, t0), dim=-1)
-                return (att @ self.v_decode(self.v).float()).to(q.dtype)
-            if q.size(-2) == 1 and self.v is not None:
-                return self._step(q, v_new, t0)
-            return self._attend_pruned(q, v_new, t0)
+                self._v_rows = self._room(self._v_rows, t0, t0 + 1)
+            y = self.step(q, k, v, torch.full((1,), t0, device=q.device), rows=t0 + 1)
+            self.advance()
+            return y
+        with torch.autocast(q.device.type, enabled=False):  # fp32 scores, as in training
+            self._k_rows = self._write(self._k_rows, k, t0)
+            self.length = t0 + T
+            v_new = self.v_encode(v)  # (B, nh, T_new, kdim)
+            if self.selector is not None:
+                return self._attend_pruned(q, v_new, t0)
+            self._v_rows = self._write(self._v_rows, v_new, t0)
+            att = F.softmax(self._logits(q, t0), dim=-1)
+            return (att @ self.v_decode(self.v).float()).to(q.dtype)
+
+    def _room(self, rows, t0, t):
+        """The buffer `rows` (its first t0 rows written), or a zeroed one of at
+        least t rows (max(t, capacity), at least doubling) holding those rows."""
+        if rows.size(-2) >= t:
+            return rows
+        grown = rows.new_zeros(rows.shape[:-2] + (max(t, self.capacity, 2 * t0), rows.size(-1)))
+        grown[:, :, :t0] = rows[:, :, :t0]
+        return grown
 
     def _write(self, rows, x, t0):
         """x (B, nh, T_new, d) into rows t0.. of the buffer `rows`, in place; a
-        buffer is allocated (or, when full, doubled) first. One row is always
-        spare: a view of the rows written is then never the whole buffer, so a
-        compiled step sees the same kind of (non-contiguous) view at every
-        length, and the last step before capacity does not recompile."""
+        buffer is allocated (zeroed: a masked row's weight is 0, and 0 * NaN
+        would not be) or grown first. A buffer of another batch is replaced."""
         t = t0 + x.size(-2)
-        if rows is None or rows.size(-2) <= t:
-            grown = x.new_empty(x.shape[:-2] + (max(t, self.capacity, 2 * t0) + 1, x.size(-1)))
-            if rows is not None:
-                grown[:, :, :t0] = rows[:, :, :t0]
-            rows = grown
+        if rows is None or rows.shape[:2] != x.shape[:2] or rows.dtype != x.dtype or rows.device != x.device:
+            rows = x.new_zeros(x.shape[:-2] + (max(t, self.capacity), x.size(-1)))
+        rows = self._room(rows, t0, t)
         rows[:, :, t0:t] = x
         return rows
 
@@ -109,60 +143,76 @@ class LayerKVCache:
         """(B, nh, T_new, t) scaled q.k over every key, causal."""
         T, t = q.size(-2), self.k.size(-2)
         att = (q.float() @ self.k.float().transpose(-2, -1)) * (1.0 / math.sqrt(q.size(-1)))
-        if T == 1:  # one query sees every key
-            return att
         query_pos = torch.arange(t0, t0 + T, device=q.device)
         key_pos = torch.arange(t, device=q.device)
         return att.masked_fill(key_pos[None, :] > query_pos[:, None], float("-inf"))
 
-    def _step(self, q, v_new, t0):
-        """One new token: O(held) reads and, once a pruned cache is full, O(1) writes to V.
+    def step(self, q, k, v, pos, rows=None):
+        """One new token per sequence (q, k, v: (B, nh, 1, hs)) at position
+        `pos`, a (1,) long tensor equal to self.length, after a prefill. Writes
+        the buffers in place and returns y (B, nh, 1, hs); the caller then
+        calls advance(). With rows=None, attention runs over every row of the
+        key buffer with a mask of those written: the shapes never change, so
+        a compiled step is one graph. Otherwise over the first `rows` rows
+        (then at least pos + 1 and within the buffer)."""
+        with torch.autocast(q.device.type, enabled=False):
+            self._k_rows.index_copy_(2, pos, k.to(self._k_rows.dtype))
+            keys = self._k_rows if rows is None else self._k_rows[:, :, :rows]
+            att = (q.float() @ keys.float().transpose(-2, -1)) * (1.0 / math.sqrt(q.size(-1)))  # (B, nh, 1, rows)
+            if rows is None:
+                att = att.masked_fill(torch.arange(keys.size(-2), device=q.device) > pos, float("-inf"))
+            v_new = self.v_encode(v)
+            if self.selector is None:
+                self._v_rows.index_copy_(2, pos, v_new.to(self._v_rows.dtype))
+                values = self._v_rows if rows is None else self._v_rows[:, :, :rows]
+                return (F.softmax(att, dim=-1) @ self.v_decode(values).float()).to(q.dtype)
+            return self._step_pruned(att, v_new, pos).to(q.dtype)
 
-        Position t0-W leaves the window; its score is final (the queries of
-        its window have all run). If a slot is free the new token takes it;
-        else the worst of the old tokens, the leaving one included (lowest
-        score; on a tie the older, as keep_mask orders ties), is evicted for
-        good and the new token takes its slot. That is the incremental form
-        of keep_mask's top-k over a growing set, so the held tokens are the
-        same as in the full-sequence rule.
+    def _step_pruned(self, att, v_new, pos):
+        """The selector's one-token update: O(budget) reads and O(1) writes.
+
+        Position pos-W leaves the window; its score is final (the queries of
+        its window have all run). If a slot is free the new token takes the
+        first one; else the worst of the old tokens, the leaving one included
+        (lowest score; on a tie the older, as keep_mask orders ties), is
+        evicted for good and the new token takes its slot. That is the
+        incremental form of keep_mask's top-k over a growing set, so the held
+        tokens are the same as in the full-sequence rule. Free slots are
+        masked out of attention.
         """
         W, budget = self.selector.recency, self.selector.budget
-        pos, score = self.v_pos, self.score
-        if t0 >= W:
-            leaving = pos == t0 - W  # (B, nh, n): one token per (batch, head)
-            score = torch.where(leaving, self.selector.score(score / W, pos), score)
-        if pos.size(-1) < budget:
-            v = torch.cat([self.v, v_new], dim=-2)
-            pos = torch.cat([pos, pos.new_full(pos.shape[:-1] + (1,), t0)], dim=-1)
-            score = F.pad(score, (0, 1))
-        else:
-            old = pos <= t0 - W
-            old_score = score.masked_fill(~old, math.inf)
-            lowest = old & (old_score == old_score.amin(-1, keepdim=True))
-            slot = pos.masked_fill(~lowest, t0).argmin(-1, keepdim=True)  # (B, nh, 1): the oldest lowest
-            B, nh = slot.shape[:2]
-            heads = (torch.arange(B, device=q.device)[:, None], torch.arange(nh, device=q.device))
-            # in place, O(1) writes (index_put_, unlike scatter_, a compiled step also does in place);
-            # v and v_pos also stay the views the prefill made, so a compiled step's guards hold next step
-            v = self.v.index_put_((*heads, slot[..., 0]), v_new[..., 0, :])
-            pos = pos.index_put_((*heads, slot[..., 0]), pos.new_full((), t0))
-            score = score.scatter(-1, slot, 0.0)
-            self.ordered = False
-        att = self._logits(q, t0)  # (B, nh, 1, t)
-        held_att = F.softmax(att.gather(-1, pos[..., None, :]), dim=-1)  # (B, nh, 1, n)
-        y = (held_att @ self.v_decode(v).float()).to(q.dtype)
+        p, score = self._pos_slots, self._score_slots
+        slots = torch.arange(budget, device=p.device)
+        n = pos.clamp(max=budget)  # slots in use before this token, (1,)
+        edge = pos - W  # the position leaving the window (none while pos < W)
+        in_use = slots < n
+        score = torch.where(in_use & (p == edge), self.selector.score(score / W, p), score)
+        old = in_use & (p <= edge)
+        old_score = score.masked_fill(~old, math.inf)
+        lowest = old & (old_score == old_score.amin(-1, keepdim=True))
+        evict = torch.where(lowest, p, pos).argmin(-1, keepdim=True)  # (B, nh, 1): the oldest lowest
+        slot = torch.where(n < budget, n, evict)
+        B, nh = p.shape[:2]
+        heads = (torch.arange(B, device=p.device)[:, None], torch.arange(nh, device=p.device))
+        # in place, O(1) writes (index_put_, unlike scatter_, a compiled step also does in place)
+        self._v_slots.index_put_((*heads, slot[..., 0]), v_new[..., 0, :].to(self._v_slots.dtype))
+        p.index_put_((*heads, slot[..., 0]), pos)
+        score = score.scatter(-1, slot, 0.0)
+        in_use = slots <= n  # the new token's slot included
+        held_att = att.gather(-1, p[..., None, :]).masked_fill(~in_use, float("-inf"))  # (B, nh, 1, budget)
+        y = F.softmax(held_att, dim=-1) @ self.v_decode(self._v_slots).float()
         # the window's tokens (the new one included) receive this query's attention over every key
-        probs = F.softmax(att, dim=-1).gather(-1, pos[..., None, :])[..., 0, :]
-        self.score = score + probs.masked_fill(pos <= t0 - W, 0.0)
-        self.v, self.v_pos = v, pos
+        probs = F.softmax(att, dim=-1).gather(-1, p[..., None, :])[..., 0, :]
+        score.add_(probs.masked_fill(~in_use | (p <= edge), 0.0))
+        self._score_slots.copy_(score)
         return y
 
-    def _sort(self):
-        """Back to position order (after in-place steps), for a prefill."""
-        order = self.v_pos.argsort(dim=-1)
-        self.v = self.v.gather(-2, order[..., None].expand_as(self.v))
-        self.v_pos, self.score = self.v_pos.gather(-1, order), self.score.gather(-1, order)
-        self.ordered = True
+    def advance(self):
+        """After `step`: one more token seen."""
+        if self.selector is not None:
+            self.ordered = self.ordered and self.length < self.selector.budget  # a full cache evicted out of order
+            self.n_held = min(self.length + 1, self.selector.budget)
+        self.length += 1
 
     def _attend_pruned(self, q, v_new, t0):
         W, budget = self.selector.recency, self.selector.budget
@@ -170,26 +220,26 @@ class LayerKVCache:
         t = t0 + T
         new_pos = torch.arange(t0, t, device=q.device)
         att = self._logits(q, t0)  # (B, nh, T, t)
-        if self.v is None:
-            self.v = v_new[..., :0, :]
-            self.v_pos = new_pos.new_empty(B, nh, 0)
-            self.score = att.new_empty(B, nh, 0)
-        if not self.ordered:
-            self._sort()
+        held_v, held_pos, held_score = (v_new[..., :0, :], new_pos.new_empty(B, nh, 0), att.new_empty(B, nh, 0)) \
+            if t0 == 0 else (self.v, self.v_pos, self.score)
+        if not self.ordered:  # back to position order
+            order = held_pos.argsort(dim=-1)
+            held_v = held_v.gather(-2, order[..., None].expand_as(held_v))
+            held_pos, held_score = held_pos.gather(-1, order), held_score.gather(-1, order)
         w = min(W, t0)  # held window tokens: the last w, contiguous
-        n_old = self.score.size(-1) - w
+        n_old = held_score.size(-1) - w
 
         # candidates: held old tokens, then the tail (window + new tokens)
-        v_all = torch.cat([self.v, v_new], dim=-2)  # (B, nh, C, kdim)
-        pos = torch.cat([self.v_pos, new_pos.expand(B, nh, T)], dim=-1)  # (B, nh, C)
+        v_all = torch.cat([held_v, v_new], dim=-2)  # (B, nh, C, kdim)
+        pos = torch.cat([held_pos, new_pos.expand(B, nh, T)], dim=-1)  # (B, nh, C)
         tail_start = t0 - w
         tail_pos = torch.arange(tail_start, t, device=q.device)
         lag = new_pos[:, None] - tail_pos[None, :]  # (T, L) query - key
         in_window = (lag >= 0) & (lag < W)
         probs = F.softmax(att, dim=-1)[..., tail_start:]  # (B, nh, T, L), full keys
-        received = F.pad(self.score[..., n_old:], (0, T)) + probs.masked_fill(~in_window, 0.0).sum(-2)
+        received = F.pad(held_score[..., n_old:], (0, T)) + probs.masked_fill(~in_window, 0.0).sum(-2)
         tail_scores = self.selector.score(received / W, pos[..., n_old:])
-        scores = torch.cat([self.score[..., :n_old], tail_scores], dim=-1)  # (B, nh, C)
+        scores = torch.cat([held_score[..., :n_old], tail_scores], dim=-1)  # (B, nh, C)
 
         keep = keep_mask(scores, budget, W, key_pos=pos, query_pos=new_pos)  # (B, nh, T, C)
         if pos.size(-1) == t:  # every token is a candidate (a first prefill): att is already in their order
@@ -199,14 +249,34 @@ class LayerKVCache:
         held_att = F.softmax(held_att, dim=-1)
         y = (held_att @ self.v_decode(v_all).float()).to(q.dtype)
 
-        # keep what the last query kept; the rest is evicted for good
+        # keep what the last query kept, in the first n slots; the rest is evicted for good
         held = keep[..., -1, :]  # (B, nh, C)
         n, n_old = min(t, budget), min(budget - W, max(0, t - W))
         old = held & (pos <= t - 1 - W)
-        self.v = v_all[held].view(B, nh, n, v_all.size(-1))
-        self.v_pos = pos[held].view(B, nh, n)
-        self.score = torch.cat([scores[old].view(B, nh, n_old), received[..., received.size(-1) - min(W, t):]], -1)
+        self._hold(v_all[held].view(B, nh, n, v_all.size(-1)), pos[held].view(B, nh, n),
+                   torch.cat([scores[old].view(B, nh, n_old), received[..., received.size(-1) - min(W, t):]], -1))
         return y
+
+    def _hold(self, v, pos, score):
+        """The held tokens (n of them, in position order) into the first n slots;
+        the rest are freed (position 0: a valid index that is masked out)."""
+        B, nh, n, kdim = v.shape
+        budget = self.selector.budget
+        if self._v_slots is None or self._v_slots.shape != (B, nh, budget, kdim) or \
+                self._v_slots.dtype != v.dtype or self._v_slots.device != v.device:
+            self._v_slots = v.new_zeros(B, nh, budget, kdim)
+            self._pos_slots = pos.new_zeros(B, nh, budget)
+            self._score_slots = score.new_zeros(B, nh, budget)
+        self._v_slots[:, :, :n] = v
+        self._pos_slots[:, :, :n] = pos
+        self._pos_slots[:, :, n:] = 0
+        self._score_slots[:, :, :n] = score
+        self.n_held, self.ordered = n, True
+
+    def buffers(self):
+        """Every tensor the cache writes in place (for torch._dynamo.mark_static_address)."""
+        return [x for x in (self._k_rows, self._v_rows, self._v_slots, self._pos_slots, self._score_slots)
+                if x is not None]
 
     def v_elements_per_head(self):
         """V elements held per (batch, head): n tokens x kdim."""
@@ -241,6 +311,14 @@ class KVCache:
     def reset(self):
         for layer in self.layers:
             layer.reset()
+
+    def advance(self):
+        """After every layer's `step`: one more token seen."""
+        for layer in self.layers:
+            layer.advance()
+
+    def buffers(self):
+        return [x for layer in self.layers for x in layer.buffers()]
 
     def nbytes(self):
         total = dict(k=0, v=0, index=0, total=0)

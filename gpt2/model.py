@@ -70,13 +70,15 @@ class CausalSelfAttention(nn.Module):
         self.n_embd = config.n_embd
         self.vcache = build_method(config.v_cache, config.block_size, config.head_dim)
 
-    def forward(self, x, cache=None):
+    def forward(self, x, cache=None, pos=None):
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        if cache is not None:  # made by self.vcache.make_cache(): the same method, incrementally
+        if pos is not None:  # one token at position pos (a tensor), fixed shapes: GPT.decode_step
+            y = cache.step(q, k, v, pos)
+        elif cache is not None:  # made by self.vcache.make_cache(): the same method, incrementally
             y = cache(q, k, v)
         else:
             y = self.vcache.attend(q, k, v, dropout_p=self.attn_dropout if self.training else 0.0)
@@ -137,8 +139,8 @@ class Block(nn.Module):
         self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = ReciprocalMLP(config) if config.rmlp else MLP(config)
 
-    def forward(self, x, cache=None):
-        a = self.attn(self.ln_1(x), cache)
+    def forward(self, x, cache=None, pos=None):
+        a = self.attn(self.ln_1(x), cache, pos)
         x = x + a
         return x + self.mlp(self.ln_2(x), a)
 
@@ -179,21 +181,28 @@ class GPT(nn.Module):
             n -= self.transformer.wpe.weight.numel()
         return n
 
-    def forward(self, idx, targets=None, caches=None, last_only=False):
+    def forward(self, idx, targets=None, caches=None, last_only=False, pos=None):
         """Returns (logits, loss) as nanoGPT; logits for every position, or
         with last_only (sampling) for the last one alone.
 
         With `caches` (a gpt2.kv_cache.KVCache), idx holds only the new tokens
-        and positions continue from what the cache already holds.
+        and positions continue from what the cache already holds. With `pos`
+        as well (a (1,) long tensor equal to caches.length, idx (B, 1)), the
+        token goes through each layer's fixed-shape `step`, which reads no
+        Python int that changes from step to step; the caller checks the
+        length and calls caches.advance() (see decode_step).
         """
         B, T = idx.size()
-        start = caches.length if caches is not None else 0
-        if start + T > self.config.block_size:
-            raise ValueError(f"sequence of length {start + T} exceeds block_size {self.config.block_size}")
-        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        if pos is None:
+            start = caches.length if caches is not None else 0
+            if start + T > self.config.block_size:
+                raise ValueError(f"sequence of length {start + T} exceeds block_size {self.config.block_size}")
+            positions = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
+        else:
+            positions = pos
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))
         for i, block in enumerate(self.transformer.h):
-            x = block(x, None if caches is None else caches.layers[i])
+            x = block(x, None if caches is None else caches.layers[i], pos)
         x = self.transformer.ln_f(x[:, -1:] if last_only else x)
         logits = self.lm_head(x)
         loss = None
@@ -241,9 +250,56 @@ class GPT(nn.Module):
         """One decode cache per layer, each made by that layer's method."""
         return KVCache(self.config.n_layer, lambda i: self.transformer.h[i].attn.vcache.make_cache())
 
-    def _decode_step(self, idx, cache):
-        """Logits (B, 1, vocab) of one new token per sequence, through the cache."""
-        return self(idx, caches=cache, last_only=True)[0]
+    def _decode_step(self, idx, cache, pos):
+        """Logits (B, 1, vocab) of one new token per sequence at position pos, through the cache."""
+        return self(idx, caches=cache, last_only=True, pos=pos)[0]
+
+    def decode_step(self, compile=False):
+        """A function (idx (B, 1), cache) -> logits (B, 1, vocab) that feeds one
+        new token per sequence through a prefilled cache and advances it.
+
+        Eager, it runs the model's forward over the rows the cache holds.
+        compile=True compiles the whole step (every layer's cache update and
+        attention, the head) as one torch.compile graph of fixed shapes: the
+        position is a tensor and attention runs over the cache's whole
+        capacity with a mask, so every step of a generation, at any length,
+        reuses the first step's graph. On CUDA the graph is captured as a
+        CUDA graph (mode="reduce-overhead") and replayed each step: one
+        launch instead of one per kernel. The cache's buffers are marked
+        static addresses, so the graph writes them in place. The first call
+        compiles (tens of seconds; cached for later calls with the same shapes).
+        """
+        if not compile:
+            return lambda idx, cache: self(idx, caches=cache, last_only=True)[0]
+        cuda = self.lm_head.weight.is_cuda
+        graph = torch.compile(self._decode_step, dynamic=False, fullgraph=True,
+                              mode="reduce-overhead" if cuda else None)
+        pos, marked = None, set()
+
+        def step(idx, cache):
+            nonlocal pos
+            if not all(hasattr(layer, "step") for layer in cache.layers):
+                raise ValueError(f"compile=True needs a cache with a fixed-shape step; "
+                                 f"{type(cache.layers[0]).__name__} (from {describe(self.config.v_cache)}) has none: "
+                                 f"decode it with compile=False")
+            if cache.length == 0 or cache.length >= self.config.block_size:
+                raise ValueError(f"a compiled step needs a prefilled cache with room for one more token: "
+                                 f"it holds {cache.length} of {self.config.block_size}")
+            for x in cache.buffers():
+                if id(x) not in marked:
+                    torch._dynamo.mark_static_address(x)
+                    marked.add(id(x))
+            if pos is None:
+                pos = torch.zeros(1, dtype=torch.long, device=idx.device)
+                torch._dynamo.mark_static_address(pos)
+            pos.fill_(cache.length)  # a kernel, not a copy from the host that would wait for the device
+            if cuda:
+                torch.compiler.cudagraph_mark_step_begin()
+            logits = graph(idx, cache, pos)
+            cache.advance()
+            return logits.clone() if cuda else logits  # the next replay overwrites a CUDA graph's output
+
+        return step
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, compile=False, timings=None):
@@ -251,15 +307,14 @@ class GPT(nn.Module):
 
         The cache holds what the model's V-cache method stores: only kept
         tokens (with pruning) and as the k-dim latent (with KVSplice), for
-        example. When the context reaches block_size, the cache is rebuilt
-        from the last block_size // 2 tokens. compile=True runs each
-        one-token step (every layer, its cache update and attention, the
-        head) as one torch.compile graph: the first steps compile (tens of
-        seconds on CPU, cached for later calls); the prompt's prefill runs
+        example. When the context reaches block_size, the cache is emptied
+        and refilled from the last block_size // 2 tokens (its buffers are
+        reused). compile=True runs each one-token step as one compiled graph
+        (decode_step; on CUDA, a CUDA graph); the prompt's prefill runs
         eager. A `timings` dict receives prefill_s (the prompt) and decode_s
         (the new tokens).
         """
-        step = torch.compile(self._decode_step, dynamic=True) if compile else self._decode_step
+        step = self.decode_step(compile)
         bs = self.config.block_size
         # timings on CUDA wait for the kernels each phase launched
         wait = (lambda: torch.cuda.synchronize(idx.device)) if timings is not None and idx.is_cuda else (lambda: None)
@@ -279,7 +334,7 @@ class GPT(nn.Module):
             idx_next = torch.multinomial(probs, num_samples=1)
             idx = torch.cat((idx, idx_next), dim=1)
             if cache.length >= bs:
-                cache = self.make_cache()
+                cache.reset()
                 logits, _ = self(idx[:, -(bs // 2):], caches=cache, last_only=True)
             else:
                 logits = step(idx_next, cache)

@@ -52,6 +52,7 @@ import weakref
 from pathlib import Path
 
 import torch
+from torch._dynamo.utils import counters
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
@@ -216,9 +217,9 @@ def train_timing(model, a, amp, fail):
 def decode_and_forward(model, idx, amp, compile=False):
     """(full forward logits, cached decode logits, the cache): the first three
     quarters of idx prefilled, the rest decoded one token at a time; with
-    compile, each one-token step as one torch.compile graph, as
-    GPT.generate(compile=True) runs it."""
-    step = torch.compile(model._decode_step, dynamic=True) if compile else model._decode_step
+    compile, each one-token step as one torch.compile graph (a CUDA graph on
+    CUDA), as GPT.generate(compile=True) runs it."""
+    step = model.decode_step(compile)
     prefill = idx.size(1) - idx.size(1) // 4
     with amp:
         full = model(idx)[0].float()
@@ -258,8 +259,17 @@ def decode_check(model, a, amp, fail):
         full16, cache = full32, decode_and_forward(model, idx, amp)[2]
     lap(a.dtype)
     if a.compile and a.compile_decode:  # the compiled decode path, in the run's dtype
+        before = dict(graphs=counters["stats"]["unique_graphs"], skips=counters["inductor"]["cudagraph_skips"])
         _, decc, _ = decode_and_forward(model, idx, amp, compile=True)
         out["compiled"] = ((decc - full16).abs().max().item(), tol16 if a.dtype == "bfloat16" else tol32)
+        graphs = counters["stats"]["unique_graphs"] - before["graphs"]
+        skips = counters["inductor"]["cudagraph_skips"] - before["skips"]
+        if graphs > 1:
+            fail(f"the compiled decode step compiled {graphs} graphs for {idx.size(1) // 4} steps, not one: "
+                 f"a step's shapes or guards change with the length (TORCH_LOGS=recompiles says which)")
+        if skips:
+            fail(f"the compiled decode step was not captured as a CUDA graph ({skips} skip(s); "
+                 f"TORCH_LOGS=perf_hints says why)")
         lap("compiled (compile included)")
     for name in ("bf16", "compiled"):
         if name in out and not out[name][0] <= out[name][1]:

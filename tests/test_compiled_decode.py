@@ -4,8 +4,9 @@ torch.compile graph, and a SplinePCA set to compiled runs compress / decompress
 as compiled kernels. Compiling takes seconds on CPU, so one small model covers
 both, with a spline that is not the identity."""
 
+import pytest
 import torch
-from torch._dynamo.testing import CompileCounter
+from torch._dynamo.utils import counters
 
 from gpt2.kvsplice import SplinePCA
 from gpt2.model import GPT, GPTConfig
@@ -54,11 +55,13 @@ def test_compiled_decode_steps_equal_eager():
         with torch.no_grad():
             logits = {}
             for compile in (False, True):
-                step = torch.compile(m._decode_step, dynamic=True) if compile else m._decode_step
+                step = m.decode_step(compile)
                 cache = m.make_cache()
-                steps = [m(idx[:, :20], caches=cache)[0]]  # a prefill past the budget of 12, then steps
-                steps += [step(idx[:, t:t + 1], cache) for t in range(20, 40)]
+                # a prefill below the budget of 12, steps that fill it, then steps that evict
+                steps = [m(idx[:, :6], caches=cache)[0]]
+                steps += [step(idx[:, t:t + 1], cache) for t in range(6, 40)]
                 logits[compile] = torch.cat(steps, dim=1)
+                assert cache.length == 40
         assert torch.allclose(logits[True], logits[False], atol=1e-4, rtol=0), record
         full, _ = m(idx)
         assert torch.allclose(logits[True], full, atol=1e-4, rtol=0)  # and the full forward
@@ -68,18 +71,25 @@ def test_compiled_decode_steps_equal_eager():
 
 
 def test_a_compiled_step_compiles_once_per_cache_kind():
-    """Every step after the prefill reuses the first step's graph: the pruned
-    cache's in-place writes keep its tensors what the prefill made them, so
-    Dynamo's guards hold (a recompile of GPT-2's whole step costs tens of
-    seconds)."""
-    idx = torch.randint(0, 64, (3, 40), generator=torch.Generator().manual_seed(2))
+    """Every step reuses the first step's graph: from a short prompt through a
+    pruned cache that fills and then evicts, up to block_size, and after
+    generate empties the cache and refills it (a recompile of GPT-2's whole
+    step costs tens of seconds, and each length its own graph would defeat a
+    CUDA graph). The position is a tensor and the shapes are the capacity's."""
+    idx = torch.randint(0, 64, (3, 5), generator=torch.Generator().manual_seed(2))
     for record in (V20, {"select": {"kind": "full"}, "codec": {"kind": "none"}}):
         torch._dynamo.reset()
-        m, counter = model(record), CompileCounter()
-        step = torch.compile(m._decode_step, backend=counter, dynamic=True)
-        with torch.no_grad():
-            cache = m.make_cache()
-            m(idx[:, :20], caches=cache)  # past the budget of 12: every step evicts one
-            for t in range(20, 40):
-                step(idx[:, t:t + 1].clone(), cache)  # a fresh tensor, as generate's sampled token
-        assert counter.frame_count == 1, (record, counter.frame_count)
+        counters.clear()
+        m = model(record)
+        m.generate(idx, 70, top_k=5, compile=True)  # 48 = block_size: the cache is refilled from 24 tokens once
+        assert counters["stats"]["unique_graphs"] == 1, (record, dict(counters["stats"]))
+
+
+def test_compiled_step_refuses_what_it_cannot_run():
+    m = model({"select": {"kind": "h2o", "budget": 10, "recency": 4}, "codec": {"kind": "none"}})
+    idx = torch.randint(0, 64, (1, 8))
+    with pytest.raises(ValueError, match="compile=False"):
+        m.generate(idx, 2, compile=True)
+    m = model({"select": {"kind": "full"}, "codec": {"kind": "none"}})
+    with pytest.raises(ValueError, match="prefilled"):
+        m.decode_step(compile=True)(idx[:, :1], m.make_cache())

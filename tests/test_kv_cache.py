@@ -61,7 +61,7 @@ def test_incremental_decode_equals_full_sequence(pruned, encoded, chunks):
 @pytest.mark.parametrize("capacity, buffers", [(96, 1), (0, 6)])
 def test_steps_write_keys_in_place_into_one_buffer(capacity, buffers):
     """With a capacity, the first forward allocates the buffer and every step
-    writes one row of it; without, it doubles when full (6, 11, 21, 41, 81, 161 rows)."""
+    writes one row of it; without, it doubles when full (5, 10, 20, 40, 80, 160 rows)."""
     q, k, v = qkv(1, 2, 96, 8, seed=6)
     cache = LayerKVCache(None, capacity=capacity)
     cache(q[:, :, :5], k[:, :, :5], v[:, :, :5])
@@ -72,6 +72,36 @@ def test_steps_write_keys_in_place_into_one_buffer(capacity, buffers):
     assert torch.equal(cache.k, k) and torch.equal(cache.v, v)
     assert len(storages) == buffers
     assert cache.nbytes()["k"] == cache.nbytes()["v"] == 96 * 2 * 8 * 4  # the rows held, not the buffer
+
+
+@pytest.mark.parametrize("pruned", [False, True])
+def test_fixed_shape_steps_equal_the_full_sequence_and_keep_their_buffers(pruned):
+    """step(rows=None), as a compiled decode runs it: attention over the whole
+    key buffer (capacity 128 rows) with a mask, and a pruned cache over all
+    its slots, free ones masked, from a prefill below the budget (48) through
+    the steps that fill it and those that evict. The same outputs as the full
+    sequence, written into the same memory throughout; after reset() a
+    prefill refills that memory and again equals the full sequence."""
+    B, H, T, hs = 2, 3, 96, 16
+    q, k, v = qkv(B, H, T, hs, seed=7, scale=1.5)
+    encode, decode_v = projection(hs, 6)
+    v_seen = decode_v(encode(v))
+    pruner = small_pruner() if pruned else None
+    full = pruner(q, k, v_seen) if pruned else F.scaled_dot_product_attention(q, k, v_seen, is_causal=True)
+    cache = LayerKVCache(pruner, encode, decode_v, capacity=128)
+    ys = [cache(q[:, :, :5], k[:, :, :5], v[:, :, :5])]
+    memory = [x.data_ptr() for x in cache.buffers()]
+    assert cache.buffers()[0].shape == (B, H, 128, hs)
+    for t in range(5, T):
+        ys.append(cache.step(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], torch.tensor([t])))
+        cache.advance()
+    assert torch.allclose(torch.cat(ys, dim=-2), full, atol=1e-5, rtol=0)
+    assert [x.data_ptr() for x in cache.buffers()] == memory
+    assert cache.length == T and cache.v_elements_per_head() == (pruner.budget if pruned else T) * 6
+    cache.reset()
+    assert cache.length == 0 and cache.nbytes()["total"] == 0
+    assert torch.allclose(decode(cache, q, k, v, (60,)), full, atol=1e-5, rtol=0)
+    assert [x.data_ptr() for x in cache.buffers()] == memory
 
 
 def test_held_tokens_are_the_full_rules_keep_set_per_head():
