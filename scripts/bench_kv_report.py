@@ -147,8 +147,8 @@ def format_decode(speeds, record, shape):
             f"Models of {shape} at block_size = context, with random weights "
             f"shared by V0 and V20 (speed depends on shapes, not on what was learned); V20 = `{record}`, with "
             f"a SplinePCA whose spline is not the identity (fitted on warped samples). \"compiled\" = "
-            f"`generate(compile=True)`: each one-token step is one torch.compile graph (compile time excluded: "
-            f"a short generate runs first). Median of the rounds, round-robin over the four columns.\n\n"
+            f"`generate(compile=True)`: one torch.compile graph of fixed shapes serves every one-token step, "
+            f"captured as a CUDA graph on CUDA (compile time excluded: a short generate runs first). Median of the rounds, round-robin over the four columns.\n\n"
             + "\n".join(lines) + "\n\n"
             + "\n".join(f"- {'MET' if met else 'NOT MET'}: {t}" for met, t in checks))
     return text, checks

@@ -21,7 +21,9 @@ a spline that is not the identity, so its lookup runs):
            pruning near-tie may order differently when rounding differs; a
            wrong cache is off by the logits' own scale); compiled, the same
            with each one-token step compiled, as GPT.generate(compile=True)
-           runs it; model.generate must sample.
+           runs it: one graph for every step, captured as a CUDA graph on
+           CUDA (more graphs, or a skipped CUDA graph, fail); model.generate
+           must sample.
   V cache  the bytes the cache holds after the block: V bytes must be what the
            method's record implies (min(T, budget) tokens x k or head_dim
            values, in the run's dtype) and what the method's v_bytes says.

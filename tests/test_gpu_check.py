@@ -105,3 +105,27 @@ def test_decode_speed_rejects_what_is_not_a_batch_size():
     assert r.returncode == 2 and "--decode-speed '16,x': expected comma-separated batch sizes" in r.stderr
     r = run(*TINY, "--decode-speed", "0")
     assert r.returncode == 2 and "must be >= 1" in r.stderr
+
+
+def test_the_compiled_decode_check_wants_one_graph_for_every_step(monkeypatch):
+    """With --compile, the decode check also decodes through GPT.decode_step's
+    compiled step: on CPU it equals the full forward and compiles one graph
+    for all 16 steps. A step whose graph depends on the cache's length (here
+    the forward path, compiled with Dynamo alone) fails the check."""
+    from gpt2.train import autocast_context
+
+    a = gpu_check.parse([arg for arg in TINY if arg != "--no-compile"] + ["--dtype", "float32"])
+    amp, _ = autocast_context(a.device, a.dtype)
+    torch._dynamo.reset()
+    failures = []
+    out = gpu_check.decode_check(gpu_check.build("V20", a), a, amp, failures.append)
+    assert failures == [] and out["compiled"][0] <= out["compiled"][1]
+
+    def per_length(self, compile=False):
+        forward = torch.compile(lambda idx, cache: self(idx, caches=cache, last_only=True)[0], backend="eager")
+        return forward if compile else (lambda idx, cache: self(idx, caches=cache, last_only=True)[0])
+
+    monkeypatch.setattr(GPT, "decode_step", per_length)
+    failures = []
+    gpu_check.decode_check(gpu_check.build("V0", a), a, amp, failures.append)
+    assert len(failures) == 1 and "graphs for 16 steps, not one" in failures[0], failures
