@@ -33,11 +33,12 @@ prefill sorts the candidates first. k, v, v_pos and score are views of the
 rows and slots in use; nbytes() counts those. reset() keeps the buffers.
 
 `step` is the one-token update with fixed shapes: the position is a tensor,
-writes go to the buffers in place, and with rows=None attention runs over
-every row of the key buffer and every slot, with a mask of those in use. So
-one compiled graph serves every step of a generation, and on CUDA it can be
-captured once as a CUDA graph (GPT.decode_step). forward runs the same step
-eagerly over the rows written so far.
+writes go to the buffers in place (each marked a static address when
+allocated), and with rows=None attention runs over every row of the key
+buffer and every slot, with a mask of those in use. So one compiled graph
+serves every step of a generation, and on CUDA it can be captured once as a
+CUDA graph (GPT.decode_step). forward runs the same step eagerly over the
+rows written so far.
 """
 
 import math
@@ -50,6 +51,13 @@ from lib.kv_pruning import keep_mask
 
 def _identity(v):
     return v
+
+
+def static_address(x):
+    """x, marked as memory a compiled graph may keep reading and writing in
+    place across calls (a CUDA graph then neither copies it in nor skips)."""
+    torch._dynamo.mark_static_address(x)
+    return x
 
 
 class LayerKVCache:
@@ -124,7 +132,7 @@ class LayerKVCache:
         least t rows (max(t, capacity), at least doubling) holding those rows."""
         if rows.size(-2) >= t:
             return rows
-        grown = rows.new_zeros(rows.shape[:-2] + (max(t, self.capacity, 2 * t0), rows.size(-1)))
+        grown = static_address(rows.new_zeros(rows.shape[:-2] + (max(t, self.capacity, 2 * t0), rows.size(-1))))
         grown[:, :, :t0] = rows[:, :, :t0]
         return grown
 
@@ -134,7 +142,7 @@ class LayerKVCache:
         would not be) or grown first. A buffer of another batch is replaced."""
         t = t0 + x.size(-2)
         if rows is None or rows.shape[:2] != x.shape[:2] or rows.dtype != x.dtype or rows.device != x.device:
-            rows = x.new_zeros(x.shape[:-2] + (max(t, self.capacity), x.size(-1)))
+            rows = static_address(x.new_zeros(x.shape[:-2] + (max(t, self.capacity), x.size(-1))))
         rows = self._room(rows, t0, t)
         rows[:, :, t0:t] = x
         return rows
@@ -264,9 +272,9 @@ class LayerKVCache:
         budget = self.selector.budget
         if self._v_slots is None or self._v_slots.shape != (B, nh, budget, kdim) or \
                 self._v_slots.dtype != v.dtype or self._v_slots.device != v.device:
-            self._v_slots = v.new_zeros(B, nh, budget, kdim)
-            self._pos_slots = pos.new_zeros(B, nh, budget)
-            self._score_slots = score.new_zeros(B, nh, budget)
+            self._v_slots = static_address(v.new_zeros(B, nh, budget, kdim))
+            self._pos_slots = static_address(pos.new_zeros(B, nh, budget))
+            self._score_slots = static_address(score.new_zeros(B, nh, budget))
         self._v_slots[:, :, :n] = v
         self._pos_slots[:, :, :n] = pos
         self._pos_slots[:, :, n:] = 0
@@ -274,7 +282,7 @@ class LayerKVCache:
         self.n_held, self.ordered = n, True
 
     def buffers(self):
-        """Every tensor the cache writes in place (for torch._dynamo.mark_static_address)."""
+        """Every tensor the cache writes in place."""
         return [x for x in (self._k_rows, self._v_rows, self._v_slots, self._pos_slots, self._score_slots)
                 if x is not None]
 
@@ -316,9 +324,6 @@ class KVCache:
         """After every layer's `step`: one more token seen."""
         for layer in self.layers:
             layer.advance()
-
-    def buffers(self):
-        return [x for layer in self.layers for x in layer.buffers()]
 
     def nbytes(self):
         total = dict(k=0, v=0, index=0, total=0)

@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gpt2.geometry import geometry_modules
-from gpt2.kv_cache import KVCache
+from gpt2.kv_cache import KVCache, static_address
 from gpt2.vcache import FULL, build_method, describe
 
 # GPTConfig fields of checkpoints written before GPTConfig.v_cache held the method
@@ -265,8 +265,8 @@ class GPT(nn.Module):
         capacity with a mask, so every step of a generation, at any length,
         reuses the first step's graph. On CUDA the graph is captured as a
         CUDA graph (mode="reduce-overhead") and replayed each step: one
-        launch instead of one per kernel. The cache's buffers are marked
-        static addresses, so the graph writes them in place. The first call
+        launch instead of one per kernel. The cache's buffers are static
+        addresses (gpt2/kv_cache.py), so the graph writes them in place. The first call
         compiles (tens of seconds; cached for later calls with the same shapes).
         """
         if not compile:
@@ -274,7 +274,7 @@ class GPT(nn.Module):
         cuda = self.lm_head.weight.is_cuda
         graph = torch.compile(self._decode_step, dynamic=False, fullgraph=True,
                               mode="reduce-overhead" if cuda else None)
-        pos, marked = None, set()
+        pos = None
 
         def step(idx, cache):
             nonlocal pos
@@ -285,13 +285,8 @@ class GPT(nn.Module):
             if cache.length == 0 or cache.length >= self.config.block_size:
                 raise ValueError(f"a compiled step needs a prefilled cache with room for one more token: "
                                  f"it holds {cache.length} of {self.config.block_size}")
-            for x in cache.buffers():
-                if id(x) not in marked:
-                    torch._dynamo.mark_static_address(x)
-                    marked.add(id(x))
             if pos is None:
-                pos = torch.zeros(1, dtype=torch.long, device=idx.device)
-                torch._dynamo.mark_static_address(pos)
+                pos = static_address(torch.zeros(1, dtype=torch.long, device=idx.device))
             pos.fill_(cache.length)  # a kernel, not a copy from the host that would wait for the device
             if cuda:
                 torch.compiler.cudagraph_mark_step_begin()
