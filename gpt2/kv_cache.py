@@ -78,7 +78,6 @@ class LayerKVCache:
         """Forget every token. The buffers stay, for the next prefill of the same
         batch: a compiled step keeps reading and writing the same memory."""
         self.length = 0      # tokens seen
-        self.n_held = 0      # V slots in use (with a selector): min(length, budget)
         self.ordered = True  # held slots in position order
 
     def __call__(self, q, k, v):
@@ -95,17 +94,22 @@ class LayerKVCache:
         """(B, nh, n, kdim) the encoded values held."""
         if self.length == 0:
             return None
-        return self._v_rows[:, :, :self.length] if self.selector is None else self._v_slots[:, :, :self.n_held]
+        return self._v_rows[:, :, :self.length] if self.selector is None else self._v_slots[:, :, :self._n_held]
 
     @property
     def v_pos(self):
         """(B, nh, n) the held values' positions (with a selector)."""
-        return None if self.length == 0 or self.selector is None else self._pos_slots[:, :, :self.n_held]
+        return None if self.length == 0 or self.selector is None else self._pos_slots[:, :, :self._n_held]
 
     @property
     def score(self):
         """(B, nh, n) an old token's final score; a window token's attention received so far."""
-        return None if self.length == 0 or self.selector is None else self._score_slots[:, :, :self.n_held]
+        return None if self.length == 0 or self.selector is None else self._score_slots[:, :, :self._n_held]
+
+    @property
+    def _n_held(self):
+        """Slots in use: every (batch, head) holds min(t, budget) tokens."""
+        return min(self.length, self.selector.budget)
 
     def forward(self, q, k, v):
         """q, k, v: (B, nh, T_new, hs) for the new tokens -> y (B, nh, T_new, hs)."""
@@ -118,11 +122,12 @@ class LayerKVCache:
             self.advance()
             return y
         with torch.autocast(q.device.type, enabled=False):  # fp32 scores, as in training
+            held = (self.v, self.v_pos, self.score)  # before the length moves on (None while empty)
             self._k_rows = self._write(self._k_rows, k, t0)
             self.length = t0 + T
             v_new = self.v_encode(v)  # (B, nh, T_new, kdim)
             if self.selector is not None:
-                return self._attend_pruned(q, v_new, t0)
+                return self._attend_pruned(q, v_new, t0, *held)
             self._v_rows = self._write(self._v_rows, v_new, t0)
             att = F.softmax(self._logits(q, t0), dim=-1)
             return (att @ self.v_decode(self.v).float()).to(q.dtype)
@@ -219,17 +224,16 @@ class LayerKVCache:
         """After `step`: one more token seen."""
         if self.selector is not None:
             self.ordered = self.ordered and self.length < self.selector.budget  # a full cache evicted out of order
-            self.n_held = min(self.length + 1, self.selector.budget)
         self.length += 1
 
-    def _attend_pruned(self, q, v_new, t0):
+    def _attend_pruned(self, q, v_new, t0, held_v, held_pos, held_score):
         W, budget = self.selector.recency, self.selector.budget
         B, nh, T, _ = q.shape
         t = t0 + T
         new_pos = torch.arange(t0, t, device=q.device)
         att = self._logits(q, t0)  # (B, nh, T, t)
-        held_v, held_pos, held_score = (v_new[..., :0, :], new_pos.new_empty(B, nh, 0), att.new_empty(B, nh, 0)) \
-            if t0 == 0 else (self.v, self.v_pos, self.score)
+        if t0 == 0:
+            held_v, held_pos, held_score = v_new[..., :0, :], new_pos.new_empty(B, nh, 0), att.new_empty(B, nh, 0)
         if not self.ordered:  # back to position order
             order = held_pos.argsort(dim=-1)
             held_v = held_v.gather(-2, order[..., None].expand_as(held_v))
@@ -279,7 +283,7 @@ class LayerKVCache:
         self._pos_slots[:, :, :n] = pos
         self._pos_slots[:, :, n:] = 0
         self._score_slots[:, :, :n] = score
-        self.n_held, self.ordered = n, True
+        self.ordered = True
 
     def buffers(self):
         """Every tensor the cache writes in place."""

@@ -65,12 +65,12 @@ def test_steps_write_keys_in_place_into_one_buffer(capacity, buffers):
     q, k, v = qkv(1, 2, 96, 8, seed=6)
     cache = LayerKVCache(None, capacity=capacity)
     cache(q[:, :, :5], k[:, :, :5], v[:, :, :5])
-    storages = {cache.k.data_ptr()}
+    views = [cache.k]  # kept alive, so a freed buffer's address cannot come back as a new one's
     for t in range(5, 96):
         cache(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1])
-        storages.add(cache.k.data_ptr())
+        views.append(cache.k)
     assert torch.equal(cache.k, k) and torch.equal(cache.v, v)
-    assert len(storages) == buffers
+    assert len({view.data_ptr() for view in views}) == buffers
     assert cache.nbytes()["k"] == cache.nbytes()["v"] == 96 * 2 * 8 * 4  # the rows held, not the buffer
 
 
