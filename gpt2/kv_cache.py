@@ -63,13 +63,14 @@ def static_address(x):
 class LayerKVCache:
     """Keys in full, values encoded and (with a token selector) only for kept tokens."""
 
-    def __init__(self, selector=None, v_encode=None, v_decode=None, capacity=0):
+    def __init__(self, selector=None, v_encode=None, v_decode=None, capacity=0, v_attend=None):
         if (v_encode is None) != (v_decode is None):
             raise ValueError("v_encode and v_decode come as a pair: got only one of them")
         self.selector = selector
         self.capacity = capacity  # tokens the buffers are allocated for at the first forward
         self.v_encode = v_encode or _identity
         self.v_decode = v_decode or _identity
+        self.v_attend = v_attend or self._decode_then_weigh  # weights (..., T, n) over stored values -> fp32
         self._k_rows = self._v_rows = None  # (B, nh, rows, *): every key (and V without a selector)
         self._v_slots = self._pos_slots = self._score_slots = None  # (B, nh, budget[, kdim]): a selector's held V
         self.reset()
@@ -130,7 +131,10 @@ class LayerKVCache:
                 return self._attend_pruned(q, v_new, t0, *held)
             self._v_rows = self._write(self._v_rows, v_new, t0)
             att = F.softmax(self._logits(q, t0), dim=-1)
-            return (att @ self.v_decode(self.v).float()).to(q.dtype)
+            return self.v_attend(att, self.v).to(q.dtype)
+
+    def _decode_then_weigh(self, weights, v):
+        return weights @ self.v_decode(v).float()
 
     def _room(self, rows, t0, t):
         """The buffer `rows` (its first t0 rows written), or a zeroed one of at
@@ -178,7 +182,7 @@ class LayerKVCache:
             if self.selector is None:
                 self._v_rows.index_copy_(2, pos, v_new.to(self._v_rows.dtype))
                 values = self._v_rows if rows is None else self._v_rows[:, :, :rows]
-                return (F.softmax(att, dim=-1) @ self.v_decode(values).float()).to(q.dtype)
+                return self.v_attend(F.softmax(att, dim=-1), values).to(q.dtype)
             return self._step_pruned(att, v_new, pos).to(q.dtype)
 
     def _step_pruned(self, att, v_new, pos):
@@ -213,7 +217,7 @@ class LayerKVCache:
         score = score.scatter(-1, slot, 0.0)
         in_use = slots <= n  # the new token's slot included
         held_att = att.gather(-1, p[..., None, :]).masked_fill(~in_use, float("-inf"))  # (B, nh, 1, budget)
-        y = F.softmax(held_att, dim=-1) @ self.v_decode(self._v_slots).float()
+        y = self.v_attend(F.softmax(held_att, dim=-1), self._v_slots)
         # the window's tokens (the new one included) receive this query's attention over every key
         probs = F.softmax(att, dim=-1).gather(-1, p[..., None, :])[..., 0, :]
         score.add_(probs.masked_fill(~in_use | (p <= edge), 0.0))
@@ -259,7 +263,7 @@ class LayerKVCache:
         else:
             held_att = att.gather(-1, pos[..., None, :].expand(B, nh, T, pos.size(-1))).masked_fill_(~keep, float("-inf"))
         held_att = F.softmax(held_att, dim=-1)
-        y = (held_att @ self.v_decode(v_all).float()).to(q.dtype)
+        y = self.v_attend(held_att, v_all).to(q.dtype)
 
         # keep what the last query kept, in the first n slots; the rest is evicted for good
         held = keep[..., -1, :]  # (B, nh, C)

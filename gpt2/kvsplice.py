@@ -36,6 +36,10 @@ Three evaluations of the same spline:
   `GPT.generate(compile=True)`), and for compress / decompress of a SplinePCA
   set to `compiled`: then the spline and the PCA projection are one compiled
   kernel each way, shared by every SplinePCA.
+
+`attend(W, Z)` is the decode cache's read, the attention weights over
+stored latents (W @ decompress(Z)); with the identity spline (plain PCA) it
+stays in the latent.
 """
 
 import math
@@ -642,6 +646,18 @@ class SplinePCA(nn.Module):
             v = self._chunks(Z.reshape(-1, self.k).float(),
                              lambda z: self.spline._rows(self.pca._decompress_rows(z), inverse=True), self.dim)
         return v.to(Z.dtype).reshape(*Z.shape[:-1], self.dim)
+
+    def attend(self, W, Z):
+        """Attention weights over stored latents: W (..., T, n) @ decompress(Z)
+        for Z (..., n, k) -> (..., T, dim) in fp32. With the identity spline
+        (plain PCA) decoding is linear, so the weights go through the latent
+        first, (W @ Z) @ P^T + mean * sum(W): k values per token instead of
+        dim, and no token decoded. With a spline each value is decoded."""
+        W = W.float()
+        if self.spline.is_identity:
+            with _no_autocast(Z.device):
+                return (W @ Z.float()) @ self.pca.components.T + W.sum(-1, keepdim=True) * self.pca.mean
+        return W @ self.decompress(Z).float()
 
     def roundtrip(self, V):
         """decompress(compress(V)) in one pass, V's shape and dtype."""

@@ -81,7 +81,8 @@ class TokenSelector:
         """q, k, v (B, nh, T, hs), v already through the codec -> y (B, nh, T, hs)."""
         raise NotImplementedError
 
-    def make_cache(self, v_encode=None, v_decode=None):
+    def make_cache(self, **storage):
+        """The layer's decode cache, storing V as the codec's storage() says."""
         raise NotImplementedError
 
     def held_tokens(self, T):
@@ -96,8 +97,8 @@ class Full(TokenSelector):
     def attend(self, q, k, v, dropout_p=0.0):
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
 
-    def make_cache(self, v_encode=None, v_decode=None):
-        return LayerKVCache(None, v_encode, v_decode, capacity=self.block_size)
+    def make_cache(self, **storage):
+        return LayerKVCache(None, capacity=self.block_size, **storage)
 
     def held_tokens(self, T):
         return T
@@ -114,8 +115,8 @@ class KeepRule(TokenSelector):
     def attend(self, q, k, v, dropout_p=0.0):
         return self.rule(q, k, v, dropout_p=dropout_p)
 
-    def make_cache(self, v_encode=None, v_decode=None):
-        return LayerKVCache(self.rule, v_encode, v_decode, capacity=self.block_size)
+    def make_cache(self, **storage):
+        return LayerKVCache(self.rule, capacity=self.block_size, **storage)
 
     def held_tokens(self, T):
         return min(T, self.rule.budget)
@@ -186,8 +187,8 @@ class H2O(TokenSelector):
     def attend(self, q, k, v, dropout_p=0.0):
         return self.make_cache()(q, k, v)
 
-    def make_cache(self, v_encode=None, v_decode=None):
-        return H2OLayerCache(self.budget, self.recency, v_encode, v_decode)
+    def make_cache(self, **storage):
+        return H2OLayerCache(self.budget, self.recency, **storage)
 
     def held_tokens(self, T):
         return min(T, self.budget)
@@ -204,8 +205,11 @@ class VCodec(nn.Module):
     example = {}
 
     def storage(self):
-        """(encode, decode) for the cache; (None, None) stores V as it is."""
-        return self.encode, self.decode
+        """How the cache stores V, as keyword arguments of its constructor:
+        v_encode / v_decode (a pair) and optionally v_attend(weights, stored),
+        weights @ v_decode(stored) in fp32 done the codec's way. {} stores V
+        as it is."""
+        return {"v_encode": self.encode, "v_decode": self.decode}
 
     def params(self):
         return {}
@@ -229,7 +233,7 @@ class NoCodec(VCodec):
     """V as it is."""
 
     def storage(self):
-        return None, None
+        return {}
 
     def roundtrip(self, v):
         return v
@@ -274,7 +278,9 @@ class _Geometry(VCodec):
         return self.kvsplice is not None
 
     def storage(self):
-        return (self.encode, self.decode) if self.fitted else (None, None)
+        if not self.fitted:
+            return {}
+        return {"v_encode": self.encode, "v_decode": self.decode, "v_attend": self.kvsplice.attend}
 
     def encode(self, v):
         return self.kvsplice.compress(v)
@@ -369,7 +375,7 @@ class VCacheMethod(nn.Module):
 
     def make_cache(self):
         """The decode cache of one layer: cache(q, k, v) on the new tokens -> y."""
-        return self.selector.make_cache(*self.codec.storage())
+        return self.selector.make_cache(**self.codec.storage())
 
     def v_bytes(self, T, head_dim, dtype=torch.float32):
         """V bytes the cache holds per (batch, head) after T tokens of V in `dtype`."""

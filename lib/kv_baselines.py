@@ -129,9 +129,10 @@ class H2OLayerCache:
     attends over budget + 1 and evicts afterwards, a one-token difference.
     Prompts are processed one token at a time. H2O is not consistent with any
     full-sequence forward, so it is only ever evaluated through this cache.
+    v_attend, if given, reads the held values (gpt2/vcache.py, VCodec.storage).
     """
 
-    def __init__(self, budget, recency, v_encode=None, v_decode=None):
+    def __init__(self, budget, recency, v_encode=None, v_decode=None, v_attend=None):
         if not 1 <= recency <= budget:
             raise ValueError(f"need 1 <= recency <= budget, got recency {recency}, budget {budget}")
         if (v_encode is None) != (v_decode is None):
@@ -139,6 +140,7 @@ class H2OLayerCache:
         self.budget, self.recency = budget, recency
         self.v_encode = v_encode or (lambda v: v)
         self.v_decode = v_decode or (lambda v: v)
+        self.v_attend = v_attend or (lambda w, v: w @ self.v_decode(v).float())  # weights over stored values
         self.reset()
 
     def reset(self):
@@ -177,7 +179,7 @@ class H2OLayerCache:
         att = (q.float() @ self.k.float().transpose(-2, -1)) * (1.0 / math.sqrt(hs))
         att = F.softmax(att, dim=-1)  # (B, nh, 1, n)
         self.score = self.score + att[..., 0, :]
-        return (att @ self.v_decode(self.v).float()).to(q.dtype)
+        return self.v_attend(att, self.v).to(q.dtype)
 
     def _evict_one(self, t):
         """Drop, per (batch, head), the non-recent held token with the lowest score."""

@@ -29,13 +29,21 @@ def warped_geometry(seed):
     return sp
 
 
+def pca_geometry(seed):
+    """A SplinePCA with the identity spline: plain PCA."""
+    sp = SplinePCA(16, 4, knots=5)
+    sp.pca.fit(torch.randn(500, 16, generator=torch.Generator().manual_seed(seed)) ** 3)
+    return sp
+
+
 def model(record):
     torch.manual_seed(0)
     m = GPT(GPTConfig(block_size=48, vocab_size=64, n_layer=2, n_head=2, n_embd=32, dropout=0.0)).eval()
     m.set_v_cache(record)
-    if record["codec"]["kind"] == "splinepca":
+    geometry = {"splinepca": warped_geometry, "pca": pca_geometry}.get(record["codec"]["kind"])
+    if geometry:
         for i, block in enumerate(m.transformer.h):
-            block.attn.vcache.codec.attach(warped_geometry(i))
+            block.attn.vcache.codec.attach(geometry(i))
     return m
 
 
@@ -48,9 +56,24 @@ def test_compiled_kernels_equal_eager():
     assert torch.allclose(sp.decompress(z), back, atol=1e-5, rtol=1e-5)
 
 
+def test_attention_weights_over_latents_equal_weights_at_the_decoded_values():
+    """SplinePCA.attend(W, Z) == W @ decompress(Z), eager and compiled, for one
+    query and several: with a spline, and plain PCA through the latent."""
+    g = torch.Generator().manual_seed(3)
+    Z = torch.randn(2, 3, 10, 4, generator=g) * 3
+    for geometry in (warped_geometry(0), pca_geometry(0)):
+        compiled = torch.compile(geometry.attend, dynamic=False, fullgraph=True)
+        for T in (1, 5):
+            W = torch.softmax(torch.randn(2, 3, T, 10, generator=g), dim=-1)
+            want = W @ geometry.decompress(Z)
+            for got in (geometry.attend(W, Z), compiled(W, Z)):
+                assert got.shape == want.shape and torch.allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
 def test_compiled_decode_steps_equal_eager():
     idx = torch.randint(0, 64, (2, 40), generator=torch.Generator().manual_seed(1))
-    for record in (V20, {"select": {"kind": "full"}, "codec": {"kind": "none"}}):
+    full_pca = {"select": {"kind": "full"}, "codec": {"kind": "pca", "k": 4, "knots": 5}}  # attend in the latent
+    for record in (V20, full_pca, {"select": {"kind": "full"}, "codec": {"kind": "none"}}):
         m = model(record)
         with torch.no_grad():
             logits = {}
