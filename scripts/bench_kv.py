@@ -263,8 +263,9 @@ def compare_to_reference(row, ref):
 
 
 def decode_speed(ckpt_path, batches, contexts, repeats, log=_log):
-    """V0 and V20, eager and compiled, through model.generate at each (batch,
-    context), at the checkpoint's shape; returns the report section's text and
+    """V0 and V20, eager and compiled, and V20's pruning with plain PCA,
+    compiled, through model.generate at each (batch, context), at the
+    checkpoint's shape; returns the report section's text and
     its target checks (scripts/bench_kv_report.py format_decode)."""
     ckpt = load_checkpoint(ckpt_path)
     config = GPT.from_checkpoint_state(ckpt).config
@@ -273,10 +274,10 @@ def decode_speed(ckpt_path, batches, contexts, repeats, log=_log):
     geometry = timing_geometry(config.head_dim, V20_K)
     speeds = {}
     for context in contexts:
-        plain, v20 = decode_models(config, record, context, geometry)
+        models = decode_models(config, record, context, geometry)
         for batch in batches:
             t0 = time.perf_counter()
-            speeds[(batch, context)] = decode_row(plain, v20, batch, context, repeats, config.vocab_size)
+            speeds[(batch, context)] = decode_row(*models, batch, context, repeats, config.vocab_size)
             log(f"[bench] decode batch {batch}, context {context}: {decode_rates_line(speeds[(batch, context)])} "
                 f"({time.perf_counter() - t0:.0f} s)")
     shape = (f"the first checkpoint's shape ({config.n_layer} layers, {config.n_head} heads, {config.n_embd} dims, "

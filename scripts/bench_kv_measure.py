@@ -98,30 +98,39 @@ def timing_geometry(head_dim, k, seed=0):
 
 
 def decode_models(config, record, context, geometry):
-    """(plain, method) models of config's shape at block_size = context, with the
-    same random weights: decode speed depends on shapes, not on what was learned."""
+    """(plain, method, control) models of config's shape at block_size =
+    context, with the same random weights: decode speed depends on shapes, not
+    on what was learned. method stores V through `geometry` (a SplinePCA);
+    control is the same record with plain PCA (the geometry with the identity
+    spline): the same V bytes, so the two differ by the spline's work alone."""
     shape = dict(block_size=context, dropout=0.0, v_cache=copy.deepcopy(FULL))
     torch.manual_seed(0)
     plain = GPT(replace(config, **shape)).eval()
-    method = GPT(replace(config, **shape)).eval()
-    method.load_state_dict(plain.state_dict())
-    method.set_v_cache(record)
-    for block in method.transformer.h:
-        block.attn.vcache.codec.attach(geometry)
-    return plain, method
+    pca = copy.deepcopy(geometry)
+    pca.spline.reset_identity()
+    models = [plain]
+    for codec, g in (("splinepca", geometry), ("pca", pca)):
+        m = GPT(replace(config, **shape)).eval()
+        m.load_state_dict(plain.state_dict())
+        m.set_v_cache({**record, "codec": {**record["codec"], "kind": codec}})
+        for block in m.transformer.h:
+            block.attn.vcache.codec.attach(g)
+        models.append(m)
+    return tuple(models)
 
 
-def decode_row(plain, method, batch, context, repeats, vocab_size, seed=0):
+def decode_row(plain, method, control, batch, context, repeats, vocab_size, seed=0):
     """One row of the decode-speed table (bench_kv_report.format_decode): {"V0" |
-    "V0 compiled" | "V20" | "V20 compiled": (prefill s, decode tokens/s),
-    "new_tokens": n}, medians over `repeats` round-robin rounds of
+    "V0 compiled" | "V20" | "V20 compiled" | "PCA compiled" (control):
+    (prefill s, decode tokens/s), "new_tokens": n}, medians over `repeats` round-robin rounds of
     model.generate (its own prefill / decode timings) on the models' device.
     Dynamo starts fresh: every model's _decode_step shares one recompile limit
     (8), past which Dynamo silently runs eager. A first short generate per
     run, from half the context (past the pruning budget, so the cache is full
     as in the timed runs), compiles and warms up."""
     torch._dynamo.reset()
-    runs = {"V0": (plain, False), "V0 compiled": (plain, True), "V20": (method, False), "V20 compiled": (method, True)}
+    runs = {"V0": (plain, False), "V0 compiled": (plain, True), "V20": (method, False), "V20 compiled": (method, True),
+            "PCA compiled": (control, True)}
     new = DECODE_NEW_TOKENS.get(context, context // 8)
     g = torch.Generator().manual_seed(seed)
     prompt = torch.randint(0, vocab_size, (batch, context - new), generator=g).to(plain.lm_head.weight.device)

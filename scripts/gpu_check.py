@@ -105,7 +105,8 @@ def parse(argv):
                     help="accelerator peak FLOP/s for MFU (H100/H200 SXM dense bf16: 989e12)")
     ap.add_argument("--decode-batch", type=int, default=2, help="sequences decoded in the decode check")
     ap.add_argument("--decode-speed", default="", metavar="BATCHES",
-                    help="after the checks, V20 against V0 decode tokens/s through model.generate at these "
+                    help="after the checks, V20 (and its same-bytes PCA control) against V0 decode tokens/s "
+                         "through model.generate at these "
                          "batch sizes (e.g. 1,16,64), context --block-size, eager and compiled, under the "
                          "autocast dtype: the decode-speed table of docs/benchmarks.md on this device")
     ap.add_argument("--decode-speed-repeats", type=int, default=3, help="round-robin rounds per batch size")
@@ -424,12 +425,12 @@ def decode_speed(a, amp):
     config = step_config("V0", a.vocab, shape_flags(a))
     record = step_config("V20", a.vocab, shape_flags(a)).v_cache
     geometry = timing_geometry(config.head_dim, record["codec"]["k"])
-    plain, v20 = (m.to(a.device) for m in decode_models(config, record, a.block_size, geometry))
+    models = [m.to(a.device) for m in decode_models(config, record, a.block_size, geometry)]
     speeds = {}
     for batch in a.decode_speed:
         t0 = time.perf_counter()
         with amp:
-            speeds[(batch, a.block_size)] = decode_row(plain, v20, batch, a.block_size, a.decode_speed_repeats, a.vocab)
+            speeds[(batch, a.block_size)] = decode_row(*models, batch, a.block_size, a.decode_speed_repeats, a.vocab)
         print(f"decode speed, batch {batch}: {decode_rates_line(speeds[(batch, a.block_size)])} "
               f"({time.perf_counter() - t0:.0f} s)", flush=True)
     shape = (f"this check's shape ({a.n_layer} layers, {a.n_head} heads, {a.n_embd} dims, vocab {a.vocab}; "

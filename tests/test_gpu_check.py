@@ -93,7 +93,7 @@ def test_decode_speed_prints_the_bench_table_on_its_device():
     r = run(*TINY, "--steps", "", "--decode-speed", "3", "--decode-speed-repeats", "1")
     assert r.returncode == 0, r.stdout + r.stderr
     out = r.stdout
-    assert "decode speed, batch 3: V0 " in out and "V20 compiled " in out
+    assert "decode speed, batch 3: V0 " in out and "V20 compiled " in out and "PCA compiled " in out
     assert "| 3 | 64 | 56 + 8 |" in out  # batch, context = --block-size, prompt + 8 new tokens (64 // 8)
     assert "Models of this check's shape (2 layers, 2 heads, 64 dims, vocab 96; bfloat16 autocast, CPU)" in out
     assert "prune(keep_ratio=0.382, k_min=16, recency=8) + splinepca(k=16, knots=7)" in out
