@@ -43,8 +43,9 @@ def build_parser():
                    help="sampling temperature: below 1 favours the likelier tokens (nanoGPT samples at 0.8)")
     g.add_argument("--sample-top-k", type=int, default=200,
                    help="sample among the k likeliest tokens only (0 = all; nanoGPT samples with 200)")
-    g.add_argument("--peak-flops", type=float, default=312e12,
-                   help="accelerator peak FLOP/s for MFU (A100 bf16: 312e12)")
+    g.add_argument("--peak-flops", type=float, default=0.0,
+                   help="accelerator peak FLOP/s for MFU; 0: the dense bf16 datasheet peak of a GPU known by "
+                        "name (A100 312e12, H100/H200 SXM 989e12, H100 PCIe 756e12), no MFU on others")
 
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default="shakespeare",

@@ -57,6 +57,25 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
+# dense bf16 tensor-core peaks from NVIDIA's datasheets, by a part of the name
+# torch.cuda.get_device_name gives; the first match counts (PCIe and NVL
+# parts before the SXM ones whose names they contain)
+GPU_PEAK_FLOPS = (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12),
+                  ("H800", 989e12), ("A100", 312e12))
+
+
+def peak_flops(device, flag=0.0):
+    """The peak FLOP/s MFU is measured against: --peak-flops when it is set
+    (> 0), else GPU_PEAK_FLOPS for the GPU's name; None on a CPU or a GPU not
+    in the table (then no MFU is reported, rather than one against a wrong peak)."""
+    if flag > 0:
+        return flag
+    if not device.startswith("cuda"):
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for part, peak in GPU_PEAK_FLOPS if part in name), None)
+
+
 def setup_runtime(device_arg):
     """Device choice and, under torchrun, the process group (NCCL on CUDA, gloo on CPU)."""
     device_arg = resolve_device(device_arg)
@@ -265,6 +284,7 @@ class Run:
     elapsed: float = 0.0    # wall seconds since the run started, across resumes
     tokens: int = 0
     t_train: float = 0.0    # seconds spent in training steps only (throughput)
+    peak_flops: float = None  # per process, for MFU (peak_flops()); None: no MFU
 
     def log(self, *a, **k):
         if self.rt.master:
@@ -384,7 +404,8 @@ def setup(args, rt):
                       run_name=args.tracker_run_name, group=args.tracker_group, rank=rt.rank)
     run = Run(args, rt, out_dir, data, raw_model, model, optimizer,
               torch.amp.GradScaler(enabled=(dtype_name == "float16")), amp, tracker,
-              args.batch_size * args.block_size * args.grad_accum, **progress)
+              args.batch_size * args.block_size * args.grad_accum, peak_flops=peak_flops(rt.device, args.peak_flops),
+              **progress)
     if args.resume:
         tracker.truncate_after(run.it)
     cfg = raw_model.config
@@ -395,6 +416,10 @@ def setup(args, rt):
     run.log(f"data: {data.dir}{sizes}; "
             f"{run.tokens_per_iter:,} tokens/iter = {args.batch_size} x {args.block_size} x {args.grad_accum} "
             f"over {rt.world} process(es); device {rt.device}, {dtype_name}")
+    if rt.device.startswith("cuda"):
+        run.log(f"MFU against {run.peak_flops / 1e12:,.0f} TFLOP/s per GPU" if run.peak_flops else
+                f"MFU not logged: no known peak for {torch.cuda.get_device_name(rt.device)!r}; "
+                f"pass --peak-flops (its dense bf16 FLOP/s)")
     return run
 
 
@@ -474,8 +499,8 @@ def log_step(run, lr, loss_sum, dt, it_start):
               "ms_per_iter": dt * 1000, "tokens_per_s": tpi / dt}
     line = (f"iter {run.it}/{run.schedule_iters} | loss {loss_val:.4f} | lr {lr:.2e} | "
             f"{dt * 1000:.0f} ms/iter | {tpi / dt:,.0f} tok/s")
-    if rt.device.startswith("cuda"):
-        record["mfu"] = run.raw_model.estimate_mfu(tpi, dt, args.peak_flops * rt.world)
+    if run.peak_flops:
+        record["mfu"] = run.raw_model.estimate_mfu(tpi, dt, run.peak_flops * rt.world)
         line += f" | mfu {record['mfu'] * 100:.1f}%"
     remaining = (run.schedule_iters - run.it) * run.t_train / (run.it - it_start)
     if args.max_time > 0:

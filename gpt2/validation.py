@@ -30,7 +30,7 @@ _DOMAINS = {
     "sample_tokens": (lambda v: v >= 0, ">= 0"),
     "sample_temperature": (lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
     "sample_top_k": (lambda v: v >= 0, ">= 0 (0 = all tokens)"),
-    "peak_flops": (lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
+    "peak_flops": (_finite(0), "a finite number >= 0 (0 = by the GPU's name)"),
     "max_tokens": (lambda v: v >= 0, ">= 0"),
     "n_layer": (lambda v: v >= 1, ">= 1"),
     "n_head": (lambda v: v >= 1, ">= 1"),

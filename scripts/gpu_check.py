@@ -12,7 +12,7 @@ a spline that is not the identity, so its lookup runs):
   train    --warmup iterations (compilation), then --iters timed ones on random
            tokens, as gpt2/train.py runs them: autocast (bf16), torch.compile,
            AdamW (fused on CUDA). Prints ms/iter, tokens/s, MFU against
-           --peak-flops, peak memory (reset per step) and the compile time.
+           the GPU's peak (by name, or --peak-flops), peak memory (reset per step) and the compile time.
            Every loss must be finite and, compiled, no graph may break.
   decode   a block of tokens through the decode cache (three quarters
            prefilled, the rest one token at a time) against the full
@@ -61,7 +61,7 @@ from torch.utils._pytree import tree_flatten
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gpt2.model import GPT  # noqa: E402
-from gpt2.train import autocast_context, configure_optimizer, sync  # noqa: E402
+from gpt2.train import autocast_context, configure_optimizer, peak_flops, sync  # noqa: E402
 from gpt2.vcache import describe  # noqa: E402
 from lib.kv_pruning import keep_budget  # noqa: E402
 from scripts.bench_kv_measure import decode_models, decode_row, timing_geometry  # noqa: E402
@@ -101,8 +101,9 @@ def parse(argv):
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True, help="torch.compile")
     ap.add_argument("--compile-decode", action=argparse.BooleanOptionalAction, default=True,
                     help="with --compile, also decode with compiled one-token steps (GPT.generate(compile=True))")
-    ap.add_argument("--peak-flops", type=float, default=H100_BF16_PEAK,
-                    help="accelerator peak FLOP/s for MFU (H100/H200 SXM dense bf16: 989e12)")
+    ap.add_argument("--peak-flops", type=float, default=0.0,
+                    help="accelerator peak FLOP/s for MFU; 0: by the GPU's name, as training does "
+                         "(gpt2/train.py GPU_PEAK_FLOPS: H100/H200 SXM dense bf16 989e12)")
     ap.add_argument("--decode-batch", type=int, default=2, help="sequences decoded in the decode check")
     ap.add_argument("--decode-speed", default="", metavar="BATCHES",
                     help="after the checks, V20 (and its same-bytes PCA control) against V0 decode tokens/s "
@@ -210,7 +211,8 @@ def train_timing(model, a, amp, fail):
            "compile_s": max(0.0, sum(warm) - len(warm) * dt) if a.compile else None,
            "notes": sorted({str(w.message).splitlines()[0] for w in caught})}
     if a.device.startswith("cuda"):
-        out["mfu"] = model.estimate_mfu(tokens, dt, a.peak_flops)
+        if a.peak:
+            out["mfu"] = model.estimate_mfu(tokens, dt, a.peak)
         out["peak_gib"] = torch.cuda.max_memory_allocated(a.device) / 2**30
     del optimizer, step_model
     return out
@@ -347,8 +349,8 @@ def print_step(r, a):
     t = r.get("train")
     if t:
         line = f"{r['step']:<4} train  {t['ms']:9.1f} ms/iter {t['tokens_s']:12,.0f} tokens/s"
-        if "mfu" in t:
-            line += f"  MFU {t['mfu']:6.1%}  peak memory {t['peak_gib']:6.2f} GiB"
+        if "peak_gib" in t:
+            line += (f"  MFU {t['mfu']:6.1%}" if "mfu" in t else "  MFU n/a") + f"  peak memory {t['peak_gib']:6.2f} GiB"
         if t["compile_s"] is not None:
             line += f"  compile {t['compile_s']:5.1f} s"
         line += f"  loss {t['loss'][0]:.3f} -> {t['loss'][1]:.3f}"
@@ -388,12 +390,14 @@ def check(a):
     else:
         torch.set_flush_denormal(True)
         name = f"CPU, {torch.get_num_threads()} threads"
+    a.peak = peak_flops(a.device, a.peak_flops)
     amp, dtype = autocast_context(a.device, a.dtype)
+    mfu = (f"; MFU against a peak of {a.peak / 1e12:,.0f} TFLOP/s" if a.peak else
+           "; no MFU: no known peak for this GPU (--peak-flops)") if a.device.startswith("cuda") else ""
     print(f"gpu_check: {name}; torch {torch.__version__}; {a.n_layer} layers, {a.n_head} heads, {a.n_embd} dims, "
           f"block {a.block_size}, vocab {a.vocab}, batch {a.batch_size}; {dtype} autocast, "
           f"{'torch.compile' if a.compile else 'eager'}; median of {a.iters} iterations after {a.warmup}"
-          + (f"; MFU against a peak of {a.peak_flops / 1e12:,.0f} TFLOP/s" if a.device.startswith("cuda") else ""),
-          flush=True)
+          + mfu, flush=True)
     results = [run_step(step, a, amp) for step in a.steps.split(",") if step.strip()]
     failures = [f"{r['step']}: {msg}" for r in results for msg in r["failures"]]
     print_summary(results, a)

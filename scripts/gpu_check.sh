@@ -3,8 +3,8 @@
 # V0, V19 and V20 at GPT-2 124M shapes (12 layers, 12 heads, 768 dims, block
 # 1024, vocab 50257, batch 12, random tokens) in bf16 autocast with
 # torch.compile and fused AdamW. Per step it prints ms/iter, tokens/s, MFU
-# (against the H100/H200 dense bf16 peak, 989 TFLOP/s; --peak-flops to
-# change), peak memory, compile time, cached decode against the full forward,
+# (against the GPU's dense bf16 peak by its name, 989 TFLOP/s on an H100 or
+# H200; --peak-flops to set it), peak memory, compile time, cached decode against the full forward,
 # and the V-cache bytes. Exits non-zero with a FAIL line per problem: no CUDA,
 # a non-finite loss, a graph break, decode != forward, V bytes not what the
 # method implies.

@@ -5,7 +5,7 @@ import torch
 
 from conftest import fail_at, losses_by_iter, tiny_args
 from gpt2.model import GPT, GPTConfig
-from gpt2.train import train
+from gpt2.train import peak_flops, train
 from gpt2.validation import BadArguments
 from lib.tracking import read_metrics
 
@@ -138,3 +138,14 @@ def test_resume_without_a_checkpoint_is_a_bad_argument(tiny_data_dir, tmp_path):
     with pytest.raises(BadArguments, match="--resume: .*last.pt not found"):
         train(tiny_args(tiny_data_dir, tmp_path / "run", "--resume"))
     assert not (tmp_path / "run").exists()
+
+
+def test_mfu_is_against_the_flag_or_the_gpus_datasheet_peak_and_never_a_guess(monkeypatch):
+    names = {"NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H100 PCIe": 756e12, "NVIDIA H100 NVL": 835e12,
+             "NVIDIA H200": 989e12, "NVIDIA GH200 480GB": 989e12, "NVIDIA A100-SXM4-80GB": 312e12,
+             "NVIDIA A100 80GB PCIe": 312e12, "NVIDIA GeForce RTX 4090": None}
+    for name, peak in names.items():
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, name=name: name)
+        assert peak_flops("cuda:0") == peak, name
+        assert peak_flops("cuda:0", 123e12) == 123e12  # --peak-flops wins
+    assert peak_flops("cpu") is None

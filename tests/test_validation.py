@@ -41,6 +41,7 @@ BAD = [
     (("--sample-temperature", "0"), "--sample-temperature must be a finite number > 0, got 0.0"),
     (("--sample-temperature", "inf"), "--sample-temperature must be a finite number > 0, got inf"),
     (("--sample-top-k", "-1"), "--sample-top-k must be >= 0 (0 = all tokens), got -1"),
+    (("--peak-flops", "-1"), "--peak-flops must be a finite number >= 0 (0 = by the GPU's name), got -1.0"),
     (("--sample-tokens", "5", "--sample-prompt", "\u65e5\u672c"),
      "--sample-prompt '\u65e5\u672c': the corpus never uses the token(s)"),
     (("--device", "gpu"), "--device must be auto, cpu, cuda or cuda:N, got 'gpu'"),
