@@ -61,7 +61,7 @@ from torch.utils._pytree import tree_flatten
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gpt2.model import GPT  # noqa: E402
-from gpt2.train import autocast_context, configure_optimizer, peak_flops, sync  # noqa: E402
+from gpt2.train import GPU_PEAK_FLOPS, autocast_context, configure_optimizer, peak_flops, sync  # noqa: E402
 from gpt2.vcache import describe  # noqa: E402
 from lib.kv_pruning import keep_budget  # noqa: E402
 from scripts.bench_kv_measure import decode_models, decode_row, timing_geometry  # noqa: E402
@@ -70,8 +70,8 @@ from scripts.bench_train import step_config, with_geometry  # noqa: E402
 from train_ra_mla import parse_args  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-# H100 and H200 (SXM): dense bf16 tensor-core FLOP/s (1,979e12 is the 2:4-sparse figure)
-H100_BF16_PEAK = 989e12
+# --estimate's GPU, H100 and H200 (SXM): dense bf16 tensor-core FLOP/s (1,979e12 is the 2:4-sparse figure)
+H100_BF16_PEAK = dict(GPU_PEAK_FLOPS)["H100"]
 GPUS = {"H100 SXM (80 GB, 3.35 TB/s)": (80e9, 3.35e12), "H200 (141 GB, 4.8 TB/s)": (141e9, 4.8e12)}
 BF16_NOISE_FACTOR = 4  # decode under bf16 may differ from the full forward by this many times bf16's own effect
 FP32_REL_TOL = 1e-3
