@@ -334,7 +334,9 @@ def parse_args(argv=None):
 def default_matrix(ckpt):
     """The ablation matrix a checkpoint belongs to: its run dir's parent, above any seed<N>/."""
     matrix = Path(ckpt).resolve().parent.parent
-    return matrix.parent if matrix.name.startswith("seed") else matrix
+    matrix = matrix.parent if matrix.name.startswith("seed") else matrix
+    # relative to where the benchmark runs, so the report names no machine's paths
+    return matrix.relative_to(Path.cwd()) if matrix.is_relative_to(Path.cwd()) else matrix
 
 
 def plot_path(out_png, ckpt, first):

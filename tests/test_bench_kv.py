@@ -1,6 +1,7 @@
 import copy
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +13,8 @@ from gpt2.kv_cache import KVCache, LayerKVCache
 from gpt2.model import GPT, GPTConfig
 from gpt2.train import train
 from lib.kv_baselines import VQuantizer
-from scripts.bench_kv import collect_v, compare_to_reference, main, run_benchmark, trained_in_changes
+from scripts.bench_kv import (collect_v, compare_to_reference, default_matrix, main, run_benchmark,
+                              trained_in_changes)
 from scripts.bench_kv_report import format_decode, format_table
 
 FAMILIES = (["none", "pca", "pca", "splinepca", "splinepca", "int8", "int4"]
@@ -239,3 +241,11 @@ def test_trained_in_column_averages_seeds(tmp_path):
     assert changes["V19"] == pytest.approx(100 * math.expm1(0.1))
     assert changes["V20"] is None
     assert trained_in_changes(tmp_path / "absent") == ({"V19": None, "V20": None}, {})
+
+
+def test_the_matrix_of_a_checkpoint_is_named_relative_to_the_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert default_matrix("runs/cpu-recall/copy/seed1/V0/best.pt") == Path("runs/cpu-recall/copy")
+    assert default_matrix("runs/cpu-quickstart/V0/best.pt") == Path("runs/cpu-quickstart")
+    elsewhere = tmp_path.parent / "other" / "V0" / "best.pt"
+    assert default_matrix(elsewhere) == elsewhere.parent.parent.resolve()
