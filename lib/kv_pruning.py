@@ -35,11 +35,12 @@ and row q of P reads keys <= q only. The keep decision for query i therefore
 depends on tokens < i; the output at i depends on tokens <= i.
 
 Cost: the full-sequence path builds P, the keep mask and a (T, T) comparison
-matrix per (batch, head): O(B * nh * T^2) memory, the same order as the
-attention matrix of a non-flash attention. At T = 1024 that is fine on a GPU
-(about 4 MiB of fp32 per (batch, head) for P, plus 5 MiB for the ranking); if
-it is not, call the rule's forward on slices of the head dimension, since
-heads are independent.
+matrix per (batch, head), without gradients: O(B * nh * T^2) memory, the
+same order as the attention matrix of a non-flash attention. The attention
+itself is one fused kernel under the keep mask, which keeps only the mask
+for backward. At T = 1024 that is fine on a GPU (about 4 MiB of fp32 per
+(batch, head) for P, plus 5 MiB for the ranking); if it is not, call the
+rule's forward on slices of the head dimension, since heads are independent.
 
 The same keep rule with another final score gives the controls a ranking
 needs (TokenKeep below): SlidingWindow (no older tokens at all) and
@@ -157,26 +158,26 @@ class TokenKeep(nn.Module):
             raise ValueError(f"sequence length {T} exceeds block_size {self.block_size}")
         if T <= self.budget:  # every query keeps everything: plain (flash) attention
             return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
-        # fp32 even under autocast: the ranking compares scores, and the
-        # decode cache must rank them the same way
-        with torch.autocast(q.device.type, enabled=False):
-            return self._pruned(q, k, v, dropout_p)
+        keep = self.keep(q, k)
+        # softmax over the kept logits == P * keep renormalised, and never 0/0
+        # (the diagonal is always kept); the fused kernel keeps no (T, T)
+        # probabilities for backward, only the mask
+        return F.scaled_dot_product_attention(q, k, v.to(q.dtype), attn_mask=keep, dropout_p=dropout_p)
 
-    def _pruned(self, q, k, v, dropout_p):
+    @torch.no_grad()  # the selection is discrete: no gradient through it
+    def keep(self, q, k):
+        """Which values each query keeps, (B, nh, T, T) bool, from q, k (B, nh, T, hs).
+        In fp32 whatever the autocast: the ranking compares scores, and the
+        decode cache must rank them the same way."""
         T, hs = q.shape[-2:]
-        att = (q.float() @ k.float().transpose(-2, -1)) * (1.0 / math.sqrt(hs))  # (B, nh, T, T)
-        causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
-        att = att.masked_fill(~causal, float("-inf"))
-        with torch.no_grad():  # the selection is discrete: no gradient through it
+        with torch.autocast(q.device.type, enabled=False):
+            att = (q.float() @ k.float().transpose(-2, -1)) * (1.0 / math.sqrt(hs))  # (B, nh, T, T)
+            causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+            received = importance_scores(F.softmax(att.masked_fill_(~causal, float("-inf")), dim=-1),
+                                         self.recency)  # (B, nh, T)
+            del att
             pos = torch.arange(T, device=q.device)
-            received = importance_scores(F.softmax(att, dim=-1), self.recency)  # (B, nh, T)
-            keep = keep_mask(self.score(received, pos), self.budget, self.recency)  # (B, nh, T, T)
-        # softmax over the kept logits == P * keep renormalised, and never 0/0:
-        # the diagonal is always kept
-        att = F.softmax(att.masked_fill(~keep, float("-inf")), dim=-1)
-        if dropout_p > 0:
-            att = F.dropout(att, p=dropout_p)
-        return (att @ v.float()).to(q.dtype)
+            return keep_mask(self.score(received, pos), self.budget, self.recency)
 
 
 class VOnlyPruner(TokenKeep):

@@ -523,8 +523,9 @@ def measure_training_step(step, batch, shape=()):
 
 
 def measure_pruned_layer(batch, n_head, T, hs=64):
-    """Memory of one pruned attention layer (lib/kv_pruning.py TokenKeep._pruned,
-    fp32 whatever the autocast): (kept for backward, forward peak, backward peak) in bytes."""
+    """Memory of one pruned attention layer in fp32 (lib/kv_pruning.py TokenKeep:
+    the ranking, then attention under its keep mask): (kept for backward,
+    forward peak, backward peak) in bytes."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from lib.kv_pruning import VOnlyPruner
@@ -540,6 +541,11 @@ def measure_pruned_layer(batch, n_head, T, hs=64):
             tracker.reset_peak()
             y.backward(torch.ones_like(y))
         return saved, forward_peak, tracker.peak
+
+
+def over(hours, cap_s, flag):
+    """' (within FLAG)' or ' (over FLAG)' for hours against a time cap in seconds; '' for no cap."""
+    return "" if not cap_s else f" ({'over' if hours * 3600 > cap_s else 'within'} {flag})"
 
 
 def estimate(a):
@@ -567,8 +573,8 @@ def estimate(a):
           f"with fake tensors: lib/kv_pruning.py as it runs, full size, no compute; eager, not compiled)")
     saved, fwd, bwd = measure_pruned_layer(B, nh, T)
     print(f"   one (B, nh, T, T) tensor: {E:,} elements = {E * 4 / GB:.3f} GB in fp32, {E / GB:.3f} GB as bool")
-    print(f"   one layer: kept for backward {saved / GB:.3f} GB ({saved / E:.2f} bytes per element: the fp32 "
-          f"probabilities and the bool mask), forward peak {fwd / GB:.3f} GB ({fwd / E:.1f} B/elt), "
+    print(f"   one layer: kept for backward {saved / GB:.3f} GB ({saved / E:.2f} bytes per element: the keep "
+          f"mask as the attention kernel takes it, additive in q's dtype, so 2 under bf16 autocast), forward peak {fwd / GB:.3f} GB ({fwd / E:.1f} B/elt), "
           f"backward peak {bwd / GB:.3f} GB ({bwd / E:.1f} B/elt)")
     print(f"   {L} layers kept for backward: {L * saved / GB:.2f} GB")
     print(f"   whole training micro-step (GPT-2 124M, batch {B}; bf16 autocast as the CPU applies it; logits "
@@ -612,7 +618,9 @@ def estimate(a):
         eval_tokens = evals * 2 * args.eval_iters * args.batch_size * args.block_size
         print(f"   {name}: {args.batch_size} x {args.block_size} x {args.grad_accum} = {per_iter:,} tokens/iter x "
               f"{args.max_iters:,} iters = {train_tokens / 1e9:.3f}B tokens per step, {evals} evaluations x 2 splits "
-              f"x {args.eval_iters} batches = {eval_tokens / 1e6:.1f}M tokens; --max-time {args.max_time / 3600:g} h")
+              f"x {args.eval_iters} batches = {eval_tokens / 1e6:.1f}M tokens; "
+              + (f"--matrix-time {args.matrix_time / 3600:g} h" if args.matrix_time else
+                 f"--max-time {args.max_time / 3600:g} h" if args.max_time else "no time cap"))
         totals = dict.fromkeys(GPUS, 0.0)
         for step in names:
             ideal = (train_tokens * flops[step] + eval_tokens * flops[step] / 3) / rate / 3600
@@ -621,11 +629,12 @@ def estimate(a):
             for gpu in GPUS:
                 hours = ideal * (slowdown[gpu] if pruned else 1.0)
                 totals[gpu] += hours
-                cap = " (over --max-time)" if hours * 3600 > args.max_time else ""
-                cells.append(f"{gpu.split(' (')[0]} {hours:.2f} h{cap}")
+                cells.append(f"{gpu.split(' (')[0]} {hours:.2f} h{over(hours, args.max_time, '--max-time')}")
             print(f"     {step:<4} {train_tokens * flops[step] / 1e18:.2f} EFLOP training; {ideal:.2f} h at "
                   f"{a.mfu:.0%} MFU" + (f"; with the pruned attention's traffic: {', '.join(cells)}" if pruned else ""))
-        print(f"     all {len(names)}: " + ", ".join(f"{gpu.split(' (')[0]} {h:.1f} h" for gpu, h in totals.items()))
+        print(f"     all {len(names)}: " + ", ".join(f"{gpu.split(' (')[0]} {h:.1f} h"
+                                                   f"{over(h, args.matrix_time, '--matrix-time')}"
+                                                   for gpu, h in totals.items()))
     return 0
 
 

@@ -133,6 +133,26 @@ def test_bf16_and_gradients():
     assert all(torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0 for x in (q, k, v))
 
 
+def test_output_and_gradients_are_the_softmax_over_the_kept_logits():
+    """The fused attention is the literal formula: each query's softmax over
+    the logits of the values it keeps, times those values, and so are its
+    gradients (the selection itself has none)."""
+    pruner = VOnlyPruner(k_min=16, recency=16, block_size=256)
+    q, k, v = (x.requires_grad_() for x in qkv(2, 3, 200, 16, seed=11, scale=1.5))
+    w = torch.randn(2, 3, 200, 16, generator=torch.Generator().manual_seed(12))
+    y = pruner(q, k, v)
+    grads = torch.autograd.grad((y * w).sum(), (q, k, v))
+
+    keep = keep_mask(importance_scores(causal_probs(q.detach(), k.detach()), 16), 97, 16)
+    assert (keep[..., 97:, :].sum(-1) == 97).all()  # pruning engaged: rows past the budget keep 97
+    att = (q @ k.transpose(-2, -1)) / 16 ** 0.5
+    ref = F.softmax(att.masked_fill(~keep, float("-inf")), dim=-1) @ v
+    ref_grads = torch.autograd.grad((ref * w).sum(), (q, k, v))
+    assert torch.allclose(y, ref, atol=1e-5, rtol=0)
+    for g, r in zip(grads, ref_grads):
+        assert torch.allclose(g, r, atol=1e-4, rtol=0)
+
+
 def test_bad_configuration_fails_loudly():
     with pytest.raises(ValueError, match="recency window"):
         VOnlyPruner(k_min=8, recency=64, block_size=32)
