@@ -142,7 +142,7 @@ def format_decode(speeds, record, shape):
         if context == 1024 and batch in DECODE_TARGETS:
             target = DECODE_TARGETS[batch]
             checks.append((ratio >= target, f"decode at batch {batch}, context 1024: V20 (compiled) "
-                           f"{r['V20 compiled'][1]:.1f} tok/s = {ratio:.2f}x the plain cache's best "
+                           f"{r['V20 compiled'][1]:.1f} tok/s = {ratio:.3f}x the plain cache's best "
                            f"{best_v0:.1f} tok/s (target >= {target}x)"))
     text = (f"Through `model.generate` (top-k 50, temperature 0.8): decode tokens/s = batch x new tokens / "
             f"the decode time generate reports; the prefill (the prompt) is timed apart, in the last column. "
