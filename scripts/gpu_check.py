@@ -574,8 +574,9 @@ def estimate(a):
     saved, fwd, bwd = measure_pruned_layer(B, nh, T)
     print(f"   one (B, nh, T, T) tensor: {E:,} elements = {E * 4 / GB:.3f} GB in fp32, {E / GB:.3f} GB as bool")
     print(f"   one layer: kept for backward {saved / GB:.3f} GB ({saved / E:.2f} bytes per element: the keep "
-          f"mask as the attention kernel takes it, additive in q's dtype, so 2 under bf16 autocast), forward peak {fwd / GB:.3f} GB ({fwd / E:.1f} B/elt), "
-          f"backward peak {bwd / GB:.3f} GB ({bwd / E:.1f} B/elt)")
+          f"mask as the attention kernel takes it, additive in q's dtype, so 2 under bf16 autocast), "
+          f"forward peak {fwd / GB:.3f} GB ({fwd / E:.1f} B/elt), backward peak {bwd / GB:.3f} GB "
+          f"({bwd / E:.1f} B/elt)")
     print(f"   {L} layers kept for backward: {L * saved / GB:.2f} GB")
     print(f"   whole training micro-step (GPT-2 124M, batch {B}; bf16 autocast as the CPU applies it; logits "
           f"included; weights fp32 and AdamW's two moments add 12 bytes per parameter):")

@@ -125,7 +125,7 @@ def test_bf16_and_gradients():
     q, k, v = (x.bfloat16() for x in qkv(2, 2, 200, 16, seed=9))
     y = pruner(q, k, v)
     assert y.dtype == torch.bfloat16 and torch.isfinite(y.float()).all()
-    ref = pruner(q.float(), k.float(), v.float())  # same mask: the math is fp32 inside
+    ref = pruner(q.float(), k.float(), v.float())  # same mask: the ranking is fp32 inside
     assert torch.allclose(y.float(), ref, atol=2e-2, rtol=0)
 
     q, k, v = (x.requires_grad_() for x in qkv(1, 2, 200, 8, seed=10))
