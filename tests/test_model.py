@@ -2,8 +2,9 @@ from dataclasses import asdict
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from gpt2.model import GPT, GPTConfig, MLP, ReciprocalMLP
+from gpt2.model import GPT, GPTConfig, MLP, ReciprocalMLP, sample_next
 
 
 def small_hf():
@@ -83,6 +84,33 @@ def test_generate_samples_only_among_the_top_k():
     with torch.no_grad():
         logits, _ = model(out[:, :-1])
     assert torch.equal(out[:, 6:], logits[:, 5:].argmax(-1))
+
+
+@pytest.mark.parametrize("top_k", [None, 3, 40])
+def test_sample_next_draws_from_the_softmax_over_the_top_k(top_k):
+    """The draw's frequencies match softmax(logits / T) over the k largest
+    logits (all of them without top_k), within 5 standard errors; no other id
+    is ever drawn."""
+    torch.manual_seed(0)
+    logits = torch.randn(8) * 2
+    n = 20000
+    draws = sample_next(logits.expand(n, 8), temperature=0.7, top_k=top_k)
+    assert draws.shape == (n, 1) and draws.dtype == torch.long
+    p = F.softmax(logits / 0.7, dim=-1)
+    if top_k is not None and top_k < 8:
+        p = torch.where(logits >= logits.topk(top_k).values[-1], p, 0.0)
+        p = p / p.sum()
+    freq = torch.bincount(draws[:, 0], minlength=8).double() / n
+    se = (p * (1 - p) / n).sqrt().double()
+    assert ((freq - p).abs() <= 5 * se + 1e-12).all(), (freq, p)
+    assert (freq[p == 0] == 0).all()
+
+
+@pytest.mark.parametrize("top_k", [0, -1, 2.5])
+def test_generate_rejects_a_top_k_below_one(top_k):
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=10)).eval()
+    with pytest.raises(ValueError, match="top_k must be None or an int >= 1"):
+        model.generate(torch.zeros(1, 1, dtype=torch.long), 2, top_k=top_k)
 
 
 def test_rmlp_parameter_count_and_shape():
