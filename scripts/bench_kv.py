@@ -302,7 +302,7 @@ def parse_args(argv=None):
     ap.add_argument("--decode-batches", default="1,16", help="batch sizes of the generate decode-speed section")
     ap.add_argument("--decode-contexts", default="256,1024",
                     help="contexts (prompt + new tokens) of the decode-speed section; empty skips it")
-    ap.add_argument("--generate-repeats", type=int, default=3,
+    ap.add_argument("--generate-repeats", type=int, default=5,
                     help="round-robin rounds of the decode-speed section; the median is reported")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--ks", default=",".join(map(str, DEFAULT_KS)), help="latent dims for the PCA / SplinePCA rows")
