@@ -116,6 +116,43 @@ def check_settings(cfg, ks, prune, decode_steps, counts, calib_vectors, knots):
             raise ValueError(f"{name} must be >= 1, found {value}")
 
 
+def checked_settings(ckpt, cfg, ks, eval_batches, batch_size, calib_batches, decode_steps, decode_repeats,
+                     fit_epochs):
+    """(ks, prune, decode_steps, knots, fit epochs, V samples) of a benchmark of
+    the checkpoint, each checked (check_settings) before anything runs."""
+    args = ckpt.get("args") or {}
+    bs = cfg.block_size
+    ks = sorted(set(int(k) for k in ks))
+    prune = prune_settings(ckpt)
+    decode_steps = bs - bs // 2 if decode_steps is None else decode_steps
+    knots = int(args.get("kvsplice_knots", 7))
+    epochs = int(args.get("kvsplice_epochs", 8) if fit_epochs is None else fit_epochs)
+    samples = int(args.get("kvsplice_samples", 120000))
+    check_settings(cfg, ks, prune, decode_steps,
+                   {"--eval-batches": eval_batches, "--batch-size": batch_size,
+                    "--calib-batches": calib_batches, "--decode-repeats": decode_repeats},
+                   min(samples, calib_batches * batch_size * bs * cfg.n_head), knots)
+    return ks, prune, decode_steps, knots, epochs, samples
+
+
+def preflight(args):
+    """Every checkpoint's settings and data, checked before the first
+    measurement (the decode section alone runs for minutes): one ValueError
+    naming every problem."""
+    problems = []
+    for path in args.ckpt:
+        try:
+            ckpt = load_checkpoint(path)
+            cfg = GPT.from_checkpoint_state(ckpt).config
+            checked_settings(ckpt, cfg, args.ks, args.eval_batches, args.batch_size, args.calib_batches,
+                             args.decode_steps, args.decode_repeats, args.fit_epochs)
+            eval_data(path, ckpt.get("args") or {}, cfg.block_size, cfg.vocab_size, args.data_dir, 1, 1, 0)
+        except (FileNotFoundError, ValueError) as e:
+            problems.append(f"{path}: {e}")
+    if problems:
+        raise ValueError("nothing was measured or written:\n  " + "\n  ".join(problems))
+
+
 def collect_v(model, data, batch_size, calib_batches, k_max, samples, seed, log):
     """V samples per layer from TRAINING batches, on the model with its own method removed."""
     t0 = time.perf_counter()
@@ -140,16 +177,8 @@ def run_benchmark(ckpt_path, ks=DEFAULT_KS, eval_batches=20, batch_size=8, calib
     model = GPT.from_checkpoint_state(ckpt).eval()
     cfg = model.config
     bs = cfg.block_size
-    ks = sorted(set(int(k) for k in ks))
-    prune = prune_settings(ckpt)
-    decode_steps = bs - bs // 2 if decode_steps is None else decode_steps
-    knots = int(args.get("kvsplice_knots", 7))
-    epochs = int(args.get("kvsplice_epochs", 8) if fit_epochs is None else fit_epochs)
-    samples = int(args.get("kvsplice_samples", 120000))
-    check_settings(cfg, ks, prune, decode_steps,
-                   {"--eval-batches": eval_batches, "--batch-size": batch_size,
-                    "--calib-batches": calib_batches, "--decode-repeats": decode_repeats},
-                   min(samples, calib_batches * batch_size * bs * cfg.n_head), knots)
+    ks, prune, decode_steps, knots, epochs, samples = checked_settings(
+        ckpt, cfg, ks, eval_batches, batch_size, calib_batches, decode_steps, decode_repeats, fit_epochs)
     if cfg.v_cache != FULL:
         log(f"[bench] note: {ckpt_path} was trained with a V-cache method; it is removed for the "
             f"reference and applied post hoc like every other method")
@@ -357,6 +386,7 @@ def main(argv=None):
     missing = [c for c in args.ckpt if not Path(c).is_file()]
     if missing:
         raise FileNotFoundError(f"checkpoint(s) not found: {', '.join(missing)}")
+    preflight(args)
     torch.set_flush_denormal(True)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -104,6 +104,25 @@ def test_bad_settings_fail_before_writing(bench_run, tmp_path):
     assert not any(tmp_path.iterdir())
 
 
+def test_every_checkpoint_is_checked_before_the_first_measurement(bench_run, tmp_path, monkeypatch):
+    """A checkpoint whose data is gone fails, named in one message, before the
+    decode section (minutes long) or any checkpoint's benchmark runs."""
+    _, out_md, _, _ = bench_run
+    ckpt = out_md.parent.parent / "matrix" / "V0" / "last.pt"
+    state = torch.load(ckpt, weights_only=False)
+    state["args"]["data_dir"] = str(tmp_path / "gone")
+    torch.save(state, tmp_path / "moved.pt")
+    measured = []
+    monkeypatch.setattr("scripts.bench_kv.decode_speed", lambda *a, **k: measured.append("decode"))
+    monkeypatch.setattr("scripts.bench_kv.run_benchmark", lambda *a, **k: measured.append("bench"))
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=r"(?s)nothing was measured or written:.*moved.pt: no prepared data "
+                                         r"for dataset .* at .*gone"):
+        main(["--ckpt", str(ckpt), str(tmp_path / "moved.pt"), "--out-md", str(out / "b.md"),
+              "--out-png", str(out / "b.png")])
+    assert measured == [] and not out.exists()
+
+
 def test_a_recall_checkpoint_gets_accuracy_columns_and_its_own_section(bench_run):
     _, out_md, out_png, rows = bench_run
     ref = rows[0]
