@@ -144,7 +144,8 @@ def format_decode(speeds, record, shape):
             checks.append((ratio >= target, f"decode at batch {batch}, context 1024: V20 (compiled) "
                            f"{r['V20 compiled'][1]:.1f} tok/s = {ratio:.3f}x the plain cache's best "
                            f"{best_v0:.1f} tok/s (target >= {target}x)"))
-    text = (f"Through `model.generate` (top-k 50, temperature 0.8; each token drawn over the 50 largest logits, not the whole vocabulary): decode tokens/s = batch x new tokens / "
+    text = (f"Through `model.generate` (top-k 50, temperature 0.8; each token drawn over the 50 largest logits, "
+            f"not the whole vocabulary): decode tokens/s = batch x new tokens / "
             f"the decode time generate reports; the prefill (the prompt) is timed apart, in the last column. "
             f"Models of {shape} at block_size = context, with random weights "
             f"shared by V0 and V20 (speed depends on shapes, not on what was learned); V20 = `{record}`, with "

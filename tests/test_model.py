@@ -107,7 +107,7 @@ def test_sample_next_draws_from_the_softmax_over_the_top_k(top_k):
 
 
 @pytest.mark.parametrize("top_k", [0, -1, 2.5])
-def test_generate_rejects_a_top_k_below_one(top_k):
+def test_generate_rejects_a_top_k_that_is_not_an_int_of_at_least_one(top_k):
     model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=10)).eval()
     with pytest.raises(ValueError, match="top_k must be None or an int >= 1"):
         model.generate(torch.zeros(1, 1, dtype=torch.long), 2, top_k=top_k)
