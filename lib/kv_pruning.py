@@ -95,8 +95,11 @@ def eviction_positions(scores, positions, slots):
     # position order, so o beats c iff rank[o] > rank[c] (one (C, C) pass, not five)
     rank = scores.argsort(dim=-1, stable=True).argsort(dim=-1)
     beats = rank.unsqueeze(-2) > rank.unsqueeze(-1)  # (B, nh, C, C): [c, o]
-    n_beating = beats.cumsum(-1, dtype=torch.int32)  # among candidates 0 .. o
-    first = (n_beating < slots).sum(-1)  # (B, nh, C): index of the slots-th, C if none
+    n_beating = beats.cumsum(-1, dtype=torch.int32)  # among candidates 0 .. o: sorted along o
+    # (B, nh, C): index of the slots-th, C if none; a binary search per row
+    # instead of a compare and a count over the (C, C) counts (two passes, one in int64)
+    target = torch.full(n_beating.shape[:-1] + (1,), slots, dtype=n_beating.dtype, device=n_beating.device)
+    first = torch.searchsorted(n_beating, target)[..., 0]
     never = positions.new_full(positions.shape[:-1] + (1,), NEVER)
     return torch.cat([positions, never], dim=-1).gather(-1, first)
 
