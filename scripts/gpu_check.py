@@ -489,7 +489,7 @@ class MemoryTracker(TorchDispatchMode):
             if key not in inputs or name.endswith("_"):  # views move nothing; in-place ops do
                 moved += t.numel() * t.element_size()
         if moved:
-            if name == "searchsorted":  # a binary search per row reads log2(n) of its n sorted values
+            if name == "searchsorted":  # a binary search reads log2(n) of a row's n sorted values: count the needles
                 flat_in = flat_in[1:]
             moved += sum(min(t.numel() * t.element_size(), t.untyped_storage().nbytes()) for t in flat_in)
             self.traffic[name] = self.traffic.get(name, 0) + moved
