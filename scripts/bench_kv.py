@@ -54,7 +54,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from gpt2.calibrate import CALIB_SEED_SALT, KVSpliceCalibrator  # noqa: E402
-from gpt2.model import GPT, load_checkpoint  # noqa: E402
+from gpt2.model import GPT, config_from_checkpoint, load_checkpoint  # noqa: E402
 from gpt2.recall import RecallData  # noqa: E402
 from gpt2.data import open_data  # noqa: E402
 from gpt2.train import EVAL_SEED_SALT  # noqa: E402
@@ -143,7 +143,7 @@ def preflight(args):
     for path in args.ckpt:
         try:
             ckpt = load_checkpoint(path)
-            cfg = GPT.from_checkpoint_state(ckpt).config
+            cfg = config_from_checkpoint(ckpt)
             checked_settings(ckpt, cfg, args.ks, args.eval_batches, args.batch_size, args.calib_batches,
                              args.decode_steps, args.decode_repeats, args.fit_epochs)
             eval_data(path, ckpt.get("args") or {}, cfg.block_size, cfg.vocab_size, args.data_dir, 1, 1, 0)
@@ -297,7 +297,7 @@ def decode_speed(ckpt_path, batches, contexts, repeats, log=_log):
     checkpoint's shape; returns the report section's text and
     its target checks (scripts/bench_kv_report.py format_decode)."""
     ckpt = load_checkpoint(ckpt_path)
-    config = GPT.from_checkpoint_state(ckpt).config
+    config = config_from_checkpoint(ckpt)
     prune = prune_settings(ckpt)
     record = {"select": {"kind": "prune", **prune}, "codec": {"kind": "splinepca", "k": V20_K, "knots": 7}}
     geometry = timing_geometry(config.head_dim, V20_K)
