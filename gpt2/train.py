@@ -18,6 +18,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from gpt2.calibrate import CALIB_SEED_SALT, KVSpliceCalibrator
+from gpt2.cpu import configure_cpu
 from gpt2.data import TokenData, open_data
 from gpt2.geometry import load_geometry, save_geometry
 from gpt2.model import GPT, GPTConfig, load_checkpoint
@@ -368,7 +369,7 @@ def setup(args, rt):
     Everything that can reject the arguments (the checkpoint, the model, a
     geometry to load) comes before the run directory is created."""
     if rt.device == "cpu":
-        torch.set_flush_denormal(True)  # denormals make CPU backward passes ~10x slower
+        configure_cpu()  # denormals flushed, freed memory reused (gpt2/cpu.py)
     if rt.device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from gpt2.cpu import malloc_problems
 from gpt2.data import TokenData, recall_data
 from gpt2.prepare_data import encode_text
 from gpt2.recall import is_recall
@@ -179,8 +180,8 @@ def input_problems(args):
 
 
 def validate_args(args, world=1):
-    """Raise BadArguments listing every problem with the flags and the files
-    they name, before anything is created, written or trained."""
-    problems = flag_problems(args, world) + input_problems(args)
+    """Raise BadArguments listing every problem with the flags, the files
+    they name and KVSPLICE_MALLOC, before anything is created, written or trained."""
+    problems = flag_problems(args, world) + input_problems(args) + malloc_problems()
     if problems:
         raise BadArguments("bad arguments:\n  " + "\n  ".join(problems))

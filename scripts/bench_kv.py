@@ -54,6 +54,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from gpt2.calibrate import CALIB_SEED_SALT, KVSpliceCalibrator  # noqa: E402
+from gpt2.cpu import configure_cpu  # noqa: E402
 from gpt2.model import GPT, config_from_checkpoint, load_checkpoint  # noqa: E402
 from gpt2.recall import RecallData  # noqa: E402
 from gpt2.data import open_data  # noqa: E402
@@ -387,7 +388,7 @@ def main(argv=None):
     if missing:
         raise FileNotFoundError(f"checkpoint(s) not found: {', '.join(missing)}")
     preflight(args)
-    torch.set_flush_denormal(True)
+    configure_cpu()
     if args.threads:
         torch.set_num_threads(args.threads)
     results, sections = {}, []

@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from gpt2.cpu import configure_cpu  # noqa: E402
 from gpt2.kvsplice import PCA, SplinePCA  # noqa: E402
 from scripts.kvsplice_validate import warped_v  # noqa: E402
 
@@ -55,7 +56,7 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
-        torch.set_flush_denormal(True)
+        configure_cpu()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU")
 
     X = warped_v(args.samples, 64, seed=0)

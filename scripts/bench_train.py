@@ -30,6 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gpt2.calibrate import KVSpliceCalibrator  # noqa: E402
+from gpt2.cpu import configure_cpu  # noqa: E402
 from gpt2.model import GPT  # noqa: E402
 from gpt2.train import model_config_from_args  # noqa: E402
 from train_ra_mla import parse_args  # noqa: E402
@@ -117,7 +118,7 @@ def main(argv=None):
                     help="also time each step under torch.compile")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     a = ap.parse_args(argv)
-    torch.set_flush_denormal(True)
+    configure_cpu()
     if a.threads:
         torch.set_num_threads(a.threads)
     steps = a.steps.split(",")

@@ -60,6 +60,7 @@ from torch.utils._pytree import tree_flatten
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from gpt2.cpu import configure_cpu  # noqa: E402
 from gpt2.model import GPT  # noqa: E402
 from gpt2.train import GPU_PEAK_FLOPS, autocast_context, configure_optimizer, peak_flops, sync  # noqa: E402
 from gpt2.vcache import describe  # noqa: E402
@@ -388,7 +389,7 @@ def check(a):
         torch.backends.cudnn.allow_tf32 = True
         name = torch.cuda.get_device_name(a.device)
     else:
-        torch.set_flush_denormal(True)
+        configure_cpu()
         name = f"CPU, {torch.get_num_threads()} threads"
     a.peak = peak_flops(a.device, a.peak_flops)
     amp, dtype = autocast_context(a.device, a.dtype)

@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from gpt2.cpu import configure_cpu  # noqa: E402
 from gpt2.kvsplice import PCA, SplinePCA  # noqa: E402
 
 
@@ -119,7 +120,7 @@ def main(argv=None):
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    torch.set_flush_denormal(True)
+    configure_cpu()
 
     if args.source in ("synthetic", "warped"):
         make = synthetic_v if args.source == "synthetic" else warped_v

@@ -13,7 +13,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-torch.set_flush_denormal(True)
+from gpt2.cpu import configure_cpu  # noqa: E402
+
+configure_cpu()  # as every entry point does: gpt2/cpu.py
 # Tiny models: one thread is as fast as two, and far faster when the other
 # core is busy (OpenMP threads spin-wait on each other).
 torch.set_num_threads(1)

@@ -98,6 +98,15 @@ def test_every_problem_in_one_message_from_the_real_command_line(tiny_data_dir, 
     assert not run.exists()
 
 
+def test_a_bad_kvsplice_malloc_is_listed_with_the_flags(tiny_data_dir, tmp_path, capsys, monkeypatch):
+    run = tmp_path / "run"
+    monkeypatch.setenv("KVSPLICE_MALLOC", "off")
+    assert main(tiny_argv(tiny_data_dir, run, "--dropout", "1.5")) == 2
+    lines = capsys.readouterr().err.splitlines()[1:]
+    assert [line.split()[0] for line in lines] == ["--dropout", "KVSPLICE_MALLOC='off':"]
+    assert not run.exists()
+
+
 def test_a_model_that_cannot_be_built_is_a_bad_argument_too(tiny_data_dir, tmp_path, capsys):
     run = tmp_path / "run"
     (tmp_path / "geometry.pt").write_bytes(b"not a geometry")
