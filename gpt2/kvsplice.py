@@ -269,6 +269,21 @@ def _decode_rows(z, mean, components, segments):
     return _chain(z @ components.T, p_in - mean, p_out, slopes)
 
 
+def _decode_values(Z, mean, rows, segments):
+    """_decode_rows for held latents Z (..., n, k) -> (..., n, D), written for
+    a compiled step: the back-projection as k multiply-adds per value over
+    the rows of P^T (k, D, contiguous: each one vector load), not a matmul,
+    so that the compiler fuses it with the spline's chain into one loop. For
+    one query row (a decode step) that loop also takes in the weighted sum
+    that reads the values (SplinePCA.attend), and no decoded value is
+    stored: a matmul's (n, D) output would be written out and read back."""
+    u = Z[..., 0:1] * rows[0]
+    for j in range(1, Z.shape[-1]):
+        u = u + Z[..., j:j + 1] * rows[j]
+    p_in, p_out, slopes = segments
+    return _chain(u, p_in - mean, p_out, slopes)
+
+
 _COMPILED = {}
 
 
@@ -436,6 +451,19 @@ class PCA(nn.Module):
         self.dim, self.k = dim, k
         self.register_buffer("mean", torch.zeros(dim))
         self.register_buffer("components", torch.eye(dim)[:, :k].contiguous())  # (D, k), orthonormal columns
+        # components.T laid out (k, D) for _decode_values' vector loads: derived, not saved
+        self.register_buffer("rows", torch.empty(0), persistent=False)
+        self.register_load_state_dict_post_hook(PCA._after_load)
+        self.refresh()
+
+    @staticmethod
+    def _after_load(module, incompatible_keys):
+        module.refresh()
+
+    @torch.no_grad()
+    def refresh(self):
+        """Rebuild `rows` from the components (after fit / load)."""
+        self.rows = self.components.T.contiguous()
 
     @torch.no_grad()
     def fit(self, X):
@@ -458,6 +486,7 @@ class PCA(nn.Module):
         sign[sign == 0] = 1
         self.mean.copy_(mean.float())
         self.components.copy_((comps * sign).float())
+        self.refresh()
 
     def _compress_rows(self, v):  # (n, D) -> (n, k)
         return torch.addmm(-(self.mean @ self.components), v, self.components)
@@ -652,11 +681,16 @@ class SplinePCA(nn.Module):
         for Z (..., n, k) -> (..., T, dim) in fp32. With the identity spline
         (plain PCA) decoding is linear, so the weights go through the latent
         first, (W @ Z) @ P^T + mean * sum(W): k values per token instead of
-        dim, and no token decoded. With a spline each value is decoded."""
+        dim, and no token decoded. With a spline each value is decoded;
+        compiled, by one loop with the weighted sum (_decode_values)."""
         W = W.float()
         if self.spline.is_identity:
             with _no_autocast(Z.device):
                 return (W @ Z.float()) @ self.pca.components.T + W.sum(-1, keepdim=True) * self.pca.mean
+        if torch.compiler.is_compiling():
+            with _no_autocast(Z.device):
+                return W @ _decode_values(Z.float(), self.pca.mean, self.pca.rows,
+                                          self.spline.segments(inverse=True))
         return W @ self.decompress(Z).float()
 
     def roundtrip(self, V):

@@ -152,6 +152,21 @@ def test_save_load_round_trip(fitted, tmp_path):
     assert torch.equal(fresh.roundtrip(X), m.roundtrip(X))
 
 
+def test_the_compiled_decodes_component_rows_follow_fit_and_load(fitted):
+    """PCA.rows (components.T, contiguous, read by the compiled decode) is
+    derived: not saved, and rebuilt whenever the components change."""
+    m, X = fitted
+    assert "pca.rows" not in m.state_dict()
+    fresh = SplinePCA(16, 4)
+    assert torch.equal(fresh.pca.rows, fresh.pca.components.T)  # the identity's, before any fit
+    fresh.load_state_dict(m.state_dict())
+    refit = PCA(16, 4).fit(X[:500] ** 3)
+    for pca in (m.pca, fresh.pca, refit):
+        assert pca.rows.shape == (4, 16) and pca.rows.is_contiguous()
+        assert torch.equal(pca.rows, pca.components.T)
+    assert not torch.equal(refit.rows, m.pca.rows)
+
+
 def test_bad_fit_input_raises():
     X = torch.randn(100, 8)
     X[3, 1], X[7, 0], X[7, 5], X[9, 2] = float("nan"), float("inf"), float("nan"), -float("inf")
