@@ -452,7 +452,7 @@ class PCA(nn.Module):
         self.register_buffer("mean", torch.zeros(dim))
         self.register_buffer("components", torch.eye(dim)[:, :k].contiguous())  # (D, k), orthonormal columns
         # components.T laid out (k, D) for _decode_values' vector loads: derived, not saved
-        self.register_buffer("rows", torch.empty(0), persistent=False)
+        self.register_buffer("components_t", torch.empty(0), persistent=False)
         self.register_load_state_dict_post_hook(PCA._after_load)
         self.refresh()
 
@@ -462,8 +462,8 @@ class PCA(nn.Module):
 
     @torch.no_grad()
     def refresh(self):
-        """Rebuild `rows` from the components (after fit / load)."""
-        self.rows = self.components.T.contiguous()
+        """Rebuild components_t from the components (after fit / load)."""
+        self.components_t = self.components.T.contiguous()
 
     @torch.no_grad()
     def fit(self, X):
@@ -689,7 +689,7 @@ class SplinePCA(nn.Module):
                 return (W @ Z.float()) @ self.pca.components.T + W.sum(-1, keepdim=True) * self.pca.mean
         if torch.compiler.is_compiling():
             with _no_autocast(Z.device):
-                return W @ _decode_values(Z.float(), self.pca.mean, self.pca.rows,
+                return W @ _decode_values(Z.float(), self.pca.mean, self.pca.components_t,
                                           self.spline.segments(inverse=True))
         return W @ self.decompress(Z).float()
 

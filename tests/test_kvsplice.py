@@ -153,18 +153,18 @@ def test_save_load_round_trip(fitted, tmp_path):
 
 
 def test_the_compiled_decodes_component_rows_follow_fit_and_load(fitted):
-    """PCA.rows (components.T, contiguous, read by the compiled decode) is
-    derived: not saved, and rebuilt whenever the components change."""
+    """PCA.components_t (components.T, contiguous, read by the compiled
+    decode) is derived: not saved, and rebuilt whenever the components change."""
     m, X = fitted
-    assert "pca.rows" not in m.state_dict()
+    assert "pca.components_t" not in m.state_dict()
     fresh = SplinePCA(16, 4)
-    assert torch.equal(fresh.pca.rows, fresh.pca.components.T)  # the identity's, before any fit
+    assert torch.equal(fresh.pca.components_t, fresh.pca.components.T)  # the identity's, before any fit
     fresh.load_state_dict(m.state_dict())
     refit = PCA(16, 4).fit(X[:500] ** 3)
     for pca in (m.pca, fresh.pca, refit):
-        assert pca.rows.shape == (4, 16) and pca.rows.is_contiguous()
-        assert torch.equal(pca.rows, pca.components.T)
-    assert not torch.equal(refit.rows, m.pca.rows)
+        assert pca.components_t.shape == (4, 16) and pca.components_t.is_contiguous()
+        assert torch.equal(pca.components_t, pca.components.T)
+    assert not torch.equal(refit.components_t, m.pca.components_t)
 
 
 def test_bad_fit_input_raises():
