@@ -8,10 +8,10 @@ the CPU (training, the pace probe, benchmarks, gpu_check's CPU mode, tests).
   fresh mmap and unmaps it on free, and trims the heap's top whenever
   128 KiB are free there; every such block is faulted back in page by page
   when it is used again. A prefill's (B, nh, T, T) attention scores are tens
-  to hundreds of MB per layer, so a prefill paid for millions of page faults
-  (docs/kvsplice.md, "Decode speed", measures it). Freed memory stays with
-  the process instead of going back to the system: its resident size is
-  about the peak of what it used, not what it holds now.
+  to hundreds of MB per layer, so a prefill paid for millions of page
+  faults (docs/kvsplice.md, "Freed memory on the CPU", measures it). Freed
+  memory stays with the process instead of going back to the system: its
+  resident size is about the peak of what it used, not what it holds now.
 
 KVSPLICE_MALLOC=system leaves malloc as it is (KVSPLICE_MALLOC=keep, the
 default, keeps freed memory); glibc's own MALLOC_MMAP_THRESHOLD_ /
