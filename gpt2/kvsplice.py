@@ -259,27 +259,21 @@ def _encode_rows(v, mean, components, segments):
     return (z - mean) @ components  # the centring fuses into the spline's loop
 
 
-def _decode_rows(z, mean, components, segments):
-    """PCA back-projection, then the spline's inverse: rows (n, k) -> (n, D).
-    With a spline, the mean is folded into its knots (chain(u + mean, p_in)
-    == chain(u, p_in - mean)): one bias pass over the n x D rows fewer."""
+def _decode_rows(z, mean, components_t, segments):
+    """PCA back-projection, then the spline's inverse: rows (..., k) -> (..., D),
+    with components_t = P^T as (k, D) rows (PCA.components_t). With a spline
+    the back-projection is k multiply-adds per value over those rows (each
+    one vector load), not a matmul, so that a compiler fuses it with the
+    chain into one loop that stores no back-projected rows; where one query
+    row reads the values (SplinePCA.attend in a decode step) the weighted
+    sum joins that loop too. The mean is folded into the spline's knots
+    (chain(u + mean, p_in) == chain(u, p_in - mean)): one bias pass over the
+    n x D rows fewer."""
     if segments is None:
-        return torch.addmm(mean, z, components.T)
-    p_in, p_out, slopes = segments
-    return _chain(z @ components.T, p_in - mean, p_out, slopes)
-
-
-def _decode_values(Z, mean, rows, segments):
-    """_decode_rows for held latents Z (..., n, k) -> (..., n, D), written for
-    a compiled step: the back-projection as k multiply-adds per value over
-    the rows of P^T (k, D, contiguous: each one vector load), not a matmul,
-    so that the compiler fuses it with the spline's chain into one loop. For
-    one query row (a decode step) that loop also takes in the weighted sum
-    that reads the values (SplinePCA.attend), and no decoded value is
-    stored: a matmul's (n, D) output would be written out and read back."""
-    u = Z[..., 0:1] * rows[0]
-    for j in range(1, Z.shape[-1]):
-        u = u + Z[..., j:j + 1] * rows[j]
+        return torch.addmm(mean, z, components_t)
+    u = z[..., 0:1] * components_t[0]
+    for j in range(1, z.shape[-1]):
+        u = u + z[..., j:j + 1] * components_t[j]
     p_in, p_out, slopes = segments
     return _chain(u, p_in - mean, p_out, slopes)
 
@@ -451,7 +445,7 @@ class PCA(nn.Module):
         self.dim, self.k = dim, k
         self.register_buffer("mean", torch.zeros(dim))
         self.register_buffer("components", torch.eye(dim)[:, :k].contiguous())  # (D, k), orthonormal columns
-        # components.T laid out (k, D) for _decode_values' vector loads: derived, not saved
+        # components.T laid out (k, D) for _decode_rows' vector loads: derived, not saved
         self.register_buffer("components_t", torch.empty(0), persistent=False)
         self.register_load_state_dict_post_hook(PCA._after_load)
         self.refresh()
@@ -666,7 +660,7 @@ class SplinePCA(nn.Module):
     def decompress(self, Z):
         """latent (..., k) -> V_hat (..., dim), in Z's dtype."""
         if self.compiled or torch.compiler.is_compiling():  # is_compiling: traced into the caller's graph
-            args = (Z.reshape(-1, self.k).float(), self.pca.mean, self.pca.components,
+            args = (Z.reshape(-1, self.k).float(), self.pca.mean, self.pca.components_t,
                     self.spline.segments(inverse=True))
             with _no_autocast(Z.device):
                 v = _decode_rows(*args) if torch.compiler.is_compiling() else _compiled(_decode_rows, *args)
@@ -681,16 +675,12 @@ class SplinePCA(nn.Module):
         for Z (..., n, k) -> (..., T, dim) in fp32. With the identity spline
         (plain PCA) decoding is linear, so the weights go through the latent
         first, (W @ Z) @ P^T + mean * sum(W): k values per token instead of
-        dim, and no token decoded. With a spline each value is decoded;
-        compiled, by one loop with the weighted sum (_decode_values)."""
+        dim, and no token decoded. With a spline each value is decoded
+        (compiled, in one loop with the weighted sum: _decode_rows)."""
         W = W.float()
         if self.spline.is_identity:
             with _no_autocast(Z.device):
                 return (W @ Z.float()) @ self.pca.components.T + W.sum(-1, keepdim=True) * self.pca.mean
-        if torch.compiler.is_compiling():
-            with _no_autocast(Z.device):
-                return W @ _decode_values(Z.float(), self.pca.mean, self.pca.components_t,
-                                          self.spline.segments(inverse=True))
         return W @ self.decompress(Z).float()
 
     def roundtrip(self, V):
