@@ -1,5 +1,6 @@
 """gpt2/kvsplice.py: the spline, PCA, SplinePCA fit / compress / save / load."""
 
+import math
 import os
 import subprocess
 import sys
@@ -8,7 +9,7 @@ import pytest
 import torch
 
 from conftest import ROOT
-from gpt2.kvsplice import FORMAT_VERSION, MIN_RELATIVE_GAIN, PCA, MonotoneSpline, SplinePCA
+from gpt2.kvsplice import _KNOT_GRID, FORMAT_VERSION, MIN_RELATIVE_GAIN, PCA, MonotoneSpline, SplinePCA
 from scripts.kvsplice_validate import synthetic_v, validate_tensor, warped_v
 
 
@@ -44,6 +45,24 @@ def test_spline_starts_as_identity():
     x = torch.randn(10, 3, 5) * 100
     assert torch.equal(sp(x), x) and torch.equal(sp.inverse(x), x)
     assert torch.allclose(sp.forward_ref(x.reshape(-1, 5)), x.reshape(-1, 5))
+
+
+@pytest.mark.parametrize("knots", [1, 2, 7])
+def test_knots_sit_at_the_data_quantiles(knots):
+    """The outer knots are order statistics at normal scores +-2.5 (0.6% and
+    99.4%), one knot the median; inner knots lie within half a grid cell of
+    theirs. Each dimension has its own scale and shift."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(5001, 6, generator=g) ** 3 * torch.arange(1, 7) + torch.arange(6) * 10
+    sp = MonotoneSpline(6, knots)
+    sp.place_knots(x)
+    zs = torch.linspace(-2.5, 2.5, knots, dtype=torch.float64) if knots > 1 else torch.zeros(1, dtype=torch.float64)
+    ranks = [round(0.5 * (1 + math.erf(z / math.sqrt(2))) * 5000) + 1 for z in zs.tolist()]
+    want = torch.stack([x.kthvalue(r, dim=0).values for r in ranks], dim=1)  # (6, knots)
+    assert torch.equal(sp.knot_x[:, [0, -1]], want[:, [0, -1]])
+    cell = (want[:, -1:] - want[:, :1]) / _KNOT_GRID
+    assert ((sp.knot_x - want).abs() <= cell / 2 + 1e-5 * want.abs().clamp(min=1)).all()
+    assert (sp.knot_x[:, 1:] >= sp.knot_x[:, :-1]).all()
 
 
 @pytest.mark.parametrize("knots,off_grid", [(1, False), (2, False), (7, False), (7, True)])
