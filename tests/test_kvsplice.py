@@ -50,8 +50,8 @@ def test_spline_starts_as_identity():
 @pytest.mark.parametrize("knots", [1, 2, 7])
 def test_knots_sit_at_the_data_quantiles(knots):
     """The outer knots are order statistics at normal scores +-2.5 (0.6% and
-    99.4%), one knot the median; inner knots lie within half a grid cell of
-    theirs. Each dimension has its own scale and shift."""
+    99.4%), a single knot the median; inner knots lie within half a grid
+    cell of theirs. Each dimension has its own scale and shift."""
     g = torch.Generator().manual_seed(3)
     x = torch.randn(5001, 6, generator=g) ** 3 * torch.arange(1, 7) + torch.arange(6) * 10
     sp = MonotoneSpline(6, knots)
