@@ -487,7 +487,7 @@ class PCA(nn.Module):
         return torch.addmm(-(self.mean @ self.components), v, self.components)
 
     def _decompress_rows(self, z):  # (n, k) -> (n, D)
-        return torch.addmm(self.mean, z, self.components.T)
+        return _decode_rows(z, self.mean, self.components_t, None)
 
     def compress(self, V):
         with _no_autocast(V.device):
