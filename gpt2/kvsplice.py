@@ -260,7 +260,7 @@ def _encode_rows(v, mean, components, segments):
 
 
 def _decode_rows(z, mean, components_t, segments):
-    """PCA back-projection, then the spline's inverse: rows (..., k) -> (..., D),
+    """PCA back-projection, then the spline's inverse: rows (n, k) -> (n, D),
     with components_t = P^T as (k, D) rows (PCA.components_t). With a spline
     the back-projection is k multiply-adds per value over those rows (each
     one vector load), not a matmul, so that a compiler fuses it with the
@@ -276,6 +276,11 @@ def _decode_rows(z, mean, components_t, segments):
         u = u + z[..., j:j + 1] * components_t[j]
     p_in, p_out, slopes = segments
     return _chain(u, p_in - mean, p_out, slopes)
+
+
+def _refresh_after_load(module, incompatible_keys):
+    """load_state_dict post-hook: rebuild the module's derived, unsaved buffers."""
+    module.refresh()
 
 
 _COMPILED = {}
@@ -316,12 +321,8 @@ class MonotoneSpline(nn.Module):
                      "ref_x", "ref_y", "ref_s",
                      "fwd_p_in", "fwd_p_out", "fwd_slopes", "inv_p_in", "inv_p_out", "inv_slopes"):
             self.register_buffer(name, torch.empty(0), persistent=False)
-        self.register_load_state_dict_post_hook(MonotoneSpline._after_load)
+        self.register_load_state_dict_post_hook(_refresh_after_load)
         self.reset_identity()
-
-    @staticmethod
-    def _after_load(module, incompatible_keys):
-        module.refresh()
 
     def slopes(self):
         return self.min_slope + self.raw_slope.exp()  # (D, K+1)
@@ -448,12 +449,8 @@ class PCA(nn.Module):
         self.register_buffer("components", torch.eye(dim)[:, :k].contiguous())  # (D, k), orthonormal columns
         # components.T laid out (k, D) for _decode_rows' vector loads: derived, not saved
         self.register_buffer("components_t", torch.empty(0), persistent=False)
-        self.register_load_state_dict_post_hook(PCA._after_load)
+        self.register_load_state_dict_post_hook(_refresh_after_load)
         self.refresh()
-
-    @staticmethod
-    def _after_load(module, incompatible_keys):
-        module.refresh()
 
     @torch.no_grad()
     def refresh(self):
