@@ -5,7 +5,7 @@ Single process:   python train_ra_mla.py --config .config [--flag value ...]
 Several GPUs:     torchrun --nproc_per_node=N train_ra_mla.py --config .config
 
 Every flag is declared here, once. A Kconfig symbol CONFIG_FOO_BAR sets the
-default of --foo-bar (lib/config.py); an --ablation-step applies its row of
+default of --foo-bar (gpt2/config.py); an --ablation-step applies its row of
 gpt2/ablations.py; a flag on the command line overrides both.
 """
 
@@ -15,8 +15,8 @@ import sys
 from gpt2.ablations import format_steps, step_overrides
 from gpt2.train import IncompleteRun, train, v_cache_record
 from gpt2.validation import BadArguments
-from gpt2.vcache import describe
-from lib.config import parse_with_config
+from lib.vcache import describe
+from gpt2.config import parse_with_config
 from lib.kv_pruning import KEEP_RATIO
 
 

@@ -37,7 +37,7 @@ from gpt2.cpu import configure_cpu
 from gpt2.data import open_data
 from gpt2.train import autocast_context, build_model, configure_optimizer, resolve_device, sync
 from gpt2.validation import calibration_iter
-from lib.atomic import atomic_write_text
+from gpt2.atomic import atomic_write_text
 
 PROBE_ITERS = 2  # timed training iterations per step, after one untimed (allocations, caches)
 BUDGET_FILE = "budget.json"

@@ -19,9 +19,9 @@ import torch
 
 from gpt2.data import TokenData
 from gpt2.geometry import GEOMETRY_FORMAT
-from gpt2.kvsplice import SplinePCA
+from lib.kvsplice import SplinePCA
 from gpt2.model import GPT, load_checkpoint
-from lib.atomic import atomic_torch_save
+from gpt2.atomic import atomic_torch_save
 
 SAMPLES_PER_LATENT_DIM = 2000
 CALIB_SEED_SALT = 104729  # calibration batches: seed + this, so they differ from the training batches

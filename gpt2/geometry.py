@@ -8,9 +8,9 @@ shared by all layers. gpt2/calibrate.py writes it; the model reads it.
 
 import torch
 
-from gpt2.kvsplice import FORMAT_VERSION as SPLINEPCA_FORMAT
-from gpt2.kvsplice import SplinePCA
-from lib.atomic import atomic_torch_save
+from lib.kvsplice import FORMAT_VERSION as SPLINEPCA_FORMAT
+from lib.kvsplice import SplinePCA
+from gpt2.atomic import atomic_torch_save
 
 GEOMETRY_FORMAT = 1
 _KEYS = ("Hd", "k", "knots", "n_layer", "shared", "state_dict", "format_version")

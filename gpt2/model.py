@@ -2,7 +2,7 @@
 
 Attention keeps GPT-2's ONE combined `c_attn` projection (Q, K, V in one GEMM)
 so Hugging Face GPT-2 weights load as they are. The research hook is one
-V-cache method per attention, `attn.vcache` (gpt2/vcache.py), built from the
+V-cache method per attention, `attn.vcache` (lib/vcache.py), built from the
 record GPTConfig.v_cache: full attention by default; V-only pruning, a
 KVSplice geometry, int8/int4 V, H2O or a composition otherwise.
 
@@ -19,8 +19,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gpt2.geometry import geometry_modules
-from gpt2.kv_cache import KVCache, static_address
-from gpt2.vcache import FULL, build_method, describe
+from lib.kv_cache import KVCache, static_address
+from lib.vcache import FULL, build_method, describe
 
 # GPTConfig fields of checkpoints written before GPTConfig.v_cache held the method
 _LEGACY_FIELDS = ("kv_prune", "kv_prune_keep_ratio", "kv_prune_k_min", "kv_prune_recency", "kvsplice_strategy")
@@ -35,7 +35,7 @@ class GPTConfig:
     n_embd: int = 768
     dropout: float = 0.0
     bias: bool = True  # GPT-2 uses biases in Linear and LayerNorm
-    # the V-cache method of every attention layer: a gpt2.vcache record
+    # the V-cache method of every attention layer: a lib.vcache record
     v_cache: dict = field(default_factory=lambda: {"select": dict(FULL["select"]), "codec": dict(FULL["codec"])})
     # Reciprocal MLP (V21)
     rmlp: bool = False
@@ -199,7 +199,7 @@ class GPT(nn.Module):
         """Returns (logits, loss) as nanoGPT; logits for every position, or
         with last_only (sampling) for the last one alone.
 
-        With `caches` (a gpt2.kv_cache.KVCache), idx holds only the new tokens
+        With `caches` (a lib.kv_cache.KVCache), idx holds only the new tokens
         and positions continue from what the cache already holds. With `pos`
         as well (a (1,) long tensor equal to caches.length, idx (B, 1)), the
         token goes through each layer's fixed-shape `step`, which reads no
@@ -227,7 +227,7 @@ class GPT(nn.Module):
     # ---- the V-cache method --------------------------------------------------
 
     def set_v_cache(self, record, geometry=None):
-        """Put the method of `record` (a gpt2.vcache record) into every attention
+        """Put the method of `record` (a lib.vcache record) into every attention
         layer, with a KVSplice geometry dict for a geometry codec."""
         device = self.lm_head.weight.device
         for block in self.transformer.h:
@@ -280,7 +280,7 @@ class GPT(nn.Module):
         reuses the first step's graph. On CUDA the graph is captured as a
         CUDA graph (mode="reduce-overhead") and replayed each step: one
         launch instead of one per kernel. The cache's buffers are static
-        addresses (gpt2/kv_cache.py), so the graph writes them in place. The first call
+        addresses (lib/kv_cache.py), so the graph writes them in place. The first call
         compiles (tens of seconds; cached for later calls with the same shapes).
         """
         if not compile:
@@ -292,7 +292,7 @@ class GPT(nn.Module):
 
         def step(idx, cache):
             nonlocal pos
-            if not all(hasattr(layer, "step") for layer in cache.layers):
+            if not all(layer.fixed_shape_step for layer in cache.layers):
                 raise ValueError(f"compile=True needs a cache with a fixed-shape step; "
                                  f"{type(cache.layers[0]).__name__} (from {describe(self.config.v_cache)}) has none: "
                                  f"decode it with compile=False")

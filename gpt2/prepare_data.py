@@ -34,7 +34,7 @@ import numpy as np
 
 from gpt2.data import dataset_dir_name, text_form
 from gpt2.tokenizer import EOT_ID, N_VOCAB, get_encoding
-from lib.atomic import atomic_write, atomic_write_text
+from gpt2.atomic import atomic_write, atomic_write_text
 
 # Online corpora: name -> (HF dataset path, config, text field).
 _HF_DATASETS = {

@@ -25,8 +25,8 @@ from gpt2.model import GPT, GPTConfig, load_checkpoint
 from gpt2.prepare_data import decode_tokens, unigram_entropy
 from gpt2.recall import RecallData, accuracy_names, answer_accuracy, format_accuracy
 from gpt2.validation import BadArguments, calibration_iter, sample_prompt_ids, validate_args
-from lib.atomic import atomic_torch_save
-from lib.tracking import Tracker
+from gpt2.atomic import atomic_torch_save
+from gpt2.tracking import Tracker
 
 CHECKPOINT_FORMAT = 1
 EVAL_SEED_SALT = 7919  # evaluation batches: seed + this, the same at every evaluation
@@ -111,7 +111,7 @@ class IncompleteRun(RuntimeError):
 
 
 def v_cache_record(args):
-    """The V-cache method the flags ask for, as a gpt2.vcache record."""
+    """The V-cache method the flags ask for, as a lib.vcache record."""
     select = ({"kind": "prune", "keep_ratio": args.kv_prune_keep_ratio, "k_min": args.kv_prune_k_min,
                "recency": args.kv_prune_recency} if args.kv_prune else {"kind": "full"})
     codec = ({"kind": "splinepca", "k": args.kvsplice_k, "knots": args.kvsplice_knots}

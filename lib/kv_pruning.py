@@ -28,7 +28,7 @@ queries that can add to it have run), old scores never change, and the set
 of old candidates {0 .. i-W} only grows. The top-k of a growing set of fixed
 scores is exactly what a cache gets by keeping a top-k and dropping the loser
 of every arrival for good: a token that falls out never comes back. So the
-training mask below and gpt2/kv_cache.py agree token for token.
+training mask below and lib/kv_cache.py agree token for token.
 
 Causality: for an old token j <= i-W, score[j] reads P rows j .. j+W-1 <= i-1,
 and row q of P reads keys <= q only. The keep decision for query i therefore
@@ -133,7 +133,7 @@ class TokenKeep(nn.Module):
 
     Subclasses choose the score (V-only pruning: the attention a token
     received in its window; a random control: a hash of its position) and
-    the budget. gpt2/kv_cache.py evicts by the same rule, so any subclass
+    the budget. lib/kv_cache.py evicts by the same rule, so any subclass
     trains and decodes alike.
     """
 

@@ -3,7 +3,7 @@
 
     python scripts/bench_kv.py --ckpt runs/cpu-quickstart/V0/best.pt
 
-Each method (scripts/bench_kv_methods.py: a list of gpt2.vcache records with
+Each method (scripts/bench_kv_methods.py: a list of lib.vcache records with
 the checkpoint's settings) is put into the model's attention after training
 and evaluated on the validation split, the same seeded batches for every
 method (scripts/bench_kv_measure.py); scripts/bench_kv_report.py writes the
@@ -59,11 +59,11 @@ from gpt2.model import GPT, config_from_checkpoint, load_checkpoint  # noqa: E40
 from gpt2.recall import RecallData  # noqa: E402
 from gpt2.data import open_data  # noqa: E402
 from gpt2.train import EVAL_SEED_SALT  # noqa: E402
-from gpt2.vcache import FULL, describe  # noqa: E402
-from lib.atomic import atomic_write_text  # noqa: E402
+from lib.vcache import FULL, describe  # noqa: E402
+from gpt2.atomic import atomic_write_text  # noqa: E402
 from lib.kv_pruning import keep_budget  # noqa: E402
-from lib.stats import paired_difference, verdict  # noqa: E402
-from lib.tracking import summary_complete  # noqa: E402
+from gpt2.stats import paired_difference, verdict  # noqa: E402
+from gpt2.tracking import summary_complete  # noqa: E402
 from scripts.bench_kv_measure import (decode_models, decode_rates, decode_row, evaluate, install,  # noqa: E402
                                       timing_geometry, v_bytes_per_token)
 from scripts.bench_kv_methods import (V20_K, BenchMethod, bench_methods, check_preconditions,  # noqa: E402

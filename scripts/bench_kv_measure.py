@@ -9,10 +9,10 @@ from dataclasses import replace
 
 import torch
 
-from gpt2.kvsplice import SplinePCA
+from lib.kvsplice import SplinePCA
 from gpt2.model import GPT
 from gpt2.recall import answer_accuracy
-from gpt2.vcache import FULL
+from lib.vcache import FULL
 
 
 def install(model, layers):

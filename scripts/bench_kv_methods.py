@@ -1,4 +1,4 @@
-"""The methods scripts/bench_kv.py compares: gpt2.vcache records, with their
+"""The methods scripts/bench_kv.py compares: lib.vcache records, with their
 settings read from the checkpoint, and the KVSplice geometries fitted for them.
 
     none                   the reference: fp32 V for every token
@@ -19,7 +19,7 @@ import statistics
 import time
 from dataclasses import dataclass, field
 
-from gpt2.vcache import FULL
+from lib.vcache import FULL
 from lib.kv_pruning import KEEP_RATIO, keep_budget
 
 V20_K = 16  # the V20 configuration's latent dims per head

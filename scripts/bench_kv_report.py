@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 
-from lib.atomic import atomic_write
-from lib.stats import NOISE_FLOOR, NOISE_SE, paired_difference, verdict
+from gpt2.atomic import atomic_write
+from gpt2.stats import NOISE_FLOOR, NOISE_SE, paired_difference, verdict
 from scripts.bench_kv_methods import QUANT_GROUP, V20_K
 
 # V20's decode tokens/s relative to the plain cache's, at context 1024, by batch

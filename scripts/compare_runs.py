@@ -34,9 +34,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lib.atomic import atomic_write, atomic_write_text  # noqa: E402
-from lib.stats import mean_sd  # noqa: E402
-from lib.tracking import read_metrics, summary_complete  # noqa: E402
+from gpt2.atomic import atomic_write, atomic_write_text  # noqa: E402
+from gpt2.stats import mean_sd  # noqa: E402
+from gpt2.tracking import read_metrics, summary_complete  # noqa: E402
 
 
 def load_run(run_dir):

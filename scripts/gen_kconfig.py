@@ -11,7 +11,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lib.config import render_kconfig  # noqa: E402
+from gpt2.config import render_kconfig  # noqa: E402
 from train_ra_mla import build_parser  # noqa: E402
 
 HEADER = """\

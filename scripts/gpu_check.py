@@ -63,7 +63,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gpt2.cpu import configure_cpu  # noqa: E402
 from gpt2.model import GPT  # noqa: E402
 from gpt2.train import GPU_PEAK_FLOPS, autocast_context, configure_optimizer, peak_flops, sync  # noqa: E402
-from gpt2.vcache import describe  # noqa: E402
+from lib.vcache import describe  # noqa: E402
 from lib.kv_pruning import keep_budget  # noqa: E402
 from scripts.bench_kv_measure import decode_models, decode_row, timing_geometry  # noqa: E402
 from scripts.bench_kv_report import decode_rates_line, format_decode  # noqa: E402

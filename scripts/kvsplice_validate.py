@@ -1,4 +1,4 @@
-"""Held-out reconstruction MSE: PCA vs Spline->PCA (gpt2/kvsplice.py).
+"""Held-out reconstruction MSE: PCA vs Spline->PCA (lib/kvsplice.py).
 
     python scripts/kvsplice_validate.py --source synthetic
     python scripts/kvsplice_validate.py --source warped --k 8 16
@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from gpt2.cpu import configure_cpu  # noqa: E402
-from gpt2.kvsplice import PCA, SplinePCA  # noqa: E402
+from lib.kvsplice import PCA, SplinePCA  # noqa: E402
 
 
 def synthetic_v(n, dim=64, seed=0, rank=12):

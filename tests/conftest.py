@@ -54,6 +54,6 @@ def fail_at(iteration, exc=KeyboardInterrupt):
 
 
 def losses_by_iter(run_dir):
-    from lib.tracking import read_metrics
+    from gpt2.tracking import read_metrics
 
     return {r["iter"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}

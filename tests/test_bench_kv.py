@@ -9,10 +9,10 @@ import torch
 from conftest import tiny_args
 from gpt2.calibrate import CALIB_SEED_SALT, KVSpliceCalibrator
 from gpt2.data import TokenData
-from gpt2.kv_cache import KVCache, LayerKVCache
+from lib.kv_cache import KVCache, LayerKVCache
 from gpt2.model import GPT, GPTConfig
 from gpt2.train import train
-from lib.kv_baselines import VQuantizer
+from lib.quantize import VQuantizer
 from scripts.bench_kv import (collect_v, compare_to_reference, default_matrix, main, run_benchmark,
                               trained_in_changes)
 from scripts.bench_kv_report import format_decode, format_table

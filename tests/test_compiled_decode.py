@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from gpt2.kvsplice import SplinePCA
+from lib.kvsplice import SplinePCA
 from gpt2.model import GPT, GPTConfig
 
 V20 = {"select": {"kind": "prune", "keep_ratio": 0.25, "k_min": 8, "recency": 4},

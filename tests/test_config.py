@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT
-from lib.config import ConfigError, config_defaults, config_to_argv, read_config
+from gpt2.config import ConfigError, config_defaults, config_to_argv, read_config
 from train_ra_mla import build_parser, parse_args
 
 

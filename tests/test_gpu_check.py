@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import ROOT
-from gpt2.kv_cache import KVCache
+from lib.kv_cache import KVCache
 from gpt2.model import GPT
 from scripts import gpu_check
 

@@ -2,8 +2,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gpt2.kv_cache import LayerKVCache
-from lib.kv_baselines import H2OLayerCache, VQuantizer
+from lib.kv_cache import LayerKVCache
+from lib.kv_cache import H2OLayerCache
+from lib.quantize import VQuantizer
 from lib.kv_pruning import VOnlyPruner
 
 
@@ -144,7 +145,7 @@ def test_h2o_with_enough_budget_is_plain_attention(chunks):
     y = torch.cat(ys, dim=-2)
     full = F.scaled_dot_product_attention(q, k, v, is_causal=True)
     assert torch.allclose(y, full, atol=1e-5, rtol=0)
-    assert cache.length == 64 and cache.pos.size(-1) == 64
+    assert cache.length == 64 and cache.v_pos.size(-1) == 64
 
 
 def test_h2o_evicts_k_and_v_for_good():
@@ -157,19 +158,19 @@ def test_h2o_evicts_k_and_v_for_good():
         ys.append(cache(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1]))
         n = min(t + 1, budget)
         assert cache.k.shape == cache.v.shape == (B, H, n, hs)
-        assert cache.pos.shape == cache.score.shape == (B, H, n)
-        held = torch.zeros(B, H, T, dtype=torch.bool).scatter_(-1, cache.pos, True)
+        assert cache.v_pos.shape == cache.score.shape == (B, H, n)
+        held = torch.zeros(B, H, T, dtype=torch.bool).scatter_(-1, cache.v_pos, True)
         assert held.sum(-1).eq(n).all()  # n distinct positions
         assert held[..., max(0, t - W + 1):t + 1].all()  # the recency window
         assert not (held & evicted).any()  # an evicted position never reappears
         evicted |= ~held
         evicted[..., t + 1:] = False
-        assert torch.equal(cache.k, k.gather(2, cache.pos[..., None].expand(-1, -1, -1, hs)))
-        assert torch.equal(cache.v, v.gather(2, cache.pos[..., None].expand(-1, -1, -1, hs)))
+        assert torch.equal(cache.k, k.gather(2, cache.v_pos[..., None].expand(-1, -1, -1, hs)))
+        assert torch.equal(cache.v, v.gather(2, cache.v_pos[..., None].expand(-1, -1, -1, hs)))
     y = torch.cat(ys, dim=-2)
     assert torch.isfinite(y).all()
     assert (y - F.scaled_dot_product_attention(q, k, v, is_causal=True)).abs().max() > 1e-3
-    assert not torch.equal(cache.pos[0, 0], cache.pos[0, 1])  # heads choose their own tokens
+    assert not torch.equal(cache.v_pos[0, 0], cache.v_pos[0, 1])  # heads choose their own tokens
     nb = cache.nbytes()
     assert nb["k"] == nb["v"] == B * H * budget * hs * 4
     assert nb["index"] == B * H * budget * (8 + 4)
@@ -185,7 +186,7 @@ def test_h2o_keeps_the_heavy_hitter():
     k[..., 0, 0] = 5.0
     cache = H2OLayerCache(budget=10, recency=4)
     cache(q, k, v)
-    assert 0 in cache.pos.flatten().tolist()
+    assert 0 in cache.v_pos.flatten().tolist()
 
 
 def test_h2o_score_is_the_accumulated_attention():

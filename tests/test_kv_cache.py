@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gpt2.kv_cache import KVCache, LayerKVCache
+from lib.kv_cache import KVCache, LayerKVCache
 from lib.kv_pruning import VOnlyPruner, importance_scores, keep_mask
 
 

@@ -1,4 +1,4 @@
-"""gpt2/kvsplice.py: the spline, PCA, SplinePCA fit / compress / save / load."""
+"""lib/kvsplice.py: the spline, PCA, SplinePCA fit / compress / save / load."""
 
 import math
 import os
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import ROOT
-from gpt2.kvsplice import _KNOT_GRID, FORMAT_VERSION, MIN_RELATIVE_GAIN, PCA, MonotoneSpline, SplinePCA
+from lib.kvsplice import _KNOT_GRID, FORMAT_VERSION, MIN_RELATIVE_GAIN, PCA, MonotoneSpline, SplinePCA
 from scripts.kvsplice_validate import synthetic_v, validate_tensor, warped_v
 
 

@@ -1,4 +1,4 @@
-"""gpt2/recall.py: the recall tasks, their accuracy metric, and lib/stats.py."""
+"""gpt2/recall.py: the recall tasks, their accuracy metric, and gpt2/stats.py."""
 
 import json
 import math
@@ -10,7 +10,7 @@ import torch
 from conftest import tiny_args
 from gpt2.recall import FIRST_CONTENT, SEP, TASKS, RecallData, answer_accuracy
 from gpt2.train import train
-from lib.stats import mean_sd, paired_difference, verdict
+from gpt2.stats import mean_sd, paired_difference, verdict
 
 T = 64
 

@@ -1,4 +1,4 @@
-"""Property-based checks of gpt2/kvsplice.py's MonotoneSpline: the fast lookup
+"""Property-based checks of lib/kvsplice.py's MonotoneSpline: the fast lookup
 path and the compiled path's select chain are the fitted spline (forward_ref /
 inverse_ref), its inverse undoes it, and it is monotone, for every spline the
 fitter can produce and for any increasing knots a geometry file may hold."""
@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gpt2.kvsplice import _KNOT_GRID, MonotoneSpline, _chain
+from lib.kvsplice import _KNOT_GRID, MonotoneSpline, _chain
 
 DIMS = 3
 # few examples, the same ones every run: the suite stays fast and reproducible

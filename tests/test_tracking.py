@@ -3,7 +3,7 @@ import sys
 
 import pytest
 
-from lib.tracking import Tracker, read_metrics, wandb_mode
+from gpt2.tracking import Tracker, read_metrics, wandb_mode
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""Every registered V-cache method (gpt2/vcache.py) through the same checks:
+"""Every registered V-cache method (lib/vcache.py) through the same checks:
 causality, decode through its cache == its full-sequence attention, the bytes
 its real cache holds == the bytes it declares, and clear errors on bad
 settings. A method registered anywhere before collection is checked too: the
@@ -9,9 +9,9 @@ import inspect
 import pytest
 import torch
 
-from gpt2.kvsplice import SplinePCA
+from lib.kvsplice import SplinePCA
 from gpt2.model import GPT, GPTConfig
-from gpt2.vcache import CODECS, SELECTORS, KeepRule, VCodec, build_method, register_codec, register_selector
+from lib.vcache import CODECS, SELECTORS, KeepRule, VCodec, build_method, register_codec, register_selector
 from lib.kv_pruning import TokenKeep
 
 BLOCK, HS, B, NH = 40, 16, 2, 3

@@ -1,4 +1,9 @@
-"""The inference KV cache that really stores fewer bytes.
+"""The decode caches of the V-cache methods, behind one protocol (LayerCache).
+
+LayerKVCache  keys in full; V encoded, for every token or, with a token
+              selector, for the kept ones (full, prune, window, random)
+H2OLayerCache heavy-hitter eviction of K and V (Zhang et al. 2023)
+KVCache       one layer cache per attention layer
 
 One LayerKVCache per attention layer. Keys are kept in full. V is stored as
 v_encode(v) (a KVSplice latent, int8 codes, or V itself) and read back
@@ -60,8 +65,50 @@ def static_address(x):
     return x
 
 
-class LayerKVCache:
+class LayerCache:
+    """The decode-cache protocol: what a V-cache method's make_cache() returns,
+    one per attention layer, and all that a model's attention and generate use.
+
+        cache(q, k, v) -> y      the new tokens' q, k, v (B, nh, T_new, hs) -> their
+                                 attention output (B, nh, T_new, hs); positions
+                                 continue from `length`
+        cache.length             tokens seen so far
+        cache.reset()            forget every token
+        cache.k, cache.v         the held keys (B, nh, t, hs) and encoded values
+                                 (B, nh, n, width), None while empty
+        cache.v_pos, cache.score per held value its position and score (B, nh, n),
+                                 None when every token's value is held in order
+        cache.nbytes()           bytes of those tensors: {"k", "v", "index", "total"}
+        cache.v_elements_per_head()
+
+    A cache with `fixed_shape_step = True` also has step(q, k, v, pos) and
+    advance(): a one-token update whose shapes never change, which
+    GPT.decode_step compiles once (LayerKVCache).
+    """
+
+    fixed_shape_step = False
+    v_pos = score = None
+
+    def __call__(self, q, k, v):
+        return self.forward(q, k, v)
+
+    def v_elements_per_head(self):
+        """V elements held per (batch, head): n tokens x stored width."""
+        return 0 if self.v is None else self.v.size(-2) * self.v.size(-1)
+
+    def nbytes(self):
+        """Bytes of the tensors actually held: keys, values, and the bookkeeping of selection."""
+        def size(*tensors):
+            return sum(x.numel() * x.element_size() for x in tensors if x is not None)
+        out = dict(k=size(self.k), v=size(self.v), index=size(self.v_pos, self.score))
+        out["total"] = out["k"] + out["v"] + out["index"]
+        return out
+
+
+class LayerKVCache(LayerCache):
     """Keys in full, values encoded and (with a token selector) only for kept tokens."""
+
+    fixed_shape_step = True
 
     def __init__(self, selector=None, v_encode=None, v_decode=None, capacity=0, v_attend=None):
         if (v_encode is None) != (v_decode is None):
@@ -80,9 +127,6 @@ class LayerKVCache:
         batch: a compiled step keeps reading and writing the same memory."""
         self.length = 0      # tokens seen
         self.ordered = True  # held slots in position order
-
-    def __call__(self, q, k, v):
-        return self.forward(q, k, v)
 
     # what is held: views of the buffers' rows and slots in use
     @property
@@ -294,17 +338,84 @@ class LayerKVCache:
         return [x for x in (self._k_rows, self._v_rows, self._v_slots, self._pos_slots, self._score_slots)
                 if x is not None]
 
-    def v_elements_per_head(self):
-        """V elements held per (batch, head): n tokens x kdim."""
-        return 0 if self.v is None else self.v.size(-2) * self.v.size(-1)
 
-    def nbytes(self):
-        """Bytes of the tensors actually held: keys, values, and pruning bookkeeping."""
-        def size(*tensors):
-            return sum(x.numel() * x.element_size() for x in tensors if x is not None)
-        out = dict(k=size(self.k), v=size(self.v), index=size(self.v_pos, self.score))
-        out["total"] = out["k"] + out["v"] + out["index"]
-        return out
+class H2OLayerCache(LayerCache):
+    """H2O decode cache for one layer: K and V of at most `budget` tokens per (batch, head).
+
+    Held per (batch, head), in position order (every row holds the same
+    number of tokens, so the tensors stay dense):
+        k      (B, nh, n, hs)  keys, in the input dtype
+        v      (B, nh, n, X)   values as v_encode stores them (default: V itself)
+        v_pos  (B, nh, n)      their positions
+        score  (B, nh, n)      attention each received from all queries so far
+
+    Each new token is appended; if that makes n > budget, the held token
+    outside the recency window (position <= t - recency) with the lowest
+    accumulated score is evicted for good (ties: the oldest). The new query
+    then attends over the held tokens, so every query sees at most `budget`
+    tokens, as under lib.kv_pruning.VOnlyPruner; the reference implementation
+    attends over budget + 1 and evicts afterwards, a one-token difference.
+    Prompts are processed one token at a time. H2O is not consistent with any
+    full-sequence forward, so it is only ever evaluated through this cache.
+    v_attend, if given, reads the held values (lib/vcache.py, VCodec.storage).
+    """
+
+    def __init__(self, budget, recency, v_encode=None, v_decode=None, v_attend=None):
+        if not 1 <= recency <= budget:
+            raise ValueError(f"need 1 <= recency <= budget, got recency {recency}, budget {budget}")
+        if (v_encode is None) != (v_decode is None):
+            raise ValueError("v_encode and v_decode come as a pair: got only one of them")
+        self.budget, self.recency = budget, recency
+        self.v_encode = v_encode or (lambda v: v)
+        self.v_decode = v_decode or (lambda v: v)
+        self.v_attend = v_attend or (lambda w, v: w @ self.v_decode(v).float())  # weights over stored values
+        self.reset()
+
+    def reset(self):
+        self.length = 0    # tokens seen
+        self.k = None      # (B, nh, n, hs)
+        self.v = None      # (B, nh, n, hs)
+        self.v_pos = None    # (B, nh, n) long
+        self.score = None  # (B, nh, n) float32
+
+    def forward(self, q, k, v):
+        """q, k, v: (B, nh, T_new, hs) for the new tokens -> y (B, nh, T_new, hs)."""
+        ys = [self._step(q[:, :, i:i + 1], k[:, :, i:i + 1], v[:, :, i:i + 1])
+              for i in range(q.size(-2))]
+        return torch.cat(ys, dim=-2)
+
+    def _step(self, q, k, v):
+        """One token: q, k, v (B, nh, 1, hs) -> y (B, nh, 1, hs)."""
+        B, nh, _, hs = q.shape
+        t = self.length
+        self.length = t + 1
+        pos = torch.full((B, nh, 1), t, dtype=torch.long, device=q.device)
+        score = torch.zeros(B, nh, 1, device=q.device)
+        v = self.v_encode(v)
+        if self.k is None:  # start empty, so no held tensor is a view of the caller's
+            self.k, self.v = k[..., :0, :], v[..., :0, :]
+            self.v_pos, self.score = pos[..., :0], score[..., :0]
+        self.k = torch.cat([self.k, k], dim=-2)
+        self.v = torch.cat([self.v, v], dim=-2)
+        self.v_pos = torch.cat([self.v_pos, pos], dim=-1)
+        self.score = torch.cat([self.score, score], dim=-1)
+        if self.v_pos.size(-1) > self.budget:
+            self._evict_one(t)
+        att = (q.float() @ self.k.float().transpose(-2, -1)) * (1.0 / math.sqrt(hs))
+        att = F.softmax(att, dim=-1)  # (B, nh, 1, n)
+        self.score = self.score + att[..., 0, :]
+        return self.v_attend(att, self.v).to(q.dtype)
+
+    def _evict_one(self, t):
+        """Drop, per (batch, head), the non-recent held token with the lowest score."""
+        B, nh, n = self.v_pos.shape
+        old = self.v_pos <= t - self.recency  # (B, nh, n); at least one since recency <= budget < n
+        victim = self.score.masked_fill(~old, math.inf).argmin(-1, keepdim=True)  # first = oldest
+        keep = torch.ones_like(old).scatter_(-1, victim, False)
+        self.k = self.k[keep].view(B, nh, n - 1, -1)
+        self.v = self.v[keep].view(B, nh, n - 1, -1)
+        self.v_pos = self.v_pos[keep].view(B, nh, n - 1)
+        self.score = self.score[keep].view(B, nh, n - 1)
 
 
 class KVCache:

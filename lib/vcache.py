@@ -32,8 +32,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gpt2.kv_cache import LayerKVCache
-from lib.kv_baselines import H2OLayerCache, VQuantizer
+from lib.kv_cache import H2OLayerCache, LayerKVCache
+from lib.quantize import VQuantizer
 from lib.kv_pruning import KEEP_RATIO, RandomKeep, SlidingWindow, VOnlyPruner
 
 SELECTORS = {}  # kind -> TokenSelector subclass
@@ -165,7 +165,7 @@ class Random(KeepRule):
 
 @register_selector("h2o")
 class H2O(TokenSelector):
-    """Heavy-hitter eviction of K and V (lib.kv_baselines.H2OLayerCache).
+    """Heavy-hitter eviction of K and V (lib.kv_cache.H2OLayerCache).
 
     H2O has no full-sequence form: its scores keep changing, so which tokens
     a query sees depends on every eviction before it. `attend` therefore
@@ -243,7 +243,7 @@ class NoCodec(VCodec):
 
 
 class _Geometry(VCodec):
-    """A KVSplice geometry (gpt2/kvsplice.py): V -> spline -> PCA_k latent.
+    """A KVSplice geometry (lib/kvsplice.py): V -> spline -> PCA_k latent.
 
     Fitted from V by gpt2/calibrate.py and attached frozen (attach); until
     then it stores V as it is, so bytes and outputs are those of no codec.
@@ -309,7 +309,7 @@ class PCACodec(_Geometry):
 
 
 class _Quantized(VCodec):
-    """KIVI-style per-token V quantization (lib.kv_baselines.VQuantizer): codes
+    """KIVI-style per-token V quantization (lib.quantize.VQuantizer): codes
     plus a float16 scale and zero point per group, all in one uint8 tensor."""
 
     bits = None

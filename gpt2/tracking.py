@@ -18,7 +18,7 @@ import warnings
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from lib.atomic import atomic_write_text
+from gpt2.atomic import atomic_write_text
 
 _DEFAULT_WANDB_HOST = "https://api.wandb.ai"
 

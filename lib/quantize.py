@@ -1,0 +1,103 @@
+"""KIVI-style per-token V quantization (Liu et al. 2024), the int8 / int4 codecs.
+
+int8 or int4 codes per group of channels, with a float16 scale and zero point
+per group. encode/decode plug into a decode cache (lib/kv_cache.py) as
+v_encode/v_decode, and the scale and zero point travel inside the same uint8
+tensor, so the cache's byte count includes them. Written for clarity over speed.
+"""
+
+import math
+
+import torch
+
+
+def _round_down_fp16(x):
+    """Largest float16 <= x (x float32), as float16."""
+    h = x.half()
+    return torch.where(h.float() > x, torch.nextafter(h, torch.full_like(h, -math.inf)), h)
+
+
+def _round_up_fp16(x):
+    """Smallest float16 >= x (x float32), as float16."""
+    h = x.half()
+    return torch.where(h.float() < x, torch.nextafter(h, torch.full_like(h, math.inf)), h)
+
+
+class VQuantizer:
+    """Asymmetric per-token, per-group quantization of V into one uint8 tensor.
+
+    Per token (last dim = head_dim hs), in groups of `group_size` consecutive
+    channels: zero = min, scale = (max - min) / (2^bits - 1), both float16,
+    codes = round((v - zero) / scale) in [0, 2^bits - 1]. Layout of the
+    packed last dim, per token:
+
+        codes (hs * bits / 8 bytes; int4: two codes per byte, low nibble first)
+        scales (hs / group_size float16, as bytes)
+        zeros  (hs / group_size float16, as bytes)
+
+    The zero point is rounded down and the scale up to float16, and the codes
+    are computed with those stored values, so the grid zero .. zero + L*scale
+    covers the group and |decode(encode(v)) - v| <= scale / 2 per element
+    (plus float32 rounding), with scale the stored one. Values must lie within
+    the float16 range (|v| < 65504), as V activations do; beyond it the scale
+    overflows.
+    """
+
+    def __init__(self, bits, group_size=32, out_dtype=torch.float32):
+        if bits not in (4, 8):
+            raise ValueError(f"bits must be 4 or 8, got {bits}")
+        if group_size < 1 or (bits == 4 and group_size % 2):
+            raise ValueError(
+                f"group_size must be a positive integer (even for 4 bits), got {group_size}")
+        self.bits, self.group_size, self.out_dtype = bits, group_size, out_dtype
+        self.levels = 2 ** bits - 1
+
+    def __repr__(self):
+        return (f"VQuantizer(bits={self.bits}, group_size={self.group_size}, "
+                f"out_dtype={self.out_dtype})")
+
+    def _check_head_dim(self, hs):
+        if hs % self.group_size:
+            raise ValueError(f"head_dim {hs} is not divisible by group_size {self.group_size}")
+
+    def bytes_per_token(self, hs):
+        """Bytes one token's V (one head) takes: codes plus fp16 scale and zero per group."""
+        self._check_head_dim(hs)
+        return hs * self.bits // 8 + (hs // self.group_size) * 2 * 2
+
+    def encode(self, v):
+        """v (..., hs), any float dtype -> uint8 (..., bytes_per_token(hs))."""
+        hs = v.size(-1)
+        self._check_head_dim(hs)
+        lead, G = v.shape[:-1], hs // self.group_size
+        x = v.float().reshape(*lead, G, self.group_size)  # (..., G, gs)
+        zero = _round_down_fp16(x.amin(-1))  # (..., G) float16
+        scale = _round_up_fp16((x.amax(-1) - zero.float()) / self.levels)
+        z, s = zero.float()[..., None], scale.float()[..., None]
+        # a constant group stored exactly has scale 0: its codes are all 0
+        codes = torch.where(s > 0, (x - z) / torch.where(s > 0, s, 1.0), 0.0)
+        codes = codes.round().clamp(0, self.levels).to(torch.uint8).reshape(*lead, hs)
+        if self.bits == 4:
+            codes = codes[..., 0::2] | (codes[..., 1::2] << 4)  # (..., hs / 2)
+        return torch.cat([codes, scale.view(torch.uint8), zero.view(torch.uint8)], dim=-1)
+
+    def decode(self, packed):
+        """uint8 (..., X) from encode -> v (..., hs) in out_dtype."""
+        if packed.dtype != torch.uint8:
+            raise ValueError(f"expected the uint8 tensor encode() returns, got {packed.dtype}")
+        X = packed.size(-1)
+        # X = hs * bits / 8 + 4 * hs / group_size
+        per = self.bits * self.group_size + 32  # 8 * group_size * bytes per group
+        hs = X * 8 * self.group_size // per
+        if hs == 0 or hs * per != X * 8 * self.group_size:
+            raise ValueError(f"packed last dim {X} does not match any head_dim for {self!r}")
+        n_code, G = hs * self.bits // 8, hs // self.group_size
+        codes = packed[..., :n_code]
+        if self.bits == 4:
+            codes = torch.stack([codes & 0x0F, codes >> 4], dim=-1).flatten(-2)  # (..., hs)
+        scale = packed[..., n_code:n_code + 2 * G].contiguous().view(torch.float16)  # (..., G)
+        zero = packed[..., n_code + 2 * G:].contiguous().view(torch.float16)
+        lead = packed.shape[:-1]
+        x = codes.float().reshape(*lead, G, self.group_size)
+        x = x * scale.float()[..., None] + zero.float()[..., None]
+        return x.reshape(*lead, hs).to(self.out_dtype)
