@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Train GPT-2 with optional V-only KV pruning and KVSplice compression.
+"""Train GPT-2 with a V-cache method in attention: V-only KV pruning, KVSplice
+compression, or any registered method (--v-cache).
 
 Single process:   python train_ra_mla.py --config .config [--flag value ...]
 Several GPUs:     torchrun --nproc_per_node=N train_ra_mla.py --config .config
@@ -13,11 +14,14 @@ import argparse
 import sys
 
 from gpt2.ablations import format_steps, step_overrides
-from gpt2.train import IncompleteRun, train, v_cache_record
-from gpt2.validation import BadArguments
-from lib.vcache import describe
 from gpt2.config import parse_with_config
-from lib.kv_pruning import KEEP_RATIO
+from gpt2.method_flags import method_record
+from gpt2.train import IncompleteRun, train
+from gpt2.validation import BadArguments
+from lib.vcache import CODECS, SELECTORS, build_method, describe, settings_of
+
+PRUNE = settings_of(SELECTORS["prune"])  # the defaults of the seed's flags are the methods' own
+GEOMETRY = settings_of(CODECS["splinepca"])
 
 
 def build_parser():
@@ -110,27 +114,39 @@ def build_parser():
     g.add_argument("--tracker-run-name", default=None, help="wandb run name (default: wandb picks one)")
     g.add_argument("--tracker-group", default=None, help="wandb group (make train: the defconfig name)")
 
+    g = p.add_argument_group("V-cache method")
+    g.add_argument("--v-cache", default="",
+                   help="the V-cache method every attention layer trains and decodes with, as a lib/vcache.py "
+                        'record in JSON, e.g. \'{"select": {"kind": "prune"}, "codec": {"kind": "int4"}}\' '
+                        "(docs/vcache.md lists the kinds); settings it leaves out come from --kv-prune-* "
+                        "(prune, random) and --kvsplice-k/--kvsplice-knots (pca, splinepca). Empty: "
+                        "--kv-prune and --kvsplice-enable choose")
+
     g = p.add_argument_group("V-only KV pruning")
     g.add_argument("--kv-prune", action=B, default=False, help="keep V only for the most important tokens")
-    g.add_argument("--kv-prune-keep-ratio", type=float, default=KEEP_RATIO,
+    g.add_argument("--kv-prune-keep-ratio", type=float, default=PRUNE["keep_ratio"],
                    help="fraction of block_size whose V is kept (1/(1+golden ratio): 391 of 1024)")
-    g.add_argument("--kv-prune-k-min", type=int, default=64, help="never keep fewer V than this")
-    g.add_argument("--kv-prune-recency", type=int, default=64, help="the most recent tokens always kept")
+    g.add_argument("--kv-prune-k-min", type=int, default=PRUNE["k_min"], help="never keep fewer V than this")
+    g.add_argument("--kv-prune-recency", type=int, default=PRUNE["recency"],
+                   help="the most recent tokens always kept")
 
     g = p.add_argument_group("KVSplice")
     g.add_argument("--kvsplice-enable", action=B, default=False,
-                   help="calibrate a KVSplice geometry during warmup and use it in attention")
-    g.add_argument("--kvsplice-k", type=int, default=64, help="latent dims per head")
-    g.add_argument("--kvsplice-knots", type=int, default=7, help="spline knots per dimension")
-    g.add_argument("--kvsplice-samples", type=int, default=120000, help="max V vectors kept per layer")
-    g.add_argument("--kvsplice-save", default="kvsplice.pt", help="geometry file, relative to --out-dir")
+                   help="calibrate a KVSplice geometry (the splinepca codec) during warmup and use it in attention")
+    g.add_argument("--kvsplice-k", type=int, default=GEOMETRY["k"], help="latent dims per head")
+    g.add_argument("--kvsplice-knots", type=int, default=GEOMETRY["knots"], help="spline knots per dimension")
+    g.add_argument("--kvsplice-samples", type=int, default=120000,
+                   help="max V vectors per layer kept for a codec's fit")
+    g.add_argument("--kvsplice-save", default="kvsplice.pt",
+                   help="the fitted codecs' file, relative to --out-dir")
     g.add_argument("--kvsplice-max-batches", type=int, default=64, help="forward passes used for collection")
-    g.add_argument("--kvsplice-epochs", type=int, default=8, help="fit epochs")
+    g.add_argument("--kvsplice-epochs", type=int, default=8, help="fit epochs (0: a geometry is plain PCA)")
     g.add_argument("--kvsplice-lr", type=float, default=2e-3, help="fit learning rate")
-    g.add_argument("--kvsplice-load", default=None, help="use a saved geometry instead of calibrating")
+    g.add_argument("--kvsplice-load", default=None,
+                   help="load a saved kvsplice.pt (a fitted codec, or a KVSplice geometry) instead of calibrating")
     g.add_argument("--kvsplice-calib-iter", type=int, default=None,
-                   help="iteration at which calibration runs (default: end of LR warmup)")
-    g.add_argument("--kvsplice-shared", action=B, default=False, help="one geometry for all layers")
+                   help="iteration at which a method whose codec needs a fit is fitted (default: end of LR warmup)")
+    g.add_argument("--kvsplice-shared", action=B, default=False, help="one fitted codec for all layers")
     g.add_argument("--kvsplice-dump-samples", default=None,
                    help="also save the collected V samples (per layer) to this .pt file")
 
@@ -154,11 +170,21 @@ def parse_args(argv=None):
     return parse_with_config(build_parser(), argv, step_overrides)
 
 
+def step_method(args):
+    """The record of the method a step's flags train, every setting filled in
+    (as given when the flags cannot build it: the run would say why)."""
+    record = method_record(args)
+    try:
+        return build_method(record, args.block_size, args.n_embd // args.n_head).record()
+    except (ValueError, ZeroDivisionError):
+        return record
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.list_steps:
         argv = sys.argv[1:] if argv is None else list(argv)
-        print(format_steps(lambda step: describe(v_cache_record(parse_args([*argv, "--ablation-step", step])))))
+        print(format_steps(lambda step: describe(step_method(parse_args([*argv, "--ablation-step", step])))))
         return 0
     try:
         train(args)

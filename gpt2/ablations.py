@@ -5,8 +5,10 @@ says; sizes, budgets and seeds come from the .config and the command line.
 Adding a step is adding one row.
 """
 
+import shlex
+
 # Every step starts from all features off, then switches on its own.
-_OFF = {"kv_prune": False, "kvsplice_enable": False, "rmlp": False}
+_OFF = {"v_cache": "", "kv_prune": False, "kvsplice_enable": False, "rmlp": False}
 
 STEPS = {
     "V0": ("baseline GPT-2 attention (reference)", {}),
@@ -18,6 +20,9 @@ STEPS = {
             {"kv_prune": True, "kvsplice_enable": True, "kvsplice_k": 16}),
     "V21": ("R-MLP + V19 + KVSplice 64->16 (do R-MLP and the geometry synergise?)",
             {"kv_prune": True, "kvsplice_enable": True, "kvsplice_k": 16, "rmlp": True}),
+    "V22": ("V19 + int4 V in groups of 32: 40 bytes per kept V vector against V20's 64-byte fp32 "
+            "latent (does quantization beat the geometry at fewer bytes?)",
+            {"v_cache": '{"select": {"kind": "prune"}, "codec": {"kind": "int4"}}'}),
 }
 
 
@@ -38,7 +43,7 @@ def format_steps(method_of=None):
     lines = [f"{'step':<6} description", f"{'-' * 6} {'-' * 60}"]
     for step, (desc, _) in STEPS.items():
         overrides = {k: v for k, v in step_overrides(step).items() if v}
-        flags = " ".join(f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}")
+        flags = " ".join(f"--{k.replace('_', '-')}" + ("" if v is True else f" {shlex.quote(str(v))}")
                          for k, v in overrides.items())
         lines.append(f"{step:<6} {desc}\n{'':<6}   flags: {flags or '(none)'}")
         if method_of is not None:

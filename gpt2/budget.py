@@ -36,6 +36,7 @@ from gpt2.calibrate import CALIB_SEED_SALT, KVSpliceCalibrator
 from gpt2.cpu import configure_cpu
 from gpt2.data import open_data
 from gpt2.train import autocast_context, build_model, configure_optimizer, resolve_device, sync
+from gpt2.method_flags import method_needs_fit
 from gpt2.validation import calibration_iter
 from gpt2.atomic import atomic_write_text
 
@@ -60,8 +61,8 @@ def probe_pace(args, world=1, iters=PROBE_ITERS, calibrations=None):
     """Time one step's training iteration, evaluation and calibration (args: that
     step's parsed flags; world: the processes a run will use).
 
-    `calibrations` caches calibration estimates and geometries across steps that
-    calibrate alike (V20 and V21 fit the same geometry shapes): a dict, filled here.
+    `calibrations` caches calibration estimates and fitted codec states across
+    steps that calibrate alike (V20 and V21 fit the same codec): a dict, filled here.
     """
     device = resolve_device(args.device)
     if device == "cpu":
@@ -73,9 +74,10 @@ def probe_pace(args, world=1, iters=PROBE_ITERS, calibrations=None):
     per_rank = max(1, args.grad_accum // world)
 
     calib_s = 0.0
-    if args.kvsplice_enable and model.kvsplice_meta is None:
-        calib_s, geometry = _probe_calibration(model, data, args, device, amp, calibrations)
-        model.attach_kvsplice(geometry)
+    if model.needs_fit():
+        calib_s, states = _probe_calibration(model, data, args, device, amp, calibrations)
+        for codec, state in zip(model.v_codecs(), states):
+            codec.load_state_dict(state)
 
     optimizer = configure_optimizer(model, args, device)
     times = []
@@ -109,31 +111,32 @@ def probe_pace(args, world=1, iters=PROBE_ITERS, calibrations=None):
 
 
 def _probe_calibration(model, data, args, device, amp, cache):
-    """(estimated seconds of the run's calibration, a geometry to time the step with).
+    """(estimated seconds of the run's calibration, fitted codec states, one per
+    layer, to time the step with).
 
-    The run collects V over --kvsplice-max-batches forward passes, then fits one
-    geometry per layer (or one shared) for --kvsplice-epochs epochs. Here a
+    The run collects V over --kvsplice-max-batches forward passes, then fits
+    every layer's codec (or one shared) for --kvsplice-epochs epochs. Here a
     calibrator collects as many rows as a fit will see, timing its forward
-    passes, and fits them twice as one geometry shared by all layers: with no
-    epoch (the fit's fixed part: knots, PCA, tables) and with one (the fixed
-    part and an epoch); fixed part + epochs x epoch, times the layers, estimates
-    the run's fit. When the one-epoch fit keeps the identity spline, the probe's
-    iterations skip the spline's table lookups (about 1% of a quick-start
-    iteration, `make bench-train`)."""
-    key = (model.config.n_layer, model.config.head_dim, args.kvsplice_k, args.kvsplice_knots,
+    passes, and fits them twice as one codec shared by all layers: with no
+    epoch (the fit's fixed part: for a geometry, knots, PCA, tables) and with
+    one (the fixed part and an epoch); fixed part + epochs x epoch, times the
+    layers, estimates the run's fit. When the one-epoch fit keeps the identity
+    spline, the probe's iterations skip the spline's table lookups (a small
+    share of an iteration: `make bench-train` measures it)."""
+    key = (model.config.n_layer, model.config.head_dim, repr(model.config.v_cache["codec"]),
            args.kvsplice_samples, args.kvsplice_max_batches, args.batch_size, args.block_size,
            args.kvsplice_epochs, args.kvsplice_shared)
     if cache is not None and key in cache:
         return cache[key]
-    cal = KVSpliceCalibrator(model, args.kvsplice_k, args.kvsplice_samples, seed=args.seed)
+    cal = KVSpliceCalibrator(model, args.kvsplice_samples, seed=args.seed)
     rows_per_batch = args.batch_size * args.block_size * model.config.n_head
     n_batches = min(args.kvsplice_max_batches, math.ceil(cal.cap / rows_per_batch))
     batches = [data.get_batch("train", args.batch_size, args.block_size, args.seed + CALIB_SEED_SALT, 0, j,
                               device)[0] for j in range(n_batches)]
 
     def fit(epochs):
-        geometry = cal.fit(args.kvsplice_knots, epochs, args.kvsplice_lr, shared=True, seed=args.seed)
-        return geometry, geometry["fit_stats"]["layers"][0]["seconds"]
+        seconds = cal.fit(epochs, args.kvsplice_lr, shared=True, seed=args.seed)["seconds"]
+        return [{n: t.clone() for n, t in codec.state_dict().items()} for codec in model.v_codecs()], seconds
 
     with contextlib.redirect_stdout(io.StringIO()):  # the calibrator's progress lines
         sync(device)
@@ -141,13 +144,13 @@ def _probe_calibration(model, data, args, device, amp, cache):
         cal.collect(batches, amp)
         sync(device)
         collect_s = (time.perf_counter() - t0) / n_batches * args.kvsplice_max_batches
-        geometry, fixed_s = fit(0)
+        states, fixed_s = fit(0)
         epoch_s = 0.0
         if args.kvsplice_epochs > 0:
-            geometry, one_epoch_s = fit(1)
+            states, one_epoch_s = fit(1)
             epoch_s = max(one_epoch_s - fixed_s, 0.0)
     fits = 1 if args.kvsplice_shared else model.config.n_layer
-    result = (collect_s + fits * (fixed_s + args.kvsplice_epochs * epoch_s), geometry)
+    result = (collect_s + fits * (fixed_s + args.kvsplice_epochs * epoch_s), states)
     if cache is not None:
         cache[key] = result
     return result
@@ -173,7 +176,7 @@ def fewest_iterations(step_args):
     need = {}
     for label, a in step_args.items():
         reasons = [(a.warmup_iters + 1, f"--warmup-iters {a.warmup_iters}")]
-        if a.kvsplice_enable and not a.kvsplice_load:
+        if method_needs_fit(a):
             reasons.append((calibration_iter(a) + 1, f"calibration at iteration {calibration_iter(a)}"))
         for n, why in reasons:
             need.setdefault((n, why), []).append(label)

@@ -1,42 +1,46 @@
-"""KVSpliceCalibrator: collect V from every block's c_attn, fit, save kvsplice.pt.
+"""KVSpliceCalibrator: collect every layer's V, fit every layer's V codec.
 
-The hook splits c_attn's combined output [B, T, 3*n_embd] into Q, K, V and
-keeps V as [B*T*n_head, head_dim] vectors, moved to CPU float32 at once so
-accelerator memory never grows with the number of batches. Per layer it
-keeps a uniform random subsample of at most min(--kvsplice-samples, 2000*k)
-vectors (bottom-k of random keys: exactly uniform over everything seen), so
-host memory is bounded however many batches run. fit() returns the geometry
-dict of gpt2/geometry.py.
+It hooks the modules model.v_projections() names (a GPT-2 block's combined
+c_attn, whose output [B, T, 3*n_embd] it splits into Q, K, V) and keeps V as
+[B*T*n_head, head_dim] vectors, moved to CPU float32 at once so accelerator
+memory never grows with the number of batches. Per layer it keeps a uniform
+random subsample of at most --kvsplice-samples vectors, and at most what the
+codec's fit wants (a geometry: 2000 per latent dim), drawn as the bottom-k of
+random keys (exactly uniform over everything seen), so host memory is
+bounded however many batches run.
 
-The calibrator needs only a model with `config` and `transformer.h[i].attn.c_attn`;
-the training loop calls it (gpt2/train.py), never the reverse.
+fit() calls each layer's codec's own fit step (VCodec.fit) on a CPU copy
+and loads the result into the model's codec: the fitted state is then part
+of the model's state_dict. gpt2/geometry.py saves it as kvsplice.pt.
+
+The calibrator needs only a model with `config`, `v_projections()` and
+`v_codecs()`; the training loop calls it (gpt2/train.py), never the reverse.
 """
 
 import argparse
+import copy
 import time
 
 import torch
 
-from gpt2.data import TokenData
-from gpt2.geometry import GEOMETRY_FORMAT
-from lib.kvsplice import SplinePCA
-from gpt2.model import GPT, load_checkpoint
 from gpt2.atomic import atomic_torch_save
+from gpt2.data import TokenData
+from gpt2.model import GPT, load_checkpoint
 
-SAMPLES_PER_LATENT_DIM = 2000
 CALIB_SEED_SALT = 104729  # calibration batches: seed + this, so they differ from the training batches
 
 
 class KVSpliceCalibrator:
-    def __init__(self, model, k, max_samples=120000, seed=0):
-        if max_samples < k + 1:
+    def __init__(self, model, max_samples=120000, seed=0):
+        need, want = model.v_codecs()[0].fit_rows()  # every layer holds the same method
+        if max_samples < need:
             raise ValueError(f"[KVSplice] max_samples {max_samples} keeps fewer V vectors per layer than the "
-                             f"fit needs (k + 1 = {k + 1}); raise --kvsplice-samples")
-        cfg = model.config
-        self.model, self.k = model, k
-        self.n_layer, self.n_head, self.n_embd = cfg.n_layer, cfg.n_head, cfg.n_embd
-        self.head_dim = cfg.n_embd // cfg.n_head
-        self.cap = min(max_samples, SAMPLES_PER_LATENT_DIM * k)
+                             f"fit of {model.config.v_cache['codec']['kind']} needs ({need}); "
+                             f"raise --kvsplice-samples")
+        self.model = model
+        self.projections = model.v_projections()
+        self.n_layer, self.head_dim = len(self.projections), model.config.head_dim
+        self.cap = max_samples if want is None else min(max_samples, want)
         self.generator = torch.Generator().manual_seed(seed)
         self.samples = [torch.empty(0, self.head_dim) for _ in range(self.n_layer)]
         self.keys = [torch.empty(0) for _ in range(self.n_layer)]
@@ -47,8 +51,8 @@ class KVSpliceCalibrator:
     # ---- collection ----------------------------------------------------------
 
     def register(self):
-        for i, block in enumerate(self.model.transformer.h):
-            self.handles.append(block.attn.c_attn.register_forward_hook(self._hook(i)))
+        for i, (module, v_rows) in enumerate(self.projections):
+            self.handles.append(module.register_forward_hook(self._hook(i, v_rows)))
         return self
 
     def remove(self):
@@ -56,10 +60,9 @@ class KVSpliceCalibrator:
             h.remove()
         self.handles = []
 
-    def _hook(self, layer):
+    def _hook(self, layer, v_rows):
         def hook(module, inputs, output):
-            v = output[..., 2 * self.n_embd:]  # (B, T, C): the V third of [Q | K | V]
-            self.add(layer, v.detach().reshape(-1, self.head_dim).float().cpu())  # (B*T*nh, hs)
+            self.add(layer, v_rows(output.detach()).float().cpu())  # (B*T*nh, hs)
         return hook
 
     def add(self, layer, v):
@@ -99,9 +102,11 @@ class KVSpliceCalibrator:
 
     # ---- fit and save ------------------------------------------------------------
 
-    def fit(self, knots=7, epochs=8, lr=2e-3, shared=False, seed=0):
-        """Fit one SplinePCA per layer (or one shared); returns the geometry dict."""
+    def fit(self, epochs=8, lr=2e-3, shared=False, seed=0):
+        """Fit every layer's codec (or one on the pooled samples, copied to all
+        layers); returns the fit statistics."""
         t0 = time.time()
+        codecs = self.model.v_codecs()
         if shared:
             pooled = torch.cat(self.samples)
             pick = torch.randperm(pooled.shape[0], generator=self.generator)[:self.cap]
@@ -109,34 +114,30 @@ class KVSpliceCalibrator:
         else:
             groups = self.samples
         threads = torch.get_num_threads()
-        # The fit is hundreds of Adam steps on ~100 rows each, on the CPU: a second thread
-        # only waits on the first, and when another process holds the other core it waits
-        # long (2 epochs of a 32,000-row fit: 26 s on 2 threads, 3-4 s on 1, measured on
-        # a busy 2-core machine).
+        # A fit such as SplinePCA's is hundreds of Adam steps on ~100 rows each, on the
+        # CPU: a second thread only waits on the first, and waits long whenever another
+        # process holds the other core.
         torch.set_num_threads(1)
         try:
-            modules, stats = zip(*(self._fit_one(i, X, knots, epochs, lr, shared, seed) for i, X in enumerate(groups)))
+            stats = [self._fit_one(i, codecs[i], X, epochs, lr, shared, seed) for i, X in enumerate(groups)]
         finally:
             torch.set_num_threads(threads)
-        return {
-            "Hd": self.head_dim, "k": self.k, "knots": knots, "n_layer": self.n_layer, "shared": shared,
-            "state_dict": [{n: t.detach().cpu() for n, t in m.state_dict().items()} for m in modules],
-            "format_version": GEOMETRY_FORMAT,
-            "fit_stats": {"layers": list(stats), "seconds": time.time() - t0, "samples_seen": list(self.seen),
-                          "dropped_nonfinite": self.dropped},
-        }
+        for codec in codecs[len(groups):]:  # shared: every layer holds the one fit
+            codec.load_state_dict(codecs[0].state_dict())
+        return {"layers": stats, "seconds": time.time() - t0, "samples_seen": list(self.seen),
+                "dropped_nonfinite": self.dropped}
 
-    def _fit_one(self, i, X, knots, epochs, lr, shared, seed):
-        if X.shape[0] < self.k + 1:
-            raise ValueError(f"[KVSplice] layer {i}: {X.shape[0]} V vectors, need at least k+1 = {self.k + 1}; "
+    def _fit_one(self, i, codec, X, epochs, lr, shared, seed):
+        need = codec.fit_rows()[0]
+        if X.shape[0] < need:
+            raise ValueError(f"[KVSplice] layer {i}: {X.shape[0]} V vectors, the fit needs at least {need}; "
                              f"raise --kvsplice-max-batches")
-        mod = SplinePCA(self.head_dim, self.k, knots)
-        s = mod.fit(X, epochs=epochs, lr=lr, seed=seed + i)
+        local = copy.deepcopy(codec).cpu()  # fitted where the samples are, then loaded into the model's codec
+        s = local.fit(X, seed=seed + i, epochs=epochs, lr=lr)
+        codec.load_state_dict(local.state_dict())
         label = "shared" if shared else f"layer {i}"
-        print(f"[KVSplice] {label}: {X.shape[0]:,} vectors, held-out MSE PCA {s['pca_val_mse']:.5f} "
-              f"SplinePCA {s['spline_val_mse']:.5f} (ratio {s['spline_val_mse'] / max(s['pca_val_mse'], 1e-30):.3f}"
-              f"{'' if s['kept_spline'] else ', identity spline kept'}), {s['seconds']:.1f}s", flush=True)
-        return mod, s
+        print(f"[KVSplice] {label}: {X.shape[0]:,} vectors, {codec.fit_summary(s)}", flush=True)
+        return s
 
     def dump_samples(self, path):
         atomic_torch_save({i: s for i, s in enumerate(self.samples)}, path)
@@ -157,8 +158,7 @@ def main(argv=None):
     run, model = ckpt["args"], GPT.from_checkpoint_state(ckpt)
     data = TokenData(run["data_dir"], run["dataset"])
     bs, T = a.batch_size or run["batch_size"], model.config.block_size
-    # k only sets the sample cap (2000 per latent dim): ask for head_dim so --samples rules
-    cal = KVSpliceCalibrator(model, model.config.head_dim, a.samples, seed=run["seed"])
+    cal = KVSpliceCalibrator(model, a.samples, seed=run["seed"])
     cal.collect(data.get_batch("train", bs, T, run["seed"] + CALIB_SEED_SALT, 0, j)[0] for j in range(a.batches))
     cal.dump_samples(a.out)
     return 0

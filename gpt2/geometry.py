@@ -1,60 +1,81 @@
-"""The KVSplice geometry file: kvsplice.pt, and the "kvsplice" entry of a checkpoint.
+"""The fitted-codec file, kvsplice.pt: every layer's fitted V codec state, as
+the calibrator saved it, for --kvsplice-load to reuse in another run.
 
-    {"Hd", "k", "knots", "n_layer", "shared", "state_dict", "format_version", "fit_stats"}
+    {"format_version": 2, "codec": the codec's record, "head_dim", "n_layer",
+     "state_dict": [one codec state_dict per layer], "fit_stats"}
 
-with state_dict a list of SplinePCA state dicts: one per layer, or one
-shared by all layers. gpt2/calibrate.py writes it; the model reads it.
+Files of format 1 (a KVSplice geometry: one SplinePCA state per layer, or one
+shared) still load into a splinepca or pca codec with their k and knots.
 """
 
 import torch
 
-from lib.kvsplice import FORMAT_VERSION as SPLINEPCA_FORMAT
-from lib.kvsplice import SplinePCA
 from gpt2.atomic import atomic_torch_save
+from lib.vcache import describe, describe_part
 
-GEOMETRY_FORMAT = 1
-_KEYS = ("Hd", "k", "knots", "n_layer", "shared", "state_dict", "format_version")
+FORMAT = 2
+LEGACY_FORMAT = 1
+_KEYS = ("codec", "head_dim", "n_layer", "state_dict")
+_LEGACY_KEYS = ("Hd", "k", "knots", "n_layer", "shared", "state_dict")
 
 
-def save_geometry(geometry, path):
-    atomic_torch_save(geometry, path)
+def fitted_state(model, fit_stats=None):
+    """The file's dict for a model whose codecs were fitted."""
+    return {"format_version": FORMAT, "codec": model.config.v_cache["codec"], "head_dim": model.config.head_dim,
+            "n_layer": model.config.n_layer, "fit_stats": fit_stats,
+            "state_dict": [{n: t.detach().cpu() for n, t in codec.state_dict().items()}
+                           for codec in model.v_codecs()]}
+
+
+def save_fitted(model, path, fit_stats=None):
+    atomic_torch_save(fitted_state(model, fit_stats), path)
     print(f"[KVSplice] Saved to {path}")
 
 
-def check_geometry(geometry, config, where, expected_k=None):
-    """Raise ValueError naming expected and found values when a geometry does not fit a model."""
-    if not isinstance(geometry, dict) or any(key not in geometry for key in _KEYS):
-        missing = [key for key in _KEYS if not isinstance(geometry, dict) or key not in geometry]
-        raise ValueError(f"{where} is not a KVSplice geometry: missing keys {missing}")
-    if geometry["format_version"] != GEOMETRY_FORMAT:
-        raise ValueError(f"{where}: format_version {geometry['format_version']!r}, expected {GEOMETRY_FORMAT}")
-    head_dim = config.n_embd // config.n_head
-    for key, expected in (("Hd", head_dim), ("n_layer", config.n_layer), ("k", expected_k)):
-        if expected is not None and geometry[key] != expected:
-            raise ValueError(f"{where}: {key} is {geometry[key]}, but the model needs {key} = {expected}")
-    n_sd = 1 if geometry["shared"] else geometry["n_layer"]
-    if len(geometry["state_dict"]) != n_sd:
-        raise ValueError(f"{where}: {len(geometry['state_dict'])} state dicts, expected {n_sd}")
+def _layer_states(saved, config, where):
+    """One codec state_dict per layer from a file's dict; ValueError naming expected and found."""
+    if not isinstance(saved, dict) or saved.get("format_version") not in (FORMAT, LEGACY_FORMAT):
+        found = saved.get("format_version") if isinstance(saved, dict) else type(saved).__name__
+        raise ValueError(f"{where} is not a fitted V codec file: format_version {found!r}, "
+                         f"expected {FORMAT} (or {LEGACY_FORMAT}, a KVSplice geometry)")
+    legacy = saved["format_version"] == LEGACY_FORMAT
+    missing = [key for key in (_LEGACY_KEYS if legacy else _KEYS) if key not in saved]
+    if missing:
+        raise ValueError(f"{where} is not a fitted V codec file: missing keys {missing}")
+    codec = config.v_cache["codec"]
+    if legacy:
+        found = {"head_dim": saved["Hd"], "n_layer": saved["n_layer"], "k": saved["k"], "knots": saved["knots"]}
+        expected = {"head_dim": config.head_dim, "n_layer": config.n_layer,
+                    "k": codec.get("k"), "knots": codec.get("knots")}
+        if codec["kind"] not in ("splinepca", "pca"):
+            raise ValueError(f"{where} holds a KVSplice geometry, but the model's V codec is "
+                             f"{describe(config.v_cache)}: a splinepca or pca codec loads it")
+    else:
+        found = {"head_dim": saved["head_dim"], "n_layer": saved["n_layer"], "codec": describe_part(saved["codec"])}
+        expected = {"head_dim": config.head_dim, "n_layer": config.n_layer, "codec": describe_part(codec)}
+    for key, value in expected.items():
+        if found[key] != value:
+            raise ValueError(f"{where}: {key} is {found[key]}, but the model needs {key} = {value}")
+    states = saved["state_dict"]
+    n = 1 if legacy and saved["shared"] else config.n_layer
+    if not isinstance(states, list) or len(states) != n:
+        raise ValueError(f"{where}: {len(states) if isinstance(states, list) else 'no'} state dicts, expected {n}")
+    if legacy:
+        states = [{**{"geometry." + name: t for name, t in sd.items()}, "fit_done": torch.tensor(True)}
+                  for sd in states * (config.n_layer // n)]
+    return states
 
 
-def load_geometry(path, config, expected_k=None):
-    """Read a kvsplice.pt for `config` (a GPTConfig); clear errors for bad files."""
+def load_fitted(path, model):
+    """Load a kvsplice.pt into the model's codecs; clear errors for a bad or unfitting file."""
     try:
-        geometry = torch.load(path, map_location="cpu", weights_only=True)
+        saved = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise FileNotFoundError(f"KVSplice geometry {path} not found") from None
+        raise FileNotFoundError(f"fitted V codec file {path} not found") from None
     except Exception as e:
         raise ValueError(f"{path}: not a readable KVSplice geometry file ({type(e).__name__}: {e})") from None
-    check_geometry(geometry, config, str(path), expected_k)
-    return geometry
-
-
-def geometry_modules(geometry, config):
-    """One frozen SplinePCA per layer (the same object everywhere when shared)."""
-    check_geometry(geometry, config, "KVSplice geometry")
-    mods = [SplinePCA.from_dict({"Hd": geometry["Hd"], "k": geometry["k"], "knots": geometry["knots"],
-                                 "state_dict": sd, "format_version": SPLINEPCA_FORMAT})
-            for sd in geometry["state_dict"]]
-    if geometry["shared"]:
-        mods = mods * config.n_layer
-    return mods
+    for i, (codec, state) in enumerate(zip(model.v_codecs(), _layer_states(saved, model.config, str(path)))):
+        try:
+            codec.load_state_dict(state)
+        except (RuntimeError, ValueError) as e:
+            raise ValueError(f"{path}: layer {i}'s state does not fit the model's codec: {e}") from None

@@ -4,7 +4,8 @@ Attention keeps GPT-2's ONE combined `c_attn` projection (Q, K, V in one GEMM)
 so Hugging Face GPT-2 weights load as they are. The research hook is one
 V-cache method per attention, `attn.vcache` (lib/vcache.py), built from the
 record GPTConfig.v_cache: full attention by default; V-only pruning, a
-KVSplice geometry, int8/int4 V, H2O or a composition otherwise.
+KVSplice geometry, int8/int4 V, H2O or a composition otherwise. A fitted
+codec's state is part of the model's state_dict.
 
 The same method serves training (attend, full sequence) and decoding (its
 cache, one per layer), so the two cannot drift apart.
@@ -18,7 +19,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gpt2.geometry import geometry_modules
 from lib.kv_cache import KVCache, static_address
 from lib.vcache import FULL, build_method, describe
 
@@ -173,7 +173,6 @@ class GPT(nn.Module):
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # weight tying
-        self.kvsplice_meta = None  # the geometry's dict, when one is attached
         config.v_cache = self.transformer.h[0].attn.vcache.record()  # every setting, defaults filled in
         self.apply(self._init_weights)
         # GPT-2 paper: scaled init of the residual projections
@@ -226,37 +225,28 @@ class GPT(nn.Module):
 
     # ---- the V-cache method --------------------------------------------------
 
-    def set_v_cache(self, record, geometry=None):
+    def set_v_cache(self, record):
         """Put the method of `record` (a lib.vcache record) into every attention
-        layer, with a KVSplice geometry dict for a geometry codec."""
+        layer, unfitted (the calibrator fits a codec that needs it)."""
         device = self.lm_head.weight.device
         for block in self.transformer.h:
             block.attn.vcache = build_method(record, self.config.block_size, self.config.head_dim).to(device)
         self.config.v_cache = self.transformer.h[0].attn.vcache.record()
-        self.kvsplice_meta = None
-        if geometry is not None:
-            self.attach_kvsplice(geometry)
 
-    def attach_kvsplice(self, geometry):
-        """Put a frozen KVSplice geometry into every attention layer's codec.
+    def v_codecs(self):
+        """Every layer's V codec, in layer order."""
+        return [block.attn.vcache.codec for block in self.transformer.h]
 
-        `geometry` is the calibrator's dict (gpt2/geometry.py): one SplinePCA
-        per layer, or one shared by all layers.
-        """
-        codec = self.config.v_cache["codec"]["kind"]
-        if codec not in ("splinepca", "pca"):
-            raise ValueError(f"a KVSplice geometry needs a splinepca or pca V codec; "
-                             f"this model's method is {describe(self.config.v_cache)}")
-        mods = geometry_modules(geometry, self.config)
-        device = self.lm_head.weight.device
-        for block, mod in zip(self.transformer.h, mods):
-            block.attn.vcache.codec.attach(mod.to(device))
-        self.config.v_cache = self.transformer.h[0].attn.vcache.record()
-        self.kvsplice_meta = geometry
+    def v_projections(self):
+        """Per layer, (module, fn): the module whose output carries V, and fn(output)
+        -> that layer's V as rows (n, head_dim). What the calibrator hooks."""
+        def v_rows(output):
+            return output[..., 2 * self.config.n_embd:].reshape(-1, self.config.head_dim)  # V of [Q | K | V]
+        return [(block.attn.c_attn, v_rows) for block in self.transformer.h]
 
-    def model_state_dict(self):
-        """state_dict without the geometry (it is saved as its own dict)."""
-        return {k: v for k, v in self.state_dict().items() if ".kvsplice." not in k}
+    def needs_fit(self):
+        """True while some layer's method waits for the fit its codec needs."""
+        return any(block.attn.vcache.needs_fit for block in self.transformer.h)
 
     # ---- generation with a KV cache ----------------------------------------
 
@@ -311,7 +301,7 @@ class GPT(nn.Module):
         return step
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, compile=False, timings=None):
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, compile=False, timings=None, cache=None):
         """Sample max_new_tokens after idx (B, T), decoding through a KV cache.
 
         The cache holds what the model's V-cache method stores: only kept
@@ -321,7 +311,9 @@ class GPT(nn.Module):
         reused). compile=True runs each one-token step as one compiled graph
         (decode_step; on CUDA, a CUDA graph); the prompt's prefill runs
         eager. A `timings` dict receives prefill_s (the prompt) and decode_s
-        (the new tokens). Each token is drawn by sample_next.
+        (the new tokens). Each token is drawn by sample_next. `cache`, an
+        empty KVCache from make_cache(), is decoded through instead of a new
+        one, so the caller can read what it holds afterwards.
         """
         if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
             raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
@@ -331,7 +323,7 @@ class GPT(nn.Module):
         wait = (lambda: torch.cuda.synchronize(idx.device)) if timings is not None and idx.is_cuda else (lambda: None)
         wait()
         t0 = time.perf_counter()
-        cache = self.make_cache()
+        cache = self.make_cache() if cache is None else cache
         logits, _ = self(idx[:, -bs:], caches=cache, last_only=True)
         wait()
         t1 = time.perf_counter()
@@ -373,7 +365,7 @@ class GPT(nn.Module):
         # HF uses Conv1D modules: their weights are the transpose of nn.Linear's
         transposed = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
         sd = self.state_dict()
-        keys = [k for k in sd if not k.endswith(".attn.bias") and ".kvsplice." not in k]
+        keys = [k for k in sd if not k.endswith(".attn.bias") and ".attn.vcache." not in k]
         sd_hf = {k: v for k, v in sd_hf.items()
                  if not k.endswith(".attn.masked_bias") and not k.endswith(".attn.bias")}
         missing = [k for k in keys if k not in sd_hf]
@@ -397,9 +389,11 @@ class GPT(nn.Module):
     def from_checkpoint_state(cls, ckpt):
         """The same, from a checkpoint dict already loaded (see load_checkpoint)."""
         model = cls(config_from_checkpoint(ckpt))
-        model.load_state_dict(ckpt["model"])
-        if ckpt.get("kvsplice") is not None:
-            model.attach_kvsplice(ckpt["kvsplice"])
+        state = ckpt["model"]
+        if "kvsplice" in ckpt:  # written before the codec owned its state: the geometry was a side entry
+            state = {**{n: t for n, t in model.state_dict().items() if ".attn.vcache." in n}, **state,
+                     **legacy_geometry_state(ckpt["kvsplice"], config_from_checkpoint(ckpt))}
+        model.load_state_dict(state)
         return model
 
     def crop_block_size(self, block_size):
@@ -407,7 +401,10 @@ class GPT(nn.Module):
         assert block_size <= self.config.block_size
         self.config.block_size = block_size
         self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
-        self.set_v_cache(self.config.v_cache, self.kvsplice_meta)  # budgets follow block_size
+        fitted = [codec.state_dict() for codec in self.v_codecs()]
+        self.set_v_cache(self.config.v_cache)  # budgets follow block_size; fitted codecs stay fitted
+        for codec, state in zip(self.v_codecs(), fitted):
+            codec.load_state_dict(state)
 
     def estimate_mfu(self, tokens_per_iter, dt, peak_flops):
         """Model FLOPs utilisation (PaLM appendix B), as in nanoGPT."""
@@ -451,3 +448,17 @@ def load_checkpoint(path, map_location="cpu"):
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
         raise ValueError(f"{path} is not a training checkpoint (expected keys 'model' and 'model_config')")
     return ckpt
+
+
+def legacy_geometry_state(geometry, config):
+    """The codec state_dict entries of a checkpoint's old "kvsplice" entry (one
+    SplinePCA state per layer, or one shared), or {} when it held none."""
+    if geometry is None:
+        return {}
+    layers = geometry["state_dict"] * (config.n_layer if geometry["shared"] else 1)
+    state = {}
+    for i, layer in enumerate(layers):
+        prefix = f"transformer.h.{i}.attn.vcache.codec."
+        state.update({prefix + "geometry." + n: t for n, t in layer.items()})
+        state[prefix + "fit_done"] = torch.tensor(True)
+    return state

@@ -20,15 +20,17 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from gpt2.calibrate import CALIB_SEED_SALT, KVSpliceCalibrator
 from gpt2.cpu import configure_cpu
 from gpt2.data import TokenData, open_data
-from gpt2.geometry import load_geometry, save_geometry
+from gpt2.geometry import load_fitted, save_fitted
+from gpt2.method_flags import method_record
 from gpt2.model import GPT, GPTConfig, load_checkpoint
 from gpt2.prepare_data import decode_tokens, unigram_entropy
 from gpt2.recall import RecallData, accuracy_names, answer_accuracy, format_accuracy
 from gpt2.validation import BadArguments, calibration_iter, sample_prompt_ids, validate_args
+from lib.vcache import describe, describe_part
 from gpt2.atomic import atomic_torch_save
 from gpt2.tracking import Tracker
 
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2  # 1: the KVSplice geometry in a side entry, "kvsplice"
 EVAL_SEED_SALT = 7919  # evaluation batches: seed + this, the same at every evaluation
 
 
@@ -110,20 +112,11 @@ class IncompleteRun(RuntimeError):
     summary.json says so ("complete": false), so nothing downstream counts it."""
 
 
-def v_cache_record(args):
-    """The V-cache method the flags ask for, as a lib.vcache record."""
-    select = ({"kind": "prune", "keep_ratio": args.kv_prune_keep_ratio, "k_min": args.kv_prune_k_min,
-               "recency": args.kv_prune_recency} if args.kv_prune else {"kind": "full"})
-    codec = ({"kind": "splinepca", "k": args.kvsplice_k, "knots": args.kvsplice_knots}
-             if args.kvsplice_enable or args.kvsplice_load else {"kind": "none"})
-    return {"select": select, "codec": codec}
-
-
 def model_config_from_args(args, vocab_size):
     return GPTConfig(
         block_size=args.block_size, vocab_size=vocab_size, n_layer=args.n_layer,
         n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout, bias=args.bias,
-        v_cache=v_cache_record(args), rmlp=args.rmlp, rmlp_rff=args.rmlp_rff,
+        v_cache=method_record(args), rmlp=args.rmlp, rmlp_rff=args.rmlp_rff,
     )
 
 
@@ -136,49 +129,52 @@ def build_model(args, data, ckpt):
         if isinstance(data, RecallData) or data.meta.get("compact"):
             raise ValueError(f"--init-from {args.init_from} needs the full GPT-2 vocabulary, but "
                              f"{data.dir} has its own (a recall task, or --compact-vocab)")
-        model = GPT.from_pretrained(args.init_from, dropout=args.dropout, v_cache=v_cache_record(args),
+        model = GPT.from_pretrained(args.init_from, dropout=args.dropout, v_cache=method_record(args),
                                     rmlp=args.rmlp, rmlp_rff=args.rmlp_rff)
         if args.block_size > model.config.block_size:
             raise ValueError(f"--block-size {args.block_size} exceeds the context of --init-from "
                              f"{args.init_from}, {model.config.block_size} positions")
         if args.block_size < model.config.block_size:
             model.crop_block_size(args.block_size)
-    if args.kvsplice_load and model.kvsplice_meta is None:
-        model.attach_kvsplice(load_geometry(args.kvsplice_load, model.config, args.kvsplice_k))
+    if args.kvsplice_load and model.needs_fit():
+        load_fitted(args.kvsplice_load, model)
     return model
 
 
 def calibrate_model(model, data, args, rt, tracker, step):
-    """Calibrate on the model as trained so far and put the geometry into its attention.
+    """Fit every layer's V codec on V of the model as trained so far, and save it.
 
-    Under DDP, rank 0 collects and fits; the geometry is broadcast so every
-    rank uses the identical one. `model` is the raw module (not the compiled
-    or DDP wrapper): hooks see plain c_attn calls.
+    Under DDP, rank 0 collects and fits; the fitted states are broadcast so
+    every rank holds the identical codecs. `model` is the raw module (not the
+    compiled or DDP wrapper): hooks see plain calls of its V projections.
     """
-    geometry = None
+    codec = model.config.v_cache["codec"]
+    states = None
     if rt.master:
         print(f"[KVSplice] calibrating at iteration {step}: {args.kvsplice_max_batches} batches, "
-              f"k={args.kvsplice_k}, knots={args.kvsplice_knots}", flush=True)
+              f"{describe_part(codec)}", flush=True)
         t0 = time.time()
-        cal = KVSpliceCalibrator(model, args.kvsplice_k, args.kvsplice_samples, seed=args.seed)
+        cal = KVSpliceCalibrator(model, args.kvsplice_samples, seed=args.seed)
         batches = (data.get_batch("train", args.batch_size, args.block_size, args.seed + CALIB_SEED_SALT,
                                   step, j, rt.device)[0] for j in range(args.kvsplice_max_batches))
         cal.collect(batches, autocast_context(rt.device, args.dtype)[0])
-        geometry = cal.fit(args.kvsplice_knots, args.kvsplice_epochs, args.kvsplice_lr,
-                           args.kvsplice_shared, seed=args.seed)
-        save_geometry(geometry, Path(args.out_dir) / args.kvsplice_save)
+        fit_stats = cal.fit(args.kvsplice_epochs, args.kvsplice_lr, args.kvsplice_shared, seed=args.seed)
+        save_fitted(model, Path(args.out_dir) / args.kvsplice_save, fit_stats)
         if args.kvsplice_dump_samples:
             cal.dump_samples(args.kvsplice_dump_samples)
-        record = {"kvsplice/seconds": time.time() - t0, "kvsplice/fit_seconds": geometry["fit_stats"]["seconds"]}
-        for i, s in enumerate(geometry["fit_stats"]["layers"]):
-            record[f"kvsplice/layer{i}_pca_val_mse"] = s["pca_val_mse"]
-            record[f"kvsplice/layer{i}_splinepca_val_mse"] = s["spline_val_mse"]
+        record = {"kvsplice/seconds": time.time() - t0, "kvsplice/fit_seconds": fit_stats["seconds"]}
+        for i, s in enumerate(fit_stats["layers"]):
+            if "pca_val_mse" in s:
+                record[f"kvsplice/layer{i}_pca_val_mse"] = s["pca_val_mse"]
+                record[f"kvsplice/layer{i}_splinepca_val_mse"] = s["spline_val_mse"]
         tracker.log(record, step=step)
+        states = [{n: t.cpu() for n, t in c.state_dict().items()} for c in model.v_codecs()]
     if rt.ddp:
-        box = [geometry]
+        box = [states]
         dist.broadcast_object_list(box, src=0)
-        geometry = box[0]
-    model.attach_kvsplice(geometry)
+        if not rt.master:
+            for c, state in zip(model.v_codecs(), box[0]):
+                c.load_state_dict(state)
 
 
 def configure_optimizer(model, args, device):
@@ -272,7 +268,7 @@ class Run:
     rt: Runtime
     out_dir: Path
     data: TokenData
-    raw_model: GPT          # the module itself: hooks, checkpoints, geometry
+    raw_model: GPT          # the module itself: hooks, checkpoints, fitted codecs
     model: object           # what the step calls: raw_model, compiled and/or DDP-wrapped
     optimizer: object
     scaler: object
@@ -317,7 +313,7 @@ def _train(args, rt, on_iter):
     run.model.train()
     try:
         while run.it < run.schedule_iters and not (args.max_time > 0 and run.elapsed >= args.max_time):
-            if args.kvsplice_enable and run.raw_model.kvsplice_meta is None and run.it >= calib_iter:
+            if run.it >= calib_iter and run.raw_model.needs_fit():
                 calibrate_model(run.raw_model, run.data, args, rt, run.tracker, step=run.it)
             if run.it == decide_at and args.max_time > 0:
                 fix_schedule(run)
@@ -355,11 +351,11 @@ def _train(args, rt, on_iter):
 def unengaged_features(run, calib_iter):
     """Why the trained model is not what the arguments asked for, or None."""
     args = run.args
-    if args.kvsplice_enable and run.raw_model.kvsplice_meta is None:
+    if run.raw_model.needs_fit():
         budget = f" under --max-time {args.max_time:g}s" if args.max_time > 0 else ""
-        return (f"--kvsplice-enable: calibration was due at iteration {calib_iter}, but training ended at "
-                f"iteration {run.it}{budget}, so the model trained without KVSplice; raise --max-time or "
-                f"lower --kvsplice-calib-iter")
+        return (f"{describe(run.raw_model.config.v_cache)}: calibration (its codec's fit) was due at iteration "
+                f"{calib_iter}, but training ended at iteration {run.it}{budget}, so the model trained without "
+                f"its codec; raise --max-time or lower --kvsplice-calib-iter")
     return None
 
 
@@ -513,9 +509,8 @@ def log_step(run, lr, loss_sum, dt, it_start):
 def checkpoint_state(run):
     return {
         "format_version": CHECKPOINT_FORMAT,
-        "model": run.raw_model.model_state_dict(),
+        "model": run.raw_model.state_dict(),  # the fitted codecs' state included
         "model_config": asdict(run.raw_model.config),
-        "kvsplice": run.raw_model.kvsplice_meta,
         "optimizer": run.optimizer.state_dict(),
         "iter": run.it, "schedule_iters": run.schedule_iters, "best_val_loss": run.best_val,
         "elapsed": run.elapsed, "tokens": run.tokens,

@@ -11,8 +11,10 @@ import torch
 from gpt2.cpu import malloc_problems
 from gpt2.data import TokenData, recall_data
 from gpt2.prepare_data import encode_text
+from gpt2.method_flags import flag_problem, v_cache_record
 from gpt2.recall import is_recall
-from lib.kv_pruning import keep_budget
+from lib.settings import BadSettings
+from lib.vcache import build_method
 
 
 class BadArguments(ValueError):
@@ -53,11 +55,6 @@ _DOMAINS = {
     "eval_iters": (lambda v: v >= 1, ">= 1"),
     "log_interval": (lambda v: v >= 1, ">= 1"),
 }
-_PRUNE_DOMAINS = {
-    "kv_prune_keep_ratio": (lambda v: 0 < v <= 1, "in (0, 1]"),
-    "kv_prune_k_min": (lambda v: v >= 0, ">= 0"),
-    "kv_prune_recency": (lambda v: v >= 1, ">= 1"),
-}
 _CALIBRATION_DOMAINS = {
     "kvsplice_max_batches": (lambda v: v >= 1, ">= 1"),
     "kvsplice_epochs": (lambda v: v >= 0, ">= 0 (0 = PCA with the identity spline)"),
@@ -97,53 +94,64 @@ def flag_problems(args, world):
         problems.append(f"--device {args.device}: CUDA is not available on this machine")
     if args.rmlp and not 0 < args.rmlp_rff < 4 * args.n_embd:
         problems.append(f"--rmlp-rff must be in (0, 4 x --n-embd = {4 * args.n_embd}), got {args.rmlp_rff}")
-    if args.kv_prune:
-        problems += prune_problems(args)
-    if args.kvsplice_enable or args.kvsplice_load:
-        problems += kvsplice_problems(args)
-    return problems
+    return problems + method_problems(args)
 
 
-def prune_problems(args):
-    problems = _domain_problems(args, _PRUNE_DOMAINS)
-    if not problems:
-        budget = keep_budget(args.kv_prune_keep_ratio, args.block_size, args.kv_prune_k_min)
-        if budget < args.kv_prune_recency:
-            problems.append(f"--kv-prune-recency {args.kv_prune_recency} exceeds the keep budget {budget} "
-                            f"(max(--kv-prune-k-min, --block-size x --kv-prune-keep-ratio)); raise "
-                            f"--kv-prune-k-min or lower --kv-prune-recency")
-    return problems
-
-
-def kvsplice_problems(args):
-    """The geometry's sizes; with --kvsplice-enable (and no --kvsplice-load)
-    everything calibration needs, so it cannot fail or be skipped after training began."""
+def method_problems(args):
+    """The V-cache method the flags ask for, built as the model will build it
+    (each class checks its own settings), and what its fit will need."""
+    try:
+        record, filled = v_cache_record(args)
+    except BadSettings as e:
+        return e.problems
     problems = []
-    head_dim = args.n_embd // args.n_head if args.n_head >= 1 else 0
-    if not 1 <= args.kvsplice_k <= head_dim:
-        problems.append(f"--kvsplice-k must be in [1, head_dim={head_dim}], got {args.kvsplice_k}")
-    if args.kvsplice_knots < 1:
-        problems.append(f"--kvsplice-knots must be >= 1, got {args.kvsplice_knots}")
+    if args.v_cache and (args.kv_prune or args.kvsplice_enable):
+        on = " and ".join(f for f, v in (("--kv-prune", args.kv_prune), ("--kvsplice-enable", args.kvsplice_enable))
+                          if v)
+        problems.append(f"--v-cache names the whole method: drop {on} (their settings flags still give what "
+                        f"the record leaves out)")
+    if args.n_head < 1 or args.n_embd % args.n_head or args.block_size < 1:
+        return problems  # no head_dim or block to build with: reported above
+    head_dim = args.n_embd // args.n_head
+    try:
+        method = build_method(record, args.block_size, head_dim)
+    except BadSettings as e:
+        problems += [flag_problem(p, filled, bool(args.v_cache)) for p in e.problems]
+        try:  # the codec alone, so that what its calibration needs is listed too
+            method = build_method({"select": {"kind": "full"}, "codec": record["codec"]}, args.block_size, head_dim)
+        except BadSettings:
+            return problems
     if args.kvsplice_load:
-        if not Path(args.kvsplice_load).is_file():
+        if not method.codec.needs_fit:
+            problems.append(f"--kvsplice-load {args.kvsplice_load}: the method's codec "
+                            f"{record['codec']['kind']!r} has no fitted state to load")
+        elif not Path(args.kvsplice_load).is_file():
             problems.append(f"--kvsplice-load {args.kvsplice_load}: no such file")
         return problems
-    problems += _domain_problems(args, _CALIBRATION_DOMAINS)
-    need = args.kvsplice_k + 1  # the fit's minimum number of V vectors per layer
+    if method.needs_fit:
+        problems += calibration_problems(args, method.codec)
+    return problems
+
+
+def calibration_problems(args, codec):
+    """Everything the calibration of a codec that needs a fit depends on, so that
+    it cannot fail or be skipped after training began."""
+    problems = _domain_problems(args, _CALIBRATION_DOMAINS)
+    need, kind = codec.fit_rows()[0], codec.kind
     if args.kvsplice_samples < need:
-        problems.append(f"--kvsplice-samples must be at least --kvsplice-k + 1 = {need} (V vectors kept "
-                        f"per layer for the fit), got {args.kvsplice_samples}")
+        problems.append(f"--kvsplice-samples must be at least {need}, the V vectors per layer the {kind} fit "
+                        f"needs, got {args.kvsplice_samples}")
     vectors = args.kvsplice_max_batches * args.batch_size * args.block_size * args.n_head
     if args.kvsplice_max_batches >= 1 and vectors < need:
         problems.append(f"--kvsplice-max-batches {args.kvsplice_max_batches} x --batch-size {args.batch_size} x "
                         f"--block-size {args.block_size} x --n-head {args.n_head} = {vectors} V vectors per "
-                        f"layer, fewer than --kvsplice-k + 1 = {need}; raise --kvsplice-max-batches")
+                        f"layer, fewer than the {need} the {kind} fit needs; raise --kvsplice-max-batches")
     calib = calibration_iter(args)
     which = ("--kvsplice-calib-iter" if args.kvsplice_calib_iter is not None
              else "--kvsplice-calib-iter (default: --warmup-iters)")
     if not 0 <= calib < args.max_iters:
-        problems.append(f"{which} is {calib}, outside [0, --max-iters = {args.max_iters}): calibration "
-                        f"would never run and the run would train without KVSplice")
+        problems.append(f"{which} is {calib}, outside [0, --max-iters = {args.max_iters}): the {kind} fit "
+                        f"would never run and the run would train without its codec")
     if not args.kvsplice_save or Path(args.kvsplice_save).name != args.kvsplice_save:
         problems.append(f"--kvsplice-save must be a file name (it is written in --out-dir), "
                         f"got {args.kvsplice_save!r}")

@@ -53,8 +53,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lib.settings import check
+
 GOLDEN_RATIO = (1 + math.sqrt(5)) / 2
 KEEP_RATIO = 1 / (1 + GOLDEN_RATIO)  # 0.381966...: 391 of 1024 tokens
+K_MIN = 64  # never keep fewer values than this
+RECENCY = 64  # the recency window: the most recent tokens always kept
 NEVER = torch.iinfo(torch.long).max  # eviction position of a token never evicted
 
 
@@ -139,10 +143,8 @@ class TokenKeep(nn.Module):
 
     def __init__(self, budget, recency, block_size):
         super().__init__()
-        if recency < 1:
-            raise ValueError(f"recency window must be >= 1 token, got {recency}")
-        if budget < recency:
-            raise ValueError(f"keep budget {budget} is smaller than the recency window {recency}")
+        check([f"recency must be >= 1, got {recency}"] if recency < 1 else
+              [f"keep budget {budget} is smaller than the recency window {recency}"] if budget < recency else [])
         self.budget, self.recency, self.block_size = budget, recency, block_size
 
     def extra_repr(self):
@@ -187,17 +189,18 @@ class VOnlyPruner(TokenKeep):
     """V-only pruning: each query keeps the values of `budget` tokens, the
     recency window and the older tokens that received the most attention."""
 
-    def __init__(self, keep_ratio=KEEP_RATIO, k_min=64, recency=64, block_size=1024):
-        if not 0 < keep_ratio <= 1:
-            raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio}")
-        if k_min < 0:
-            raise ValueError(f"k_min must be >= 0, got {k_min}")
+    def __init__(self, keep_ratio=KEEP_RATIO, k_min=K_MIN, recency=RECENCY, block_size=1024):
+        problems = []
+        if not (isinstance(keep_ratio, (int, float)) and 0 < keep_ratio <= 1):
+            problems.append(f"keep_ratio must be in (0, 1], got {keep_ratio}")
+        if not isinstance(k_min, int) or k_min < 0:
+            problems.append(f"k_min must be an int >= 0, got {k_min}")
+        if not isinstance(recency, int) or recency < 1:
+            problems.append(f"recency must be an int >= 1, got {recency}")
+        check(problems)
         budget = keep_budget(keep_ratio, block_size, k_min)
-        if budget < recency:
-            raise ValueError(
-                f"keep budget {budget} (block_size {block_size} x keep_ratio "
-                f"{keep_ratio:.4f}, k_min {k_min}) is smaller than the recency window "
-                f"{recency}; raise k_min or lower recency")
+        check([f"recency {recency} exceeds the keep budget {budget} (max(k_min, block_size {block_size} x "
+               f"keep_ratio {keep_ratio:.4f})); raise k_min or lower recency"] if budget < recency else [])
         super().__init__(budget, recency, block_size)
         self.keep_ratio, self.k_min = keep_ratio, k_min
 
@@ -206,8 +209,7 @@ class SlidingWindow(TokenKeep):
     """The control that keeps only the last `window` tokens' values (keys in full)."""
 
     def __init__(self, window, block_size=1024):
-        if window < 1:
-            raise ValueError(f"window must be >= 1 token, got {window}")
+        check([] if isinstance(window, int) and window >= 1 else [f"window must be an int >= 1, got {window}"])
         super().__init__(window, window, block_size)
 
 
@@ -219,7 +221,8 @@ class RandomKeep(TokenKeep):
     older tokens kept are chosen at random (a fixed hash of seed, head and
     position, so training and the decode cache draw the same tokens)."""
 
-    def __init__(self, keep_ratio=KEEP_RATIO, k_min=64, recency=64, block_size=1024, seed=0):
+    def __init__(self, keep_ratio=KEEP_RATIO, k_min=K_MIN, recency=RECENCY, block_size=1024, seed=0):
+        check([] if isinstance(seed, int) else [f"seed must be an int, got {seed!r}"])
         pruner = VOnlyPruner(keep_ratio, k_min, recency, block_size)  # the same checks and budget
         super().__init__(pruner.budget, recency, block_size)
         self.keep_ratio, self.k_min, self.seed = keep_ratio, k_min, seed

@@ -500,7 +500,7 @@ class PCA(nn.Module):
         return self.decompress(self.compress(V))
 
 
-def _check_values(state_dict, where):
+def check_values(state_dict, where):
     """ValueError unless the spline's knots are finite and non-decreasing per
     dimension and its slopes and PCA finite: anything else computes NaN.
     Missing or misshapen entries are left to load_state_dict to report."""
@@ -708,7 +708,7 @@ class SplinePCA(nn.Module):
         if d["format_version"] != FORMAT_VERSION:
             raise ValueError(f"{where}: format_version {d['format_version']!r}, expected {FORMAT_VERSION}")
         mod = cls(d["Hd"], d["k"], d["knots"])
-        _check_values(d["state_dict"], where)
+        check_values(d["state_dict"], where)
         try:
             mod.load_state_dict(d["state_dict"])
         except (RuntimeError, TypeError, AttributeError) as e:

@@ -1,28 +1,33 @@
-"""V-cache methods: one object per method, with three faces.
+"""V-cache methods: one object per method, with four faces.
 
 A method is a token selector (which tokens' V a query may read) composed
 with a V codec (how each kept V vector is stored):
 
     method.attend(q, k, v, dropout_p)   full-sequence causal attention, for
                                         training and evaluation
-    method.make_cache()                 its decode cache for one layer; fed the
-                                        same tokens, it returns attend's outputs
-    method.v_bytes(T, head_dim, dtype)  V bytes its cache holds per (batch,
+    method.make_cache()                 its decode cache for one layer
+                                        (lib/kv_cache.py's LayerCache protocol);
+                                        fed the same tokens, it returns attend's outputs
+    method.v_bytes(T, dtype)            V bytes its cache holds per (batch,
                                         head) after T tokens: what a real cache
                                         measures (tests check it)
     method.record()                     a plain dict that rebuilds it:
                                         build_method(record, block_size, head_dim)
 
-Attention holds one method (gpt2/model.py); GPTConfig.v_cache is its record,
-so a checkpoint rebuilds it from one place; the ablation steps and the
-benchmark are lists of records. A record:
+A codec that is fitted (PCA, SplinePCA) owns its fit step and its fitted
+state (its state_dict): method.needs_fit says it still waits for the fit,
+which the calibrator runs on V samples of its layer.
+
+Nothing here knows about models: an attention calls method.attend on its
+q, k, v, whatever the model (a GPT-2 block: gpt2/model.py). A record:
 
     {"select": {"kind": "prune", "keep_ratio": 0.382, "k_min": 64, "recency": 64},
      "codec": {"kind": "splinepca", "k": 16, "knots": 7}}
 
 Adding a method is one class registered with @register_selector or
 @register_codec; tests/test_vcache.py then runs it through causality,
-decode == attend, real bytes and bad input (docs/vcache.md, "Adding a method").
+decode == attend, real bytes, the fit and bad input (docs/vcache.md,
+"Adding a method").
 """
 
 import inspect
@@ -33,8 +38,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lib.kv_cache import H2OLayerCache, LayerKVCache
+from lib.kv_pruning import K_MIN, KEEP_RATIO, RECENCY, RandomKeep, SlidingWindow, VOnlyPruner
+from lib.kvsplice import SplinePCA, check_values
 from lib.quantize import VQuantizer
-from lib.kv_pruning import KEEP_RATIO, RandomKeep, SlidingWindow, VOnlyPruner
+from lib.settings import BadSettings, check
+
+SAMPLES_PER_LATENT_DIM = 2000  # V vectors per latent dim a geometry's fit wants per layer
 
 SELECTORS = {}  # kind -> TokenSelector subclass
 CODECS = {}     # kind -> VCodec subclass
@@ -128,7 +137,7 @@ class Prune(KeepRule):
 
     example = {"keep_ratio": 0.25, "k_min": 8, "recency": 4}
 
-    def __init__(self, block_size, keep_ratio=KEEP_RATIO, k_min=64, recency=64):
+    def __init__(self, block_size, keep_ratio=KEEP_RATIO, k_min=K_MIN, recency=RECENCY):
         super().__init__(block_size, VOnlyPruner(keep_ratio, k_min, recency, block_size))
 
     def params(self):
@@ -142,7 +151,7 @@ class Window(KeepRule):
 
     example = {"window": 6}
 
-    def __init__(self, block_size, window=64):
+    def __init__(self, block_size, window=RECENCY):
         super().__init__(block_size, SlidingWindow(window, block_size))
 
     def params(self):
@@ -155,7 +164,7 @@ class Random(KeepRule):
 
     example = {"keep_ratio": 0.25, "k_min": 8, "recency": 4, "seed": 3}
 
-    def __init__(self, block_size, keep_ratio=KEEP_RATIO, k_min=64, recency=64, seed=0):
+    def __init__(self, block_size, keep_ratio=KEEP_RATIO, k_min=K_MIN, recency=RECENCY, seed=0):
         super().__init__(block_size, RandomKeep(keep_ratio, k_min, recency, block_size, seed))
 
     def params(self):
@@ -197,12 +206,44 @@ class H2O(TokenSelector):
 # ---- V codecs ------------------------------------------------------------------
 
 class VCodec(nn.Module):
-    """How one V vector (head_dim) is stored. encode/decode are what the cache
-    calls; roundtrip(v) == decode(encode(v)) in v's dtype is what training
-    sees. A Module, so fitted state moves with the model."""
+    """How one V vector (head_dim wide) is stored. Subclasses take head_dim,
+    then their settings as keyword arguments (the record's fields), and
+    check them in __init__ (raise BadSettings / ValueError).
+
+    encode/decode are what the cache calls; roundtrip(v) == decode(encode(v))
+    in v's dtype is what training sees. A Module: fitted state is its own
+    state_dict, so it moves, saves and loads with the model's weights.
+
+    A codec with `needs_fit = True` is fitted from V samples of its layer
+    (fit, called by the calibrator); until then `fitted` is False and it
+    stores V as it is. Its state_dict says whether it was fitted.
+    """
 
     kind = None
     example = {}
+    needs_fit = False
+
+    def __init__(self, head_dim):
+        super().__init__()
+        self.head_dim = head_dim
+
+    @property
+    def fitted(self):
+        return True
+
+    def fit(self, samples, seed=0, **options):
+        """Fit to samples (N, head_dim) fp32 of this layer's V; returns a dict of
+        fit statistics. `options` are the calibrator's (epochs, lr): take what
+        you use. Only codecs with needs_fit have one."""
+        raise NotImplementedError(f"{self.kind} has no fit step")
+
+    def fit_rows(self):
+        """(fewest, most) V vectors per layer the fit needs and wants."""
+        return 1, None
+
+    def fit_summary(self, stats):
+        """One line about a fit, from fit()'s statistics."""
+        return ", ".join(f"{n} {v:.4g}" if isinstance(v, float) else f"{n} {v}" for n, v in stats.items())
 
     def storage(self):
         """How the cache stores V, as keyword arguments of its constructor:
@@ -217,15 +258,37 @@ class VCodec(nn.Module):
     def record(self):
         return {"kind": self.kind, **self.params()}
 
-    def check(self, head_dim):
-        """Raise ValueError if the codec cannot store head_dim-wide vectors."""
-
     def roundtrip(self, v):
         return self.decode(self.encode(v))
 
-    def stored_bytes(self, head_dim, dtype):
+    def stored_bytes(self, dtype):
         """Bytes of one stored vector when V arrives in `dtype`."""
         raise NotImplementedError
+
+
+class FittedCodec(VCodec):
+    """A VCodec with a fit step: a `fitted` flag in its state_dict, kept in
+    step with the Python attribute that the hot path reads."""
+
+    needs_fit = True
+
+    def __init__(self, head_dim):
+        super().__init__(head_dim)
+        self.register_buffer("fit_done", torch.zeros((), dtype=torch.bool))
+        self._fitted = False
+        self.register_load_state_dict_post_hook(_read_fit_flag)
+
+    @property
+    def fitted(self):
+        return self._fitted
+
+    def mark_fitted(self):
+        self.fit_done.fill_(True)
+        self._fitted = True
+
+
+def _read_fit_flag(codec, incompatible_keys):
+    codec._fitted = bool(codec.fit_done)
 
 
 @register_codec("none")
@@ -238,62 +301,80 @@ class NoCodec(VCodec):
     def roundtrip(self, v):
         return v
 
-    def stored_bytes(self, head_dim, dtype):
-        return head_dim * torch.empty((), dtype=dtype).element_size()
+    def stored_bytes(self, dtype):
+        return self.head_dim * torch.empty((), dtype=dtype).element_size()
 
 
-class _Geometry(VCodec):
+class _Geometry(FittedCodec):
     """A KVSplice geometry (lib/kvsplice.py): V -> spline -> PCA_k latent.
 
-    Fitted from V by gpt2/calibrate.py and attached frozen (attach); until
-    then it stores V as it is, so bytes and outputs are those of no codec.
+    Fitted from its layer's V (fit: SplinePCA.fit on the calibrator's
+    samples) and frozen; until then it stores V as it is, so bytes and
+    outputs are those of no codec.
     """
 
     spline = True
     example = {"k": 4, "knots": 3}
 
-    def __init__(self, k=16, knots=7):
-        super().__init__()
-        if not isinstance(k, int) or k < 1:
-            raise ValueError(f"k must be an int >= 1, got {k!r}")
+    def __init__(self, head_dim, k=16, knots=7):
+        super().__init__(head_dim)
+        problems = []
+        if not isinstance(k, int) or not 1 <= k <= head_dim:
+            problems.append(f"k must be an int in [1, head_dim = {head_dim}], got {k!r}")
         if not isinstance(knots, int) or knots < 1:
-            raise ValueError(f"knots must be an int >= 1, got {knots!r}")
+            problems.append(f"knots must be an int >= 1, got {knots!r}")
+        check(problems)
         self.k, self.knots = k, knots
-        self.kvsplice = None  # a frozen SplinePCA, set by attach
+        self.geometry = SplinePCA(head_dim, k, knots).requires_grad_(False)
+        self.register_load_state_dict_pre_hook(_check_geometry_values)
 
     def params(self):
         return {"k": self.k, "knots": self.knots}
 
-    def check(self, head_dim):
-        if self.k > head_dim:
-            raise ValueError(f"{self.kind}: k = {self.k} exceeds head_dim {head_dim}")
+    def fit(self, samples, seed=0, epochs=8, lr=2e-3, **options):
+        """SplinePCA.fit; plain PCA is the same fit with no epoch, which keeps the identity spline."""
+        stats = self.geometry.fit(samples, epochs=epochs if self.spline else 0, lr=lr, seed=seed)
+        self.geometry.requires_grad_(False)
+        self.mark_fitted()
+        return stats
 
-    def attach(self, splinepca):
-        """Use a fitted SplinePCA, frozen; its k and knots become the record's."""
-        self.k, self.knots = splinepca.k, splinepca.n_knots
-        self.kvsplice = splinepca.requires_grad_(False)
+    def fit_rows(self):
+        return self.k + 1, SAMPLES_PER_LATENT_DIM * self.k
 
-    @property
-    def fitted(self):
-        return self.kvsplice is not None
+    def set_geometry(self, splinepca):
+        """Use a SplinePCA fitted elsewhere, of the codec's head_dim, k and knots, as the fit."""
+        state = {"geometry." + n: t for n, t in splinepca.state_dict().items()}
+        self.load_state_dict({**state, "fit_done": torch.tensor(True)})
+
+    def fit_summary(self, s):
+        ratio = s["spline_val_mse"] / max(s["pca_val_mse"], 1e-30)
+        return (f"held-out MSE PCA {s['pca_val_mse']:.5f} SplinePCA {s['spline_val_mse']:.5f} (ratio {ratio:.3f}"
+                f"{'' if s['kept_spline'] else ', identity spline kept'}), {s['seconds']:.1f}s")
 
     def storage(self):
         if not self.fitted:
             return {}
-        return {"v_encode": self.encode, "v_decode": self.decode, "v_attend": self.kvsplice.attend}
+        return {"v_encode": self.encode, "v_decode": self.decode, "v_attend": self.geometry.attend}
 
     def encode(self, v):
-        return self.kvsplice.compress(v)
+        return self.geometry.compress(v)
 
     def decode(self, z):
-        return self.kvsplice.decompress(z)
+        return self.geometry.decompress(z)
 
     def roundtrip(self, v):
-        return v if self.kvsplice is None else self.kvsplice.roundtrip(v)
+        return self.geometry.roundtrip(v) if self.fitted else v
 
-    def stored_bytes(self, head_dim, dtype):
-        width = self.k if self.fitted else head_dim
+    def stored_bytes(self, dtype):
+        width = self.k if self.fitted else self.head_dim
         return width * torch.empty((), dtype=dtype).element_size()
+
+
+def _check_geometry_values(codec, state_dict, prefix, *args):
+    """Knots, slopes and PCA that would compute NaN are refused before they load."""
+    inner = prefix + "geometry."
+    check_values({n[len(inner):]: t for n, t in state_dict.items() if n.startswith(inner)},
+                 f"{codec.kind} codec state")
 
 
 @register_codec("splinepca")
@@ -315,17 +396,13 @@ class _Quantized(VCodec):
     bits = None
     example = {"group_size": 8}
 
-    def __init__(self, group_size=32):
-        super().__init__()
+    def __init__(self, head_dim, group_size=32):
+        super().__init__(head_dim)
         self.quant = VQuantizer(self.bits, group_size)
+        check([f"head_dim {head_dim} is not divisible by group_size {group_size}"] if head_dim % group_size else [])
 
     def params(self):
         return {"group_size": self.quant.group_size}
-
-    def check(self, head_dim):
-        if head_dim % self.quant.group_size:
-            raise ValueError(f"{self.kind}: head_dim {head_dim} is not divisible by "
-                             f"group_size {self.quant.group_size}")
 
     def encode(self, v):
         return self.quant.encode(v)
@@ -336,8 +413,8 @@ class _Quantized(VCodec):
     def roundtrip(self, v):
         return self.quant.decode(self.quant.encode(v)).to(v.dtype)
 
-    def stored_bytes(self, head_dim, dtype):
-        return self.quant.bytes_per_token(head_dim)
+    def stored_bytes(self, dtype):
+        return self.quant.bytes_per_token(self.head_dim)
 
 
 @register_codec("int8")
@@ -377,46 +454,68 @@ class VCacheMethod(nn.Module):
         """The decode cache of one layer: cache(q, k, v) on the new tokens -> y."""
         return self.selector.make_cache(**self.codec.storage())
 
-    def v_bytes(self, T, head_dim, dtype=torch.float32):
+    @property
+    def needs_fit(self):
+        """True while its codec waits for the fit it needs (the calibrator's)."""
+        return self.codec.needs_fit and not self.codec.fitted
+
+    def v_bytes(self, T, dtype=torch.float32):
         """V bytes the cache holds per (batch, head) after T tokens of V in `dtype`."""
-        return self.selector.held_tokens(T) * self.codec.stored_bytes(head_dim, dtype)
+        return self.selector.held_tokens(T) * self.codec.stored_bytes(dtype)
+
+
+def settings_of(cls):
+    """{setting: default} of a registered selector or codec: its record's fields."""
+    params = inspect.signature(cls.__init__).parameters
+    return {n: p.default for n, p in params.items() if n not in ("self", "block_size", "head_dim")}
 
 
 def _build(registry, what, spec, *args):
     if not isinstance(spec, dict) or "kind" not in spec:
-        raise ValueError(f"v_cache {what}: expected a dict with a 'kind', found {spec!r}")
+        raise BadSettings([f"v_cache {what}: expected a dict with a 'kind', found {spec!r}"])
     kind = spec["kind"]
     if kind not in registry:
-        raise ValueError(f"v_cache {what}: unknown kind {kind!r}; known: {', '.join(registry)}")
+        raise BadSettings([f"v_cache {what}: unknown kind {kind!r}; known: {', '.join(registry)}"])
     cls = registry[kind]
-    allowed = [n for n in inspect.signature(cls.__init__).parameters if n not in ("self", "block_size")]
+    allowed = list(settings_of(cls))
     unknown = sorted(set(spec) - {"kind"} - set(allowed))
     if unknown:
-        raise ValueError(f"v_cache {what} {kind!r}: unknown settings {unknown}; it takes {allowed}")
+        raise BadSettings([f"v_cache {what} {kind!r}: unknown settings {unknown}; it takes {allowed}"])
     settings = {n: v for n, v in spec.items() if n != "kind"}
     try:
         return cls(*args, **settings)
+    except BadSettings as e:
+        raise BadSettings([f"v_cache {what} {kind!r}: {p}" for p in e.problems]) from None
     except (ValueError, TypeError) as e:
-        raise ValueError(f"v_cache {what} {kind!r}: {e}") from None
+        raise BadSettings([f"v_cache {what} {kind!r}: {e}"]) from None
 
 
 def build_method(record, block_size, head_dim):
-    """A VCacheMethod from its record; ValueError names what is wrong."""
+    """A VCacheMethod from its record; BadSettings (a ValueError) lists every problem."""
     if not isinstance(record, dict) or set(record) != {"select", "codec"}:
-        raise ValueError(f"v_cache record: expected {{'select': ..., 'codec': ...}}, found {record!r}")
-    selector = _build(SELECTORS, "select", record["select"], block_size)
-    codec = _build(CODECS, "codec", record["codec"])
-    codec.check(head_dim)
-    return VCacheMethod(selector, codec)
+        raise BadSettings([f"v_cache record: expected {{'select': ..., 'codec': ...}}, found {record!r}"])
+    problems, parts = [], []
+    for what, registry, arg in (("select", SELECTORS, block_size), ("codec", CODECS, head_dim)):
+        try:
+            parts.append(_build(registry, what, record[what], arg))
+        except BadSettings as e:
+            problems += e.problems
+    check(problems)
+    return VCacheMethod(*parts)
 
 
 def describe(record):
     """A short label: 'prune(keep_ratio=0.382, k_min=64, recency=64) + splinepca(k=16, knots=7)'."""
-    def part(spec):
-        settings = ", ".join(f"{n}={_fmt(v)}" for n, v in spec.items() if n != "kind")
-        return spec["kind"] + (f"({settings})" if settings else "")
-    parts = [part(record["select"])] + ([part(record["codec"])] if record["codec"]["kind"] != "none" else [])
+    parts = [describe_part(record["select"])]
+    if record["codec"]["kind"] != "none":
+        parts.append(describe_part(record["codec"]))
     return " + ".join(parts)
+
+
+def describe_part(spec):
+    """A selector's or a codec's label: 'splinepca(k=16, knots=7)'."""
+    settings = ", ".join(f"{n}={_fmt(v)}" for n, v in spec.items() if n != "kind")
+    return spec["kind"] + (f"({settings})" if settings else "")
 
 
 def _fmt(v):

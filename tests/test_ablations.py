@@ -6,6 +6,7 @@ import sys
 import pytest
 
 from conftest import ROOT
+from gpt2.method_flags import method_record
 from gpt2.ablations import STEPS, format_steps, step_overrides
 from train_ra_mla import build_parser, parse_args
 
@@ -17,21 +18,24 @@ def test_every_step_overrides_declared_flags_only():
 
 
 def test_step_table_lookup():
-    assert step_overrides("V0") == {"kv_prune": False, "kvsplice_enable": False, "rmlp": False}
+    assert step_overrides("V0") == {"v_cache": "", "kv_prune": False, "kvsplice_enable": False, "rmlp": False}
     assert step_overrides("V19")["kv_prune"] is True
     v20 = step_overrides("V20")
     assert v20["kv_prune"] and v20["kvsplice_enable"] and v20["kvsplice_k"] == 16 and not v20["rmlp"]
     assert step_overrides("V21")["rmlp"] is True
     args = parse_args(["--ablation-step", "V21"])
     assert args.rmlp and args.kv_prune and args.kvsplice_enable and args.kvsplice_k == 16
+    v22 = parse_args(["--ablation-step", "V22", "--kv-prune-k-min", "16"])
+    assert method_record(v22) == {"select": {"kind": "prune", "keep_ratio": v22.kv_prune_keep_ratio, "k_min": 16,
+                                             "recency": 64}, "codec": {"kind": "int4"}}
 
 
 def test_unknown_step_lists_the_known_ones():
-    with pytest.raises(KeyError, match="known steps: V0, V19, V20, V21"):
+    with pytest.raises(KeyError, match="known steps: V0, V19, V20, V21, V22"):
         step_overrides("V99")
     r = subprocess.run([sys.executable, str(ROOT / "train_ra_mla.py"), "--ablation-step", "V99"],
                        capture_output=True, text=True, cwd=ROOT)
-    assert r.returncode == 2 and "known steps: V0, V19, V20, V21" in r.stderr
+    assert r.returncode == 2 and "known steps: V0, V19, V20, V21, V22" in r.stderr
 
 
 def test_list_steps_prints_the_table():
@@ -43,6 +47,7 @@ def test_list_steps_prints_the_table():
     methods = {"V0": "full", "V19": "prune(keep_ratio=0.382, k_min=64, recency=64)",
                "V20": "prune(keep_ratio=0.382, k_min=64, recency=64) + splinepca(k=16, knots=7)"}
     methods["V21"] = methods["V20"]
+    methods["V22"] = "prune(keep_ratio=0.382, k_min=64, recency=64) + int4(group_size=32)"
     assert r.stdout.strip() == format_steps(methods.get)
     assert "   V cache: prune(keep_ratio=0.382, k_min=64, recency=64)\n" in r.stdout
 

@@ -26,8 +26,10 @@ def test_iterations_for_budget_is_the_most_that_fit():
 
 
 def test_fewest_iterations_names_warmup_and_calibration():
-    v0 = SimpleNamespace(warmup_iters=12, kvsplice_enable=False, kvsplice_load=None, kvsplice_calib_iter=None)
-    v20 = SimpleNamespace(warmup_iters=12, kvsplice_enable=True, kvsplice_load=None, kvsplice_calib_iter=30)
+    off = dict(v_cache="", kv_prune=False, kvsplice_enable=False, kvsplice_load=None)
+    v0 = SimpleNamespace(warmup_iters=12, kvsplice_calib_iter=None, **off)
+    v20 = SimpleNamespace(warmup_iters=12, kvsplice_calib_iter=30, **{**off, "kvsplice_enable": True},
+                          kvsplice_k=16, kvsplice_knots=7)
     assert fewest_iterations({"V0": v0, "V19": v0}) == (13, "--warmup-iters 12 (V0, V19)")
     assert fewest_iterations({"V0": v0, "V20": v20}) == (31, "calibration at iteration 30 (V20)")
 

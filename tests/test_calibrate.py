@@ -6,21 +6,22 @@ import torch
 
 from conftest import fail_at, losses_by_iter, tiny_args, tiny_argv
 from gpt2.calibrate import KVSpliceCalibrator
-from gpt2.geometry import load_geometry
+from gpt2.geometry import load_fitted
 from gpt2.model import GPT, GPTConfig
 from gpt2.train import train, v_cache_footprint
 from lib.kv_pruning import importance_scores, keep_mask
 
 
-def fitted_geometry(model, k=4, batches=3, T=32):
-    cal = KVSpliceCalibrator(model, k, max_samples=4000)
+def fit_codecs(model, batches=3, T=32):
+    """Calibrate the model's codecs in place; returns the fit statistics."""
+    cal = KVSpliceCalibrator(model, max_samples=4000)
     cal.collect(torch.randint(0, model.config.vocab_size, (2, T)) for _ in range(batches))
-    return cal.fit(knots=5, epochs=2)
+    return cal.fit(epochs=2)
 
 
-def v_cache(prune=False, k_min=8, recency=4, codec="splinepca"):
+def v_cache(prune=False, k_min=8, recency=4, codec="splinepca", k=4):
     select = {"kind": "prune", "k_min": k_min, "recency": recency} if prune else {"kind": "full"}
-    return {"select": select, "codec": {"kind": codec}}
+    return {"select": select, "codec": {"kind": codec, "k": k, "knots": 5} if codec != "none" else {"kind": codec}}
 
 
 def tiny_model(**kw):
@@ -31,8 +32,8 @@ def tiny_model(**kw):
 
 def test_hooks_are_removed_and_samples_bounded_on_cpu():
     model = tiny_model()
-    cal = KVSpliceCalibrator(model, k=4, max_samples=10_000)
-    assert cal.cap == 8000  # min(--kvsplice-samples, 2000 * k)
+    cal = KVSpliceCalibrator(model, max_samples=10_000)
+    assert cal.cap == 8000  # min(--kvsplice-samples, 2000 * k): what the codec's fit wants
     cal.register()
     assert all(len(b.attn.c_attn._forward_hooks) == 1 for b in model.transformer.h)
     cal.remove()
@@ -46,7 +47,7 @@ def test_hooks_are_removed_and_samples_bounded_on_cpu():
 
 def test_collected_vectors_are_the_v_third_of_c_attn():
     model = tiny_model(n_layer=1)
-    cal = KVSpliceCalibrator(model, k=4, max_samples=10_000)
+    cal = KVSpliceCalibrator(model, max_samples=10_000)
     x = torch.randint(0, 50, (1, 8))
     cal.collect([x])
     with torch.no_grad():
@@ -62,13 +63,13 @@ def test_collected_vectors_are_the_v_third_of_c_attn():
 @pytest.mark.parametrize("max_samples", [0, 4])
 def test_a_sample_cap_below_k_plus_one_is_refused_naming_it(max_samples):
     with pytest.raises(ValueError, match=f"max_samples {max_samples} keeps fewer V vectors per layer than "
-                                         r"the fit needs \(k \+ 1 = 5\); raise --kvsplice-samples"):
-        KVSpliceCalibrator(tiny_model(), k=4, max_samples=max_samples)
+                                         r"the fit of splinepca needs \(5\); raise --kvsplice-samples"):
+        KVSpliceCalibrator(tiny_model(), max_samples=max_samples)
 
 
 def test_nonfinite_vectors_are_dropped_and_all_nonfinite_is_an_error(capsys):
     model = tiny_model(n_layer=1)
-    cal = KVSpliceCalibrator(model, k=4)
+    cal = KVSpliceCalibrator(model)
     v = torch.randn(10, 16)
     v[3, 2] = float("nan")
     v[7, 0] = float("inf")
@@ -76,7 +77,7 @@ def test_nonfinite_vectors_are_dropped_and_all_nonfinite_is_an_error(capsys):
     assert cal.samples[0].shape == (8, 16) and cal.dropped == 2
     with torch.no_grad():
         model.transformer.h[0].attn.c_attn.weight.fill_(float("nan"))
-    cal = KVSpliceCalibrator(model, k=4)
+    cal = KVSpliceCalibrator(model)
     with pytest.raises(ValueError, match="no finite V vectors"):
         cal.collect([torch.randint(0, 50, (1, 8))])
     assert "dropped 16 V vectors with NaN/inf" in capsys.readouterr().out
@@ -85,7 +86,7 @@ def test_nonfinite_vectors_are_dropped_and_all_nonfinite_is_an_error(capsys):
 @pytest.mark.parametrize("prune", [False, True])
 def test_decode_through_compressed_cache_equals_full_forward(prune):
     model = tiny_model(v_cache=v_cache(prune)).eval()
-    model.attach_kvsplice(fitted_geometry(model))
+    fit_codecs(model)
     idx = torch.randint(0, 50, (2, 48))
     with torch.no_grad():
         full, _ = model(idx)
@@ -101,9 +102,9 @@ def test_prune_then_compress_equals_compress_then_prune():
     all, then select), the one the model runs: every token is kept while in its
     own recency window, so every value is read by some query."""
     model = tiny_model(v_cache=v_cache(prune=True)).eval()
-    model.attach_kvsplice(fitted_geometry(model))
+    fit_codecs(model)
     attn = model.transformer.h[0].attn
-    rule, geo = attn.vcache.selector.rule, attn.vcache.codec.kvsplice
+    rule, geo = attn.vcache.selector.rule, attn.vcache.codec.geometry
     q, k, v = (torch.randn(2, 2, 64, 16) for _ in range(3))
     with torch.no_grad():
         probs = torch.softmax((q @ k.transpose(-2, -1) / 4).masked_fill(
@@ -117,8 +118,8 @@ def test_prune_then_compress_equals_compress_then_prune():
 
 def test_geometry_is_frozen_and_gradients_reach_the_model():
     model = tiny_model()
-    model.attach_kvsplice(fitted_geometry(model))
-    geo = model.transformer.h[0].attn.vcache.codec.kvsplice
+    fit_codecs(model)
+    geo = model.transformer.h[0].attn.vcache.codec.geometry
     assert all(not p.requires_grad for p in geo.parameters())
     _, loss = model(torch.randint(0, 50, (2, 16)), torch.randint(0, 50, (2, 16)))
     loss.backward()
@@ -131,11 +132,12 @@ def test_v_cache_memory_table():
     """T=1024, head_dim 64, k=16, 391 kept: 65,536 / 25,024 / 6,256 V elements per head per layer."""
     def footprint(prune, k):
         model = GPT(GPTConfig(n_layer=1, n_head=1, n_embd=64, block_size=1024, vocab_size=16,
-                              v_cache=v_cache(prune, k_min=64, recency=64)))
+                              v_cache=v_cache(prune, k_min=64, recency=64, codec="splinepca" if k else "none",
+                                              k=k)))
         if k:
-            cal = KVSpliceCalibrator(model, k)
+            cal = KVSpliceCalibrator(model)
             cal.add(0, torch.randn(2000, 64))
-            model.attach_kvsplice(cal.fit(knots=3, epochs=1))
+            cal.fit(epochs=1)
         return v_cache_footprint(model)["elements_per_head"]
 
     assert footprint(False, None) == 65_536
@@ -154,11 +156,11 @@ def test_calibrated_training_run_end_to_end(tiny_data_dir, tmp_path, capsys):
     assert "[KVSplice] calibrating at iteration 10" in out
     assert "[KVSplice] batch 4, collected" in out and f"[KVSplice] Saved to {run / 'kvsplice.pt'}" in out
     assert out.index("iter 10/20") < out.index("[KVSplice] calibrating") < out.index("iter 11/20")
-    model = GPT.from_checkpoint(run / "last.pt")  # the geometry comes with the checkpoint
-    geometry = load_geometry(run / "kvsplice.pt", model.config, expected_k=16)
-    saved = geometry["state_dict"][0]
-    live = model.transformer.h[0].attn.vcache.codec.kvsplice.state_dict()
-    assert all(torch.equal(saved[n], live[n]) for n in saved)  # frozen through training
+    model = GPT.from_checkpoint(run / "last.pt")  # the fitted codec comes with the checkpoint's weights
+    assert model.transformer.h[0].attn.vcache.codec.fitted and not model.needs_fit()
+    saved = torch.load(run / "kvsplice.pt")["state_dict"][0]
+    live = model.transformer.h[0].attn.vcache.codec.state_dict()
+    assert saved.keys() == live.keys() and all(torch.equal(saved[n], live[n]) for n in saved)  # frozen
     out = model.eval().generate(torch.zeros(1, 1, dtype=torch.long), 30)
     assert out.shape == (1, 31)
     assert torch.load(dump)[0].shape[1] == 32
@@ -178,21 +180,28 @@ def test_resume_after_calibration_keeps_the_geometry(tiny_data_dir, tmp_path, ca
 
 
 def test_kvsplice_load_checks_the_model(tmp_path):
+    from gpt2.geometry import save_fitted
+
     model = tiny_model()
+    fit_codecs(model)
     path = tmp_path / "kvsplice.pt"
-    torch.save(fitted_geometry(model), path)
-    with pytest.raises(ValueError, match="Hd is 16, but the model needs Hd = 32"):
-        load_geometry(path, GPTConfig(n_layer=2, n_head=1, n_embd=32))
+    save_fitted(model, path)
+    with pytest.raises(ValueError, match="head_dim is 16, but the model needs head_dim = 32"):
+        load_fitted(path, tiny_model(n_head=1))
     with pytest.raises(ValueError, match="n_layer is 2, but the model needs n_layer = 3"):
-        load_geometry(path, GPTConfig(n_layer=3, n_head=2, n_embd=32))
-    with pytest.raises(ValueError, match="k is 4, but the model needs k = 8"):
-        load_geometry(path, model.config, expected_k=8)
+        load_fitted(path, tiny_model(n_layer=3))
+    with pytest.raises(ValueError, match=r"codec is splinepca\(k=4, knots=5\), but the model needs "
+                                         r"codec = splinepca\(k=8, knots=5\)"):
+        load_fitted(path, tiny_model(v_cache=v_cache(k=8)))
+    fresh = tiny_model()
+    load_fitted(path, fresh)
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values()))
     path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(ValueError, match="not a readable KVSplice geometry"):
-        load_geometry(path, model.config)
+        load_fitted(path, model)
     torch.save({"model": 1}, path)
-    with pytest.raises(ValueError, match="is not a KVSplice geometry: missing keys"):
-        load_geometry(path, model.config)
+    with pytest.raises(ValueError, match="is not a fitted V codec file: format_version None"):
+        load_fitted(path, model)
 
 
 def test_dump_samples_of_a_trained_checkpoint_feeds_the_validation_script(tiny_data_dir, tmp_path):
@@ -217,11 +226,12 @@ def test_kvsplice_load_replaces_calibration(tiny_data_dir, tmp_path, capsys):
     train(tiny_args(tiny_data_dir, tmp_path / "second", "--max-iters", "4", "--kvsplice-enable",
                     "--kvsplice-k", "8", "--kvsplice-load", str(geometry)))
     assert "[KVSplice] calibrating" not in capsys.readouterr().out
-    ckpt = torch.load(tmp_path / "second" / "last.pt", weights_only=False)
+    model = GPT.from_checkpoint(tmp_path / "second" / "last.pt")
     saved = torch.load(geometry)
-    assert all(torch.equal(a[n], b[n]) for a, b in zip(ckpt["kvsplice"]["state_dict"], saved["state_dict"])
-               for n in a)
-    with pytest.raises(ValueError, match="k is 8, but the model needs k = 16"):
+    assert all(torch.equal(a[n], t) for a, codec in zip(saved["state_dict"], model.v_codecs())
+               for n, t in codec.state_dict().items())
+    with pytest.raises(ValueError, match=r"codec is splinepca\(k=8, knots=7\), but the model needs codec = "
+                                         r"splinepca\(k=16, knots=7\)"):
         train(tiny_args(tiny_data_dir, tmp_path / "third", "--kvsplice-k", "16", "--kvsplice-load", str(geometry)))
     assert not (tmp_path / "third" / "last.pt").exists()
 
@@ -243,11 +253,13 @@ def test_a_v20_run_whose_calibration_never_ran_is_incomplete_and_not_counted(tin
                           "--kv-prune-recency", "8", "--kvsplice-k", "8", "--kvsplice-calib-iter", "20",
                           "--max-time", "0.001")) == 1
     err = capsys.readouterr().err
-    reason = "calibration was due at iteration 20, but training ended at iteration 1 under --max-time 0.001s"
-    assert f"train_ra_mla.py: error: the run is incomplete: --kvsplice-enable: {reason}" in err
+    reason = ("calibration (its codec's fit) was due at iteration 20, but training ended at iteration 1 under "
+              "--max-time 0.001s")
+    assert ("train_ra_mla.py: error: the run is incomplete: prune(keep_ratio=0.382, k_min=16, recency=8) + "
+            f"splinepca(k=8, knots=7): {reason}") in err
     summary = json.loads((v20 / "summary.json").read_text())
     assert summary["complete"] is False and reason in summary["incomplete_reason"] and summary["step"] == "V20"
-    assert torch.load(v20 / "last.pt", weights_only=False)["kvsplice"] is None
+    assert GPT.from_checkpoint(v20 / "last.pt").needs_fit()
     assert json.loads((matrix / "V0" / "summary.json").read_text())["complete"] is True
 
     assert completed(matrix / "V0") and not completed(v20)  # the ablation runner runs it again
@@ -274,7 +286,7 @@ def test_a_v20_run_under_bf16_autocast_on_cpu(tiny_data_dir, tmp_path):
     assert sorted(losses) == list(range(1, 31)) and all(math.isfinite(v) for v in losses.values())
     assert summary["complete"] and math.isfinite(summary["final_val_loss"])
     geometry = torch.load(run / "kvsplice.pt")
-    assert all(t.dtype == torch.float32 for sd in geometry["state_dict"] for t in sd.values())
+    assert all(t.dtype == torch.float32 for sd in geometry["state_dict"] for t in sd.values() if t.is_floating_point())
     assert all(math.isfinite(s["spline_val_mse"]) for s in geometry["fit_stats"]["layers"])
 
     model = GPT.from_checkpoint(run / "last.pt").eval()
@@ -292,10 +304,10 @@ def test_a_v20_run_under_bf16_autocast_on_cpu(tiny_data_dir, tmp_path):
 
 def test_cropping_the_context_keeps_the_geometry_and_rescales_the_budget():
     model = tiny_model(v_cache=v_cache(prune=True, k_min=8, recency=4))
-    model.attach_kvsplice(fitted_geometry(model))
-    geometry = model.transformer.h[0].attn.vcache.codec.kvsplice.state_dict()
+    fit_codecs(model)
+    geometry = model.transformer.h[0].attn.vcache.codec.state_dict()
     assert model.transformer.h[0].attn.vcache.selector.rule.budget == 24  # int(64 x 0.382)
     model.crop_block_size(32)
     attn = model.transformer.h[0].attn.vcache
     assert attn.selector.rule.budget == 12 and attn.codec.fitted
-    assert all(torch.equal(geometry[n], t) for n, t in attn.codec.kvsplice.state_dict().items())
+    assert all(torch.equal(geometry[n], t) for n, t in attn.codec.state_dict().items())

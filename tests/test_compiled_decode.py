@@ -43,7 +43,7 @@ def model(record):
     geometry = {"splinepca": warped_geometry, "pca": pca_geometry}.get(record["codec"]["kind"])
     if geometry:
         for i, block in enumerate(m.transformer.h):
-            block.attn.vcache.codec.attach(geometry(i))
+            block.attn.vcache.codec.set_geometry(geometry(i))
     return m
 
 

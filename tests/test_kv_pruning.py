@@ -2,6 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from lib.settings import BadSettings
 from lib.kv_pruning import (KEEP_RATIO, VOnlyPruner, importance_scores, keep_budget,
                             keep_mask)
 
@@ -154,7 +155,11 @@ def test_output_and_gradients_are_the_softmax_over_the_kept_logits():
 
 
 def test_bad_configuration_fails_loudly():
-    with pytest.raises(ValueError, match="recency window"):
+    with pytest.raises(ValueError, match=r"recency 64 exceeds the keep budget 12 \(max\(k_min, block_size 32"):
         VOnlyPruner(k_min=8, recency=64, block_size=32)
+    with pytest.raises(BadSettings) as bad:
+        VOnlyPruner(keep_ratio=1.5, k_min=-1, recency=0)
+    assert bad.value.problems == ["keep_ratio must be in (0, 1], got 1.5", "k_min must be an int >= 0, got -1",
+                                  "recency must be an int >= 1, got 0"]
     with pytest.raises(ValueError, match="block_size"):
         VOnlyPruner(k_min=16, recency=16, block_size=64)(*qkv(1, 1, 65, 4))

@@ -1,4 +1,5 @@
 from dataclasses import asdict
+from pathlib import Path
 
 import pytest
 import torch
@@ -151,7 +152,7 @@ def test_checkpoint_from_before_the_method_record_loads(tmp_path):
     old_config = {k: v for k, v in asdict(model.config).items() if k != "v_cache"}
     old_config.update(kv_prune=True, kv_prune_keep_ratio=0.25, kv_prune_k_min=8, kv_prune_recency=4,
                       kvsplice_strategy="B")
-    old = {"model": model.model_state_dict(), "model_config": old_config, "kvsplice": None}
+    old = {"model": model.state_dict(), "model_config": old_config, "kvsplice": None}
     loaded = GPT.from_checkpoint_state(old).eval()
     assert loaded.config.v_cache == record
     idx = torch.randint(0, 40, (1, 40))
@@ -159,3 +160,24 @@ def test_checkpoint_from_before_the_method_record_loads(tmp_path):
     old["model_config"]["kv_mystery"] = 1
     with pytest.raises(ValueError, match=r"fields this version does not know: \['kv_mystery'\]"):
         GPT.from_checkpoint_state(old)
+
+
+def test_a_checkpoint_of_the_old_format_loads_with_its_geometry():
+    """tests/data/old_format_checkpoint.pt was written by the code of commit
+    1339e07, when the KVSplice geometry was a side entry ("kvsplice") of the
+    checkpoint and not in the model's state_dict: a 2-layer model with
+    pruning and splinepca (k 4, knots 3; layer 0's spline is a learned one),
+    with the logits it computed. It loads into the codecs, fitted, and
+    computes the same logits."""
+    path = Path(__file__).parent / "data" / "old_format_checkpoint.pt"
+    ckpt = torch.load(path, weights_only=False)
+    assert "kvsplice" in ckpt and not any(".vcache." in n for n in ckpt["model"])
+    model = GPT.from_checkpoint(path).eval()
+    assert model.config.v_cache == {"select": {"kind": "prune", "keep_ratio": 0.5, "k_min": 8, "recency": 4},
+                                    "codec": {"kind": "splinepca", "k": 4, "knots": 3}}
+    assert not model.needs_fit() and not model.v_codecs()[0].geometry.spline.is_identity
+    with torch.no_grad():
+        logits, _ = model(ckpt["test_idx"])
+    assert torch.allclose(logits, ckpt["test_logits"], atol=1e-6, rtol=0)
+    assert all(".vcache.codec.geometry." in n or ".vcache.codec.fit_done" in n
+               for n in set(model.state_dict()) - set(ckpt["model"]))

@@ -1,64 +1,22 @@
 """Every registered V-cache method (lib/vcache.py) through the same checks:
 causality, decode through its cache == its full-sequence attention, the bytes
-its real cache holds == the bytes it declares, and clear errors on bad
-settings. A method registered anywhere before collection is checked too: the
-two toys below are registered in this file and touch nothing else."""
+its real cache holds == the bytes it declares, a fit that moves with the
+state_dict, and clear errors on bad settings. A method registered anywhere
+before collection is checked too: the toys of tests/toy_methods.py are
+registered in that file and touch nothing else."""
 
-import inspect
+import json
 
 import pytest
 import torch
 
-from lib.kvsplice import SplinePCA
-from gpt2.model import GPT, GPTConfig
-from lib.vcache import CODECS, SELECTORS, KeepRule, VCodec, build_method, register_codec, register_selector
-from lib.kv_pruning import TokenKeep
+import toy_methods  # noqa: F401  (registers the toys)
+from conftest import tiny_args
+from gpt2.model import GPT
+from gpt2.train import train
+from lib.vcache import CODECS, SELECTORS, build_method
 
 BLOCK, HS, B, NH = 40, 16, 2, 3
-
-
-# ---- two toy methods: a token selector and a V codec, written here ------------------
-
-class _EvenFirst(TokenKeep):
-    """The window, plus older tokens at even positions first (latest first)."""
-
-    def score(self, received, positions):
-        return (positions % 2 == 0).to(received.dtype).expand_as(received)
-
-
-@register_selector("even_first")
-class EvenFirst(KeepRule):
-    example = {"window": 4, "older": 6}
-
-    def __init__(self, block_size, window=4, older=6):
-        super().__init__(block_size, _EvenFirst(window + older, window, block_size))
-
-    def params(self):
-        return {"window": self.rule.recency, "older": self.rule.budget - self.rule.recency}
-
-
-@register_codec("fp16")
-class Float16(VCodec):
-    """V stored as float16."""
-
-    def encode(self, v):
-        return v.half()
-
-    def decode(self, h):
-        return h.float()
-
-    def roundtrip(self, v):
-        return v.half().to(v.dtype)
-
-    def stored_bytes(self, head_dim, dtype):
-        return 2 * head_dim
-
-
-TOYS = (_EvenFirst, EvenFirst, Float16)
-
-
-def test_the_toy_methods_are_short():
-    assert sum(len(inspect.getsource(cls).splitlines()) for cls in TOYS) < 40
 
 
 # ---- the checks, over every registered selector x codec ---------------------------
@@ -66,15 +24,19 @@ def test_the_toy_methods_are_short():
 PAIRS = [(s, c) for s in SELECTORS for c in CODECS]
 
 
+def fit_samples(seed=0):
+    """Skewed V-like rows: a learned spline has something to straighten."""
+    return torch.randn(2000, HS, generator=torch.Generator().manual_seed(seed)) ** 3
+
+
 def make_method(select, codec):
+    """The method with the registry's example settings, fitted when its codec needs a fit."""
     record = {"select": {"kind": select, **SELECTORS[select].example},
               "codec": {"kind": codec, **CODECS[codec].example}}
     method = build_method(record, BLOCK, HS)
-    if codec in ("pca", "splinepca"):  # a geometry codec needs its fitted geometry
-        geometry = SplinePCA(HS, method.codec.k, method.codec.knots)
-        geometry.fit(torch.randn(2000, HS, generator=torch.Generator().manual_seed(0)) ** 3,
-                     epochs=1 if codec == "splinepca" else 0)
-        method.codec.attach(geometry)
+    if method.needs_fit:
+        method.codec.fit(fit_samples(), epochs=1)
+    assert not method.needs_fit
     return method
 
 
@@ -127,7 +89,7 @@ def test_real_cache_bytes_equal_declared_bytes(select, codec):
     q, k, v = qkv(seed=2)
     for T in (3, BLOCK // 2, BLOCK):
         _, cache = decode(method, q[:, :, :T], k[:, :, :T], v[:, :, :T], chunks=(2,))
-        assert cache.nbytes()["v"] == B * NH * method.v_bytes(T, HS, v.dtype), T
+        assert cache.nbytes()["v"] == B * NH * method.v_bytes(T, v.dtype), T
     rebuilt = build_method(method.record(), BLOCK, HS)
     assert rebuilt.record() == method.record()
 
@@ -160,28 +122,55 @@ def test_malformed_records_name_the_problem():
         build_method({"select": {"kind": "full"}}, BLOCK, HS)
     with pytest.raises(ValueError, match="expected a dict with a 'kind'"):
         build_method({"select": "full", "codec": {"kind": "none"}}, BLOCK, HS)
-    with pytest.raises(ValueError, match="int8: head_dim 16 is not divisible by group_size 32"):
+    with pytest.raises(ValueError, match="codec 'int8': head_dim 16 is not divisible by group_size 32"):
         build_method({"select": {"kind": "full"}, "codec": {"kind": "int8"}}, BLOCK, HS)
-    with pytest.raises(ValueError, match="splinepca: k = 32 exceeds head_dim 16"):
+    with pytest.raises(ValueError, match=r"codec 'splinepca': k must be an int in \[1, head_dim = 16\], got 32"):
         build_method({"select": {"kind": "full"}, "codec": {"kind": "splinepca", "k": 32}}, BLOCK, HS)
 
 
-def test_a_toy_method_runs_in_the_model_without_touching_it():
-    """Registered in this file, the toy trains (gradients flow) and generates
-    through its cache exactly as its full forward computes."""
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=BLOCK, vocab_size=30,
-                          v_cache={"select": {"kind": "even_first", "window": 3, "older": 5},
-                                   "codec": {"kind": "fp16"}}))
-    idx = torch.randint(0, 30, (2, 36))
-    _, loss = model(idx, idx)
-    loss.backward()
-    assert model.transformer.h[0].attn.c_attn.weight.grad.abs().sum() > 0
-    model.eval()
+END_TO_END = [
+    {"select": {"kind": "prune", "keep_ratio": 0.382, "k_min": 8, "recency": 4}, "codec": {"kind": "int4"}},
+    {"select": {"kind": "full"}, "codec": {"kind": "pca", "k": 16}},
+    {"select": {"kind": "even_first", "window": 3, "older": 5}, "codec": {"kind": "centred_int8"}},
+]
+
+
+@pytest.mark.parametrize("record", END_TO_END, ids=lambda r: f"{r['select']['kind']}+{r['codec']['kind']}")
+def test_any_method_trains_in_by_one_flag_and_generates_through_its_cache(tiny_data_dir, tmp_path, record):
+    """--v-cache trains with the method in the loop (a codec that needs a fit is
+    fitted at --kvsplice-calib-iter), the checkpoint rebuilds it, fitted, and
+    generate decodes through its cache: greedy tokens equal the full forward's
+    argmax, and the cache holds the bytes the method declares."""
+    run = tmp_path / "run"
+    summary = train(tiny_args(tiny_data_dir, run, "--max-iters", "8", "--kvsplice-calib-iter", "3",
+                              "--kvsplice-max-batches", "2", "--kvsplice-epochs", "1",
+                              "--v-cache", json.dumps(record)))
+    assert summary["complete"]
+    model = GPT.from_checkpoint(run / "last.pt").eval()
+    expected = build_method(record, 64, 32).record()  # the record with its defaults filled in
+    assert model.config.v_cache == summary["v_cache_method"] == expected
+    assert not model.needs_fit()
+    cache = model.make_cache()
+    prompt = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    out = model.generate(prompt, 40, top_k=1, cache=cache)
     with torch.no_grad():
-        full, _ = model(idx)
-        cache = model.make_cache()
-        parts = [model(idx[:, :6], caches=cache)[0]] + [model(idx[:, t:t + 1], caches=cache)[0]
-                                                       for t in range(6, 36)]
-    assert torch.allclose(torch.cat(parts, 1), full, atol=1e-5)
-    assert cache.layers[0].v.dtype == torch.float16 and cache.layers[0].v.size(-2) == 8
+        full, _ = model(out[:, :-1])
+    assert torch.equal(full[:, 11:].argmax(-1), out[:, 12:])
+    method = model.transformer.h[0].attn.vcache
+    assert cache.nbytes()["v"] == 2 * 2 * 2 * method.v_bytes(52)  # batch x layers x heads
+    assert method.v_bytes(52) < 52 * 32 * 4  # the method stores fewer V bytes than fp32 V
+
+
+def test_a_codec_with_a_fit_step_carries_its_state_in_the_state_dict():
+    """Fitted, the toy codec's state loads into a fresh one, which is then fitted
+    and encodes alike; an unfitted state loads as unfitted."""
+    record = {"select": {"kind": "full"}, "codec": {"kind": "centred_int8"}}
+    fitted, fresh, unfitted = (build_method(record, BLOCK, HS) for _ in range(3))
+    fitted.codec.fit(fit_samples())
+    fresh.load_state_dict(fitted.state_dict())
+    assert fresh.codec.fitted and not fresh.needs_fit and unfitted.needs_fit
+    q, k, v = qkv(seed=3)
+    assert torch.equal(fresh.attend(q, k, v), fitted.attend(q, k, v))
+    assert not torch.equal(fresh.attend(q, k, v), unfitted.attend(q, k, v))
+    fresh.load_state_dict(unfitted.state_dict())
+    assert fresh.needs_fit
