@@ -3,10 +3,10 @@
 
     python scripts/bench_kv.py --ckpt runs/cpu-quickstart/V0/best.pt
 
-Each method (scripts/bench_kv_methods.py: a list of lib.vcache records with
+Each method (gpt2/bench/kv_methods.py: a list of lib.vcache records with
 the checkpoint's settings) is put into the model's attention after training
 and evaluated on the validation split, the same seeded batches for every
-method (scripts/bench_kv_measure.py); scripts/bench_kv_report.py writes the
+method (gpt2/bench/kv_measure.py); gpt2/bench/kv_report.py writes the
 table and plot.
 
 Columns, and what each is measured from:
@@ -57,19 +57,15 @@ from gpt2.calibrate import CALIB_SEED_SALT, KVSpliceCalibrator  # noqa: E402
 from gpt2.cpu import configure_cpu  # noqa: E402
 from gpt2.model import GPT, config_from_checkpoint, load_checkpoint  # noqa: E402
 from gpt2.recall import RecallData  # noqa: E402
-from gpt2.data import open_data  # noqa: E402
-from gpt2.train import EVAL_SEED_SALT  # noqa: E402
 from lib.vcache import FULL, describe  # noqa: E402
 from gpt2.atomic import atomic_write_text  # noqa: E402
 from lib.kv_pruning import keep_budget  # noqa: E402
-from gpt2.stats import paired_difference, verdict  # noqa: E402
 from gpt2.tracking import summary_complete  # noqa: E402
-from scripts.bench_kv_measure import (decode_models, decode_rates, decode_row, evaluate, install,  # noqa: E402
-                                      timing_geometry, v_bytes_per_token)
-from scripts.bench_kv_methods import (V20_K, BenchMethod, bench_methods, check_preconditions,  # noqa: E402
-                                      prune_settings)
-from scripts.bench_kv_report import (context_use, decode_rates_line, format_decode, format_table, machine_description,  # noqa: E402
-                                     notes, write_plot)
+from gpt2.bench.kv_measure import (compare_to_reference, decode_models, decode_rates, decode_row,  # noqa: E402
+                                   eval_data, install, measure_quality, timing_geometry)
+from gpt2.bench.kv_methods import V20_K, bench_methods, check_preconditions, prune_settings  # noqa: E402
+from gpt2.bench.kv_report import (decode_rates_line, format_decode, format_table, machine_description,  # noqa: E402
+                                  notes, write_plot)
 
 DEFAULT_KS = (8, 16, 32)
 
@@ -219,84 +215,11 @@ def run_benchmark(ckpt_path, ks=DEFAULT_KS, eval_batches=20, batch_size=8, calib
     return rows
 
 
-def eval_data(ckpt_path, args, block_size, vocab_size, data_dir, eval_batches, batch_size, seed):
-    """The checkpoint's dataset and the val batches every method is evaluated on
-    (for recall, with each answer's distance and task)."""
-    data_dir = data_dir or args.get("data_dir")
-    if data_dir is None or args.get("dataset") is None:
-        raise ValueError(f"{ckpt_path}: its args name no data_dir/dataset; pass --data-dir")
-    data = open_data(argparse.Namespace(**{**args, "data_dir": data_dir, "block_size": block_size}))
-    if data.vocab_size > vocab_size:
-        raise ValueError(f"data at {data.dir} has vocab_size {data.vocab_size}, the model {vocab_size}")
-    salt = seed + EVAL_SEED_SALT
-    if isinstance(data, RecallData):
-        return data, [data.get_batch_with_distance("val", batch_size, block_size, salt, 0, j)
-                      for j in range(eval_batches)]
-    return data, [data.get_batch("val", batch_size, block_size, salt, 0, j) for j in range(eval_batches)]
-
-
-def checkpoint_context_use(ckpt_path, eval_batches=20, batch_size=8):
-    """(can_rank, text): the context-use line of a checkpoint alone (full cache vs a
-    window of its recency), for summaries that print no benchmark."""
-    ckpt = load_checkpoint(ckpt_path)
-    args = ckpt.get("args") or {}
-    model = GPT.from_checkpoint_state(ckpt).eval()
-    cfg = model.config
-    window = prune_settings(ckpt)["recency"]
-    data, val = eval_data(ckpt_path, args, cfg.block_size, cfg.vocab_size, None, eval_batches, batch_size,
-                          args.get("seed", 1337))
-    methods = [BenchMethod("none", FULL), BenchMethod(f"window {window}", {"select": {"kind": "window", "window": window},
-                                                                          "codec": FULL["codec"]})]
-    rows = [measure_quality(model, m.build(model), val, val[0][0][:1], {"V19": None, "V20": None}, window,
-                            lambda msg: None) for m in methods]
-    info = {"prune_recency": window, "n_eval_batches": eval_batches, "recall": isinstance(data, RecallData)}
-    for row in rows:
-        compare_to_reference(row, rows[0])
-        row["info"] = info
-    return context_use(rows)
-
-
-def measure_quality(model, method, val, row0, trained, window, log):
-    """One table row: bytes from a real cache, loss (and recall accuracy) per val batch."""
-    install(model, method.layers)
-    t0 = time.perf_counter()
-    nbytes = v_bytes_per_token(model, row0)
-    per_batch = evaluate(model, val, window)
-    loss = statistics.fmean(per_batch["loss"])
-    row = {"method": method.name, "family": method.family, "k": method.k, "record": method.record,
-           "v_bytes_per_token": nbytes, "val_loss": loss, "ppl": math.exp(loss), "calib_s": method.calib_s,
-           "trained_in_pct": {"prune": trained["V19"], "prune+splinepca": trained["V20"]}.get(method.family),
-           "v_mse_ratio": method.v_mse_ratio, "per_batch": per_batch}
-    for name in ("acc", "acc_far"):
-        correct, total = (sum(c for c, _ in per_batch[name]), sum(n for _, n in per_batch[name]))
-        row[name] = correct / total if total else None
-    acc = "" if row["acc"] is None else f"  acc {row['acc']:.3f}" + (
-        "" if row["acc_far"] is None else f" far {row['acc_far']:.3f}")
-    log(f"[bench] {method.name:<28} V {nbytes:8.1f} B/token/layer  loss {loss:.4f}{acc}  "
-        f"calib {method.calib_s:5.1f}s  [{time.perf_counter() - t0:.1f}s]")
-    return row
-
-
-def compare_to_reference(row, ref):
-    """Paired differences to the reference (full V cache) over the same val batches."""
-    row["compression"] = ref["v_bytes_per_token"] / row["v_bytes_per_token"]
-    row["loss_diff"], row["loss_diff_se"] = paired_difference(row["per_batch"]["loss"], ref["per_batch"]["loss"])
-    row["ppl_change_pct"] = 100.0 * math.expm1(row["loss_diff"])
-    se = row["loss_diff_se"]
-    row["ppl_change_se_pct"] = None if se is None else 100.0 * math.exp(row["loss_diff"]) * se
-    row["verdict"] = "reference" if row is ref else verdict(row["loss_diff"], se, "worse", "better")
-    for name in ("acc", "acc_far"):
-        pairs = [(c / n, rc / rn) for (c, n), (rc, rn) in zip(row["per_batch"][name], ref["per_batch"][name])
-                 if n and rn]
-        if len(pairs) > 1:
-            row[f"{name}_diff"], row[f"{name}_diff_se"] = paired_difference(*zip(*pairs))
-
-
 def decode_speed(ckpt_path, batches, contexts, repeats, log=_log):
     """V0 and V20, eager and compiled, and V20's pruning with plain PCA,
     compiled, through model.generate at each (batch, context), at the
     checkpoint's shape; returns the report section's text and
-    its target checks (scripts/bench_kv_report.py format_decode)."""
+    its target checks (gpt2/bench/kv_report.py format_decode)."""
     ckpt = load_checkpoint(ckpt_path)
     config = config_from_checkpoint(ckpt)
     prune = prune_settings(ckpt)

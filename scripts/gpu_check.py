@@ -65,9 +65,9 @@ from gpt2.model import GPT  # noqa: E402
 from gpt2.train import GPU_PEAK_FLOPS, autocast_context, configure_optimizer, peak_flops, sync  # noqa: E402
 from lib.vcache import describe  # noqa: E402
 from lib.kv_pruning import keep_budget  # noqa: E402
-from scripts.bench_kv_measure import decode_models, decode_row, timing_geometry  # noqa: E402
-from scripts.bench_kv_report import decode_rates_line, format_decode  # noqa: E402
-from scripts.bench_train import step_config, with_geometry  # noqa: E402
+from gpt2.bench.kv_measure import decode_models, decode_row, timing_geometry  # noqa: E402
+from gpt2.bench.kv_report import decode_rates_line, format_decode  # noqa: E402
+from gpt2.bench.train_steps import step_config, with_geometry  # noqa: E402
 from train_ra_mla import parse_args  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -13,9 +13,10 @@ from lib.kv_cache import KVCache, LayerKVCache
 from gpt2.model import GPT, GPTConfig
 from gpt2.train import train
 from lib.quantize import VQuantizer
-from scripts.bench_kv import (collect_v, compare_to_reference, default_matrix, main, run_benchmark,
+from gpt2.bench.kv_measure import compare_to_reference
+from scripts.bench_kv import (collect_v, default_matrix, main, run_benchmark,
                               trained_in_changes)
-from scripts.bench_kv_report import format_decode, format_table
+from gpt2.bench.kv_report import format_decode, format_table
 
 FAMILIES = (["none", "pca", "pca", "splinepca", "splinepca", "int8", "int4"]
             + [f"{s}{c}" for s in ("prune", "random") for c in ("", "+pca", "+splinepca", "+int8", "+int4")]

@@ -1,0 +1,1 @@
+"""What the entry points in scripts/ share: benchmark measurements, reports and models at set shapes."""
