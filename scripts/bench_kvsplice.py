@@ -12,8 +12,9 @@
    shaped V (B=8, nh=4, T=256, hs=64, a transposed view), SplinePCA vs PCA,
    eager and under torch.compile (what --compile runs).
 
-Targets hold on a machine as slow as the slowest day seen (`make bench-train`
-V0 at about 1,500 ms/iter); state that day's bench-train figure beside them.
+Targets hold on a machine as slow as the slowest day seen (the slowest
+`make bench-train` V0 the README records); state that day's bench-train
+figure beside them.
 
 The samples are the warped source of gpt2/bench/synthetic.py, so the fit
 keeps a real (non-identity) spline and the timings include it.

@@ -31,7 +31,7 @@ from gpt2.bench.train_steps import QUICKSTART, step_config, with_geometry  # noq
 from gpt2.cpu import configure_cpu  # noqa: E402
 from gpt2.model import GPT  # noqa: E402
 
-# the target of issue 12: V20's compiled step within this factor of V0's
+# the spline's budget on the training hot path: V20's compiled step within this factor of V0's
 COMPILED_V20_TARGET = 1.10
 
 
