@@ -1,1 +1,1 @@
-"""What the entry points in scripts/ share: benchmark measurements, reports and models at set shapes."""
+"""What the entry points in scripts/ share: V-cache benchmark measurements and reports, models at set shapes, the GPU cost model."""
