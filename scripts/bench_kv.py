@@ -2,11 +2,13 @@
 """Post-hoc V-cache methods on a trained checkpoint: quality, memory, speed.
 
     python scripts/bench_kv.py --ckpt runs/cpu-quickstart/V0/best.pt
+    python scripts/bench_kv.py --decode-only --config defconfigs/gpt2-124m-finewebedu --device cuda \
+        --decode-batches 1,16,64 --decode-contexts 1024     # the decode-speed table alone, on a GPU
 
-Each method (scripts/bench_kv_methods.py: a list of lib.vcache records with
+Each method (gpt2/bench/kv_methods.py: a list of lib.vcache records with
 the checkpoint's settings) is put into the model's attention after training
 and evaluated on the validation split, the same seeded batches for every
-method (scripts/bench_kv_measure.py); scripts/bench_kv_report.py writes the
+method (gpt2/bench/kv_measure.py); gpt2/bench/kv_report.py writes the
 table and plot.
 
 Columns, and what each is measured from:
@@ -31,7 +33,10 @@ Columns, and what each is measured from:
 Then a decode-speed section (once, at the first checkpoint's shape): V0 and
 V20, eager and compiled, through model.generate at each --decode-batches x
 --decode-contexts, with the targets V20 >= 0.85x the plain cache at batch 1
-and >= 1.0x at batch 16, context 1024.
+and >= 1.0x at batch 16, context 1024. It runs on --device, under bf16
+autocast on a GPU that supports it (fp32 on the CPU). --decode-only prints
+this section alone and writes nothing; with --config instead of --ckpt its
+models take a defconfig's (or .config's) shape and pruning, at --vocab.
 
 Writes --out-md (docs/benchmarks.md: table, targets, command, machine) and
 --out-png (docs/kv_pareto.png: perplexity vs V bytes per token).
@@ -56,20 +61,19 @@ sys.path.insert(0, str(ROOT))
 from gpt2.calibrate import CALIB_SEED_SALT, KVSpliceCalibrator  # noqa: E402
 from gpt2.cpu import configure_cpu  # noqa: E402
 from gpt2.model import GPT, config_from_checkpoint, load_checkpoint  # noqa: E402
+from gpt2.tokenizer import N_VOCAB  # noqa: E402
+from gpt2.train import autocast_context, model_config_from_args  # noqa: E402
 from gpt2.recall import RecallData  # noqa: E402
-from gpt2.data import open_data  # noqa: E402
-from gpt2.train import EVAL_SEED_SALT  # noqa: E402
 from lib.vcache import FULL, describe  # noqa: E402
 from gpt2.atomic import atomic_write_text  # noqa: E402
 from lib.kv_pruning import keep_budget  # noqa: E402
-from gpt2.stats import paired_difference, verdict  # noqa: E402
 from gpt2.tracking import summary_complete  # noqa: E402
-from scripts.bench_kv_measure import (decode_models, decode_rates, decode_row, evaluate, install,  # noqa: E402
-                                      timing_geometry, v_bytes_per_token)
-from scripts.bench_kv_methods import (V20_K, BenchMethod, bench_methods, check_preconditions,  # noqa: E402
-                                      prune_settings)
-from scripts.bench_kv_report import (context_use, decode_rates_line, format_decode, format_table, machine_description,  # noqa: E402
-                                     notes, write_plot)
+from gpt2.bench.kv_measure import (compare_to_reference, decode_models, decode_rates, decode_row,  # noqa: E402
+                                   eval_data, install, measure_quality, timing_geometry)
+from gpt2.bench.kv_methods import V20_K, bench_methods, check_preconditions, prune_settings  # noqa: E402
+from gpt2.bench.kv_report import (decode_rates_line, format_decode, format_table, machine_description,  # noqa: E402
+                                  notes, write_plot)
+from train_ra_mla import parse_args as train_flags  # noqa: E402
 
 DEFAULT_KS = (8, 16, 32)
 
@@ -219,106 +223,52 @@ def run_benchmark(ckpt_path, ks=DEFAULT_KS, eval_batches=20, batch_size=8, calib
     return rows
 
 
-def eval_data(ckpt_path, args, block_size, vocab_size, data_dir, eval_batches, batch_size, seed):
-    """The checkpoint's dataset and the val batches every method is evaluated on
-    (for recall, with each answer's distance and task)."""
-    data_dir = data_dir or args.get("data_dir")
-    if data_dir is None or args.get("dataset") is None:
-        raise ValueError(f"{ckpt_path}: its args name no data_dir/dataset; pass --data-dir")
-    data = open_data(argparse.Namespace(**{**args, "data_dir": data_dir, "block_size": block_size}))
-    if data.vocab_size > vocab_size:
-        raise ValueError(f"data at {data.dir} has vocab_size {data.vocab_size}, the model {vocab_size}")
-    salt = seed + EVAL_SEED_SALT
-    if isinstance(data, RecallData):
-        return data, [data.get_batch_with_distance("val", batch_size, block_size, salt, 0, j)
-                      for j in range(eval_batches)]
-    return data, [data.get_batch("val", batch_size, block_size, salt, 0, j) for j in range(eval_batches)]
+def decode_shape(args):
+    """(GPTConfig, pruning settings, what the models are) of the decode-speed
+    section: the first checkpoint's, or --config's at --vocab."""
+    if args.ckpt:
+        ckpt = load_checkpoint(args.ckpt[0])
+        return config_from_checkpoint(ckpt), prune_settings(ckpt), "the first checkpoint's shape"
+    flags = train_flags(["--config", args.config])
+    prune = {"keep_ratio": flags.kv_prune_keep_ratio, "k_min": flags.kv_prune_k_min, "recency": flags.kv_prune_recency}
+    return model_config_from_args(flags, args.vocab), prune, f"the shape of `{args.config}`"
 
 
-def checkpoint_context_use(ckpt_path, eval_batches=20, batch_size=8):
-    """(can_rank, text): the context-use line of a checkpoint alone (full cache vs a
-    window of its recency), for summaries that print no benchmark."""
-    ckpt = load_checkpoint(ckpt_path)
-    args = ckpt.get("args") or {}
-    model = GPT.from_checkpoint_state(ckpt).eval()
-    cfg = model.config
-    window = prune_settings(ckpt)["recency"]
-    data, val = eval_data(ckpt_path, args, cfg.block_size, cfg.vocab_size, None, eval_batches, batch_size,
-                          args.get("seed", 1337))
-    methods = [BenchMethod("none", FULL), BenchMethod(f"window {window}", {"select": {"kind": "window", "window": window},
-                                                                          "codec": FULL["codec"]})]
-    rows = [measure_quality(model, m.build(model), val, val[0][0][:1], {"V19": None, "V20": None}, window,
-                            lambda msg: None) for m in methods]
-    info = {"prune_recency": window, "n_eval_batches": eval_batches, "recall": isinstance(data, RecallData)}
-    for row in rows:
-        compare_to_reference(row, rows[0])
-        row["info"] = info
-    return context_use(rows)
-
-
-def measure_quality(model, method, val, row0, trained, window, log):
-    """One table row: bytes from a real cache, loss (and recall accuracy) per val batch."""
-    install(model, method.layers)
-    t0 = time.perf_counter()
-    nbytes = v_bytes_per_token(model, row0)
-    per_batch = evaluate(model, val, window)
-    loss = statistics.fmean(per_batch["loss"])
-    row = {"method": method.name, "family": method.family, "k": method.k, "record": method.record,
-           "v_bytes_per_token": nbytes, "val_loss": loss, "ppl": math.exp(loss), "calib_s": method.calib_s,
-           "trained_in_pct": {"prune": trained["V19"], "prune+splinepca": trained["V20"]}.get(method.family),
-           "v_mse_ratio": method.v_mse_ratio, "per_batch": per_batch}
-    for name in ("acc", "acc_far"):
-        correct, total = (sum(c for c, _ in per_batch[name]), sum(n for _, n in per_batch[name]))
-        row[name] = correct / total if total else None
-    acc = "" if row["acc"] is None else f"  acc {row['acc']:.3f}" + (
-        "" if row["acc_far"] is None else f" far {row['acc_far']:.3f}")
-    log(f"[bench] {method.name:<28} V {nbytes:8.1f} B/token/layer  loss {loss:.4f}{acc}  "
-        f"calib {method.calib_s:5.1f}s  [{time.perf_counter() - t0:.1f}s]")
-    return row
-
-
-def compare_to_reference(row, ref):
-    """Paired differences to the reference (full V cache) over the same val batches."""
-    row["compression"] = ref["v_bytes_per_token"] / row["v_bytes_per_token"]
-    row["loss_diff"], row["loss_diff_se"] = paired_difference(row["per_batch"]["loss"], ref["per_batch"]["loss"])
-    row["ppl_change_pct"] = 100.0 * math.expm1(row["loss_diff"])
-    se = row["loss_diff_se"]
-    row["ppl_change_se_pct"] = None if se is None else 100.0 * math.exp(row["loss_diff"]) * se
-    row["verdict"] = "reference" if row is ref else verdict(row["loss_diff"], se, "worse", "better")
-    for name in ("acc", "acc_far"):
-        pairs = [(c / n, rc / rn) for (c, n), (rc, rn) in zip(row["per_batch"][name], ref["per_batch"][name])
-                 if n and rn]
-        if len(pairs) > 1:
-            row[f"{name}_diff"], row[f"{name}_diff_se"] = paired_difference(*zip(*pairs))
-
-
-def decode_speed(ckpt_path, batches, contexts, repeats, log=_log):
+def decode_speed(config, prune, shape, batches, contexts, repeats, device="cpu", log=_log):
     """V0 and V20, eager and compiled, and V20's pruning with plain PCA,
-    compiled, through model.generate at each (batch, context), at the
-    checkpoint's shape; returns the report section's text and
-    its target checks (scripts/bench_kv_report.py format_decode)."""
-    ckpt = load_checkpoint(ckpt_path)
-    config = config_from_checkpoint(ckpt)
-    prune = prune_settings(ckpt)
+    compiled, through model.generate at each (batch, context), at config's
+    shape on `device` (autocast as training's --dtype auto sets it); returns
+    the report section's text and its target checks (gpt2/bench/kv_report.py
+    format_decode)."""
     record = {"select": {"kind": "prune", **prune}, "codec": {"kind": "splinepca", "k": V20_K, "knots": 7}}
     geometry = timing_geometry(config.head_dim, V20_K)
+    amp, dtype = autocast_context(device, "auto")
     speeds = {}
     for context in contexts:
-        models = decode_models(config, record, context, geometry)
+        models = [m.to(device) for m in decode_models(config, record, context, geometry)]
         for batch in batches:
             t0 = time.perf_counter()
-            speeds[(batch, context)] = decode_row(*models, batch, context, repeats, config.vocab_size)
+            with amp:
+                speeds[(batch, context)] = decode_row(*models, batch, context, repeats, config.vocab_size)
             log(f"[bench] decode batch {batch}, context {context}: {decode_rates_line(speeds[(batch, context)])} "
                 f"({time.perf_counter() - t0:.0f} s)")
-    shape = (f"the first checkpoint's shape ({config.n_layer} layers, {config.n_head} heads, {config.n_embd} dims, "
-             f"vocab {config.vocab_size})")
+    where = "" if device == "cpu" else f"; {dtype} autocast, {torch.cuda.get_device_name(device)}"
+    shape = (f"{shape} ({config.n_layer} layers, {config.n_head} heads, {config.n_embd} dims, "
+             f"vocab {config.vocab_size}{where})")
     return format_decode(speeds, describe(record), shape)
 
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--ckpt", required=True, nargs="+",
+    ap.add_argument("--ckpt", nargs="+", default=[],
                     help="training checkpoint(s) (best.pt / last.pt); one section and one plot each")
+    ap.add_argument("--decode-only", action="store_true",
+                    help="print the decode-speed section alone and write nothing")
+    ap.add_argument("--config", default=None,
+                    help="with --decode-only, instead of --ckpt: a defconfig or .config whose shape and "
+                         "pruning the decode-speed models take")
+    ap.add_argument("--vocab", type=int, default=N_VOCAB, help="with --config: the models' vocabulary size")
+    ap.add_argument("--device", default="cpu", help="where the decode-speed section runs: cpu, cuda or cuda:N")
     ap.add_argument("--out-md", default=str(ROOT / "docs" / "benchmarks.md"))
     ap.add_argument("--out-png", default=str(ROOT / "docs" / "kv_pareto.png"))
     ap.add_argument("--eval-batches", type=int, default=20, help="validation batches (same for every method)")
@@ -342,6 +292,12 @@ def parse_args(argv=None):
                          "parent, above any seed<N>/)")
     ap.add_argument("--data-dir", default=None, help="prepared data dir (default: the checkpoint's)")
     args = ap.parse_args(argv)
+    if bool(args.ckpt) == bool(args.config) or (args.config and not args.decode_only):
+        ap.error("expected --ckpt, or --decode-only with --config instead")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        ap.error(f"--device {args.device}, but torch.cuda.is_available() is False (torch {torch.__version__})")
+    elif not args.device.startswith("cuda") and args.device != "cpu":
+        ap.error(f"--device {args.device}: expected cpu, cuda or cuda:N")
     try:
         args.ks = [int(k) for k in args.ks.split(",") if k.strip()]
     except ValueError:
@@ -355,6 +311,8 @@ def parse_args(argv=None):
         ap.error(f"--decode-batches / --decode-contexts expect comma-separated integers, found "
                  f"{args.decode_batches!r} / {args.decode_contexts!r}")
     bad = [n for n in args.decode_batches + args.decode_contexts + [args.generate_repeats] if n < 1]
+    if args.decode_only and not args.decode_contexts:
+        ap.error("--decode-only with no --decode-contexts measures nothing")
     if bad or any(c < 64 for c in args.decode_contexts):
         ap.error(f"--decode-batches and --generate-repeats must be >= 1 and --decode-contexts >= 64, found "
                  f"batches {args.decode_batches}, contexts {args.decode_contexts}, repeats {args.generate_repeats}")
@@ -387,14 +345,18 @@ def main(argv=None):
     missing = [c for c in args.ckpt if not Path(c).is_file()]
     if missing:
         raise FileNotFoundError(f"checkpoint(s) not found: {', '.join(missing)}")
-    preflight(args)
+    if not args.decode_only:
+        preflight(args)
     configure_cpu()
     if args.threads:
         torch.set_num_threads(args.threads)
     results, sections = {}, []
     if args.decode_contexts:  # first, while nothing else of this run has warmed or loaded the machine
-        text, _ = decode_speed(args.ckpt[0], args.decode_batches, args.decode_contexts, args.generate_repeats)
+        text, _ = decode_speed(*decode_shape(args), args.decode_batches, args.decode_contexts,
+                               args.generate_repeats, args.device)
         print("\n" + text, flush=True)
+        if args.decode_only:
+            return results
         decode_section = f"## Decode speed\n\n{text}\n"
     for i, ckpt in enumerate(args.ckpt):
         t0 = time.perf_counter()

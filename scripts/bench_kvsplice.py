@@ -12,10 +12,11 @@
    shaped V (B=8, nh=4, T=256, hs=64, a transposed view), SplinePCA vs PCA,
    eager and under torch.compile (what --compile runs).
 
-Targets hold on a machine as slow as the slowest day seen (`make bench-train`
-V0 at about 1,500 ms/iter); state that day's bench-train figure beside them.
+Targets hold on a machine as slow as the slowest day seen (the slowest
+`make bench-train` V0 the README records); state that day's bench-train
+figure beside them.
 
-The samples are the warped source of scripts/kvsplice_validate.py, so the fit
+The samples are the warped source of gpt2/bench/synthetic.py, so the fit
 keeps a real (non-identity) spline and the timings include it.
 """
 
@@ -32,7 +33,7 @@ import torch  # noqa: E402
 
 from gpt2.cpu import configure_cpu  # noqa: E402
 from lib.kvsplice import PCA, SplinePCA  # noqa: E402
-from scripts.kvsplice_validate import warped_v  # noqa: E402
+from gpt2.bench.synthetic import warped_v  # noqa: E402
 
 
 def best_of(fn, repeats):

@@ -11,7 +11,7 @@ ends incomplete (a feature it asked for never engaged), which the comparison
 leaves out. A step with a complete summary.json is skipped unless --force;
 one that was interrupted or incomplete (last.pt, no complete summary.json)
 resumes. At the end the comparison table and plot are written
-(scripts/compare_runs.py).
+(gpt2/compare.py, as scripts/compare_runs.py writes them).
 
 Every run trains --max-iters iterations. With --matrix-time SECONDS
 (CONFIG_MATRIX_TIME) the whole matrix has one time budget instead: before the
@@ -43,6 +43,7 @@ from gpt2.recall import is_recall  # noqa: E402
 from gpt2.train import format_eta  # noqa: E402
 from gpt2.validation import BadArguments, matrix_problems, validate_args  # noqa: E402
 from gpt2.atomic import atomic_write_text  # noqa: E402
+from gpt2.compare import INVALID, write_comparison  # noqa: E402
 from gpt2.config import parse_with_config  # noqa: E402
 from gpt2.tracking import summary_complete  # noqa: E402
 from train_ra_mla import build_parser  # noqa: E402
@@ -232,8 +233,6 @@ def main(argv=None):
 
     invalid = False
     if len(plan) > len(datasets) or len(datasets) > 1:
-        from scripts.compare_runs import INVALID, write_comparison
-
         texts = [write_comparison(dirs, out_dir if dataset is None else out_dir / dataset, dataset)
                  for dataset, dirs in run_dirs.items() if dirs]
         if len(datasets) > 1 and texts:

@@ -13,9 +13,10 @@ from lib.kv_cache import KVCache, LayerKVCache
 from gpt2.model import GPT, GPTConfig
 from gpt2.train import train
 from lib.quantize import VQuantizer
-from scripts.bench_kv import (collect_v, compare_to_reference, default_matrix, main, run_benchmark,
+from gpt2.bench.kv_measure import compare_to_reference
+from scripts.bench_kv import (collect_v, default_matrix, main, run_benchmark,
                               trained_in_changes)
-from scripts.bench_kv_report import format_decode, format_table
+from gpt2.bench.kv_report import format_decode, format_table
 
 FAMILIES = (["none", "pca", "pca", "splinepca", "splinepca", "int8", "int4"]
             + [f"{s}{c}" for s in ("prune", "random") for c in ("", "+pca", "+splinepca", "+int8", "+int4")]
@@ -121,6 +122,39 @@ def test_every_checkpoint_is_checked_before_the_first_measurement(bench_run, tmp
         main(["--ckpt", str(ckpt), str(tmp_path / "moved.pt"), "--out-md", str(out / "b.md"),
               "--out-png", str(out / "b.png")])
     assert measured == [] and not out.exists()
+
+
+def test_decode_only_prints_the_decode_table_at_a_configs_shape_and_writes_nothing(tmp_path, capsys):
+    """--decode-only --config: make bench's decode table (V0 and V20, eager
+    and compiled, through model.generate) at a defconfig's shape, with no
+    checkpoint, on --device (what a GPU machine runs)."""
+    config = tmp_path / "tiny"
+    config.write_text("CONFIG_N_LAYER=2\nCONFIG_N_HEAD=2\nCONFIG_N_EMBD=64\n"
+                      "CONFIG_KV_PRUNE_K_MIN=16\nCONFIG_KV_PRUNE_RECENCY=8\n")
+    out_md = tmp_path / "b.md"
+    assert main(["--decode-only", "--config", str(config), "--vocab", "96", "--device", "cpu", "--threads", "1",
+                 "--decode-batches", "3", "--decode-contexts", "64", "--generate-repeats", "1",
+                 "--out-md", str(out_md), "--out-png", str(tmp_path / "b.png")]) == {}
+    out = capsys.readouterr().out
+    assert "[bench] decode batch 3, context 64: V0 " in out and "V20 compiled " in out and "PCA compiled " in out
+    assert "| 3 | 64 | 56 + 8 |" in out  # batch, context, prompt + 8 new tokens (64 // 8)
+    assert f"Models of the shape of `{config}` (2 layers, 2 heads, 64 dims, vocab 96)" in out
+    assert "prune(keep_ratio=0.382, k_min=16, recency=8) + splinepca(k=16, knots=7)" in out
+    assert not any(p.name.startswith("b.") for p in tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--decode-only", "--config", "c", "--decode-batches", "16,x"], "--decode-batches / --decode-contexts expect "
+                                                                      "comma-separated integers"),
+    (["--decode-only", "--config", "c", "--decode-batches", "0"], "must be >= 1"),
+    (["--decode-only", "--config", "c", "--decode-contexts", ""], "--decode-only with no --decode-contexts"),
+    (["--config", "c"], "expected --ckpt, or --decode-only with --config instead"),
+    (["--decode-only", "--config", "c", "--device", "tpu"], "--device tpu: expected cpu, cuda or cuda:N"),
+])
+def test_the_decode_table_rejects_what_it_cannot_run(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_a_recall_checkpoint_gets_accuracy_columns_and_its_own_section(bench_run):

@@ -1,9 +1,10 @@
-"""scripts/compare_runs.py: pooled seeds, paired per-seed differences, recall columns,
+"""gpt2/compare.py and scripts/compare_runs.py: pooled seeds, paired per-seed differences, recall columns,
 iterations and tokens per step, and no comparison of runs that trained unequal tokens."""
 
 import json
 
-from scripts.compare_runs import INVALID, context_use_line, load_run, main, summary_table, write_comparison
+from gpt2.compare import INVALID, context_use_line, load_run, summary_table, write_comparison
+from scripts.compare_runs import main
 
 
 def fake_run(root, seed, step, loss, acc=None, far=None, iters=100):

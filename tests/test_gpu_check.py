@@ -77,38 +77,6 @@ def test_a_non_finite_loss_fails(monkeypatch, capsys):
     assert "FAIL V0: non-finite training loss at iteration(s) [0, 1, 2]" in capsys.readouterr().out
 
 
-def test_estimate_prints_the_figures_docs_cite():
-    r = run("--estimate")
-    assert r.returncode == 0, r.stderr
-    out = r.stdout
-    assert "V0   N = 123,653,376" in out and "855.2 MFLOP per token" in out
-    assert "12 x 1024 x 40 = 491,520 tokens/iter x 2,000 iters = 0.983B tokens per step" in out
-    assert "one layer: kept for backward 0.605 GB (4.00 bytes per element" in out
-    assert "per micro-batch of 12 x 1024: 110 GB" in out
-    assert "all 4: H100 SXM 4.6 h (within --matrix-time), H200 3.9 h (within --matrix-time)" in out
-
-
-def test_decode_speed_prints_the_bench_table_on_its_device():
-    """--decode-speed: make bench's decode table (V0 and V20, eager and
-    compiled, through model.generate) at the check's shapes, here without the
-    checks (--steps '')."""
-    r = run(*TINY, "--steps", "", "--decode-speed", "3", "--decode-speed-repeats", "1")
-    assert r.returncode == 0, r.stdout + r.stderr
-    out = r.stdout
-    assert "decode speed, batch 3: V0 " in out and "V20 compiled " in out and "PCA compiled " in out
-    assert "| 3 | 64 | 56 + 8 |" in out  # batch, context = --block-size, prompt + 8 new tokens (64 // 8)
-    assert "Models of this check's shape (2 layers, 2 heads, 64 dims, vocab 96; bfloat16 autocast, CPU)" in out
-    assert "prune(keep_ratio=0.382, k_min=16, recency=8) + splinepca(k=16, knots=7)" in out
-    assert " train " not in out and "gpu_check: all checks passed" in out
-
-
-def test_decode_speed_rejects_what_is_not_a_batch_size():
-    r = run(*TINY, "--decode-speed", "16,x")
-    assert r.returncode == 2 and "--decode-speed '16,x': expected comma-separated batch sizes" in r.stderr
-    r = run(*TINY, "--decode-speed", "0")
-    assert r.returncode == 2 and "must be >= 1" in r.stderr
-
-
 def test_the_compiled_decode_check_wants_one_graph_for_every_step(monkeypatch):
     """With --compile, the decode check also decodes through GPT.decode_step's
     compiled step: on CPU it equals the full forward and compiles one graph

@@ -10,7 +10,8 @@ import torch
 
 from conftest import ROOT
 from lib.kvsplice import _KNOT_GRID, FORMAT_VERSION, MIN_RELATIVE_GAIN, PCA, MonotoneSpline, SplinePCA
-from scripts.kvsplice_validate import synthetic_v, validate_tensor, warped_v
+from gpt2.bench.synthetic import synthetic_v, warped_v
+from scripts.kvsplice_validate import validate_tensor
 
 
 def bent_spline(dim=8, knots=7, seed=0, spread=1.0, off_grid=False):

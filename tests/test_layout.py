@@ -1,4 +1,5 @@
-"""The import graph: no circle, and lib/ never imports gpt2/ (gpt2 builds on lib)."""
+"""The import graph: no circle, lib/ never imports gpt2/ (gpt2 builds on lib),
+and scripts/ holds entry points: no script imports another."""
 
 import ast
 from pathlib import Path
@@ -6,19 +7,25 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def imports(path):
+    """The modules a file imports, at any depth of the file."""
+    deps = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            deps.add(node.module)
+        elif isinstance(node, ast.Import):
+            deps.update(alias.name for alias in node.names)
+    return deps
+
+
 def project_imports():
-    """{module: {project modules it imports, at any depth of the file}} for gpt2/ and lib/."""
+    """{module: {project modules it imports}} for gpt2/ and lib/, sub-packages included."""
     graph = {}
     for package in ("gpt2", "lib"):
-        for path in sorted((ROOT / package).glob("*.py")):
-            name = f"{package}.{path.stem}"
-            deps = set()
-            for node in ast.walk(ast.parse(path.read_text())):
-                if isinstance(node, ast.ImportFrom) and node.module:
-                    deps.add(node.module)
-                elif isinstance(node, ast.Import):
-                    deps.update(alias.name for alias in node.names)
-            graph[name] = {d for d in deps if d.split(".")[0] in ("gpt2", "lib") and d != name}
+        for path in sorted((ROOT / package).rglob("*.py")):
+            parts = path.relative_to(ROOT).with_suffix("").parts
+            name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+            graph[name] = {d for d in imports(path) if d.split(".")[0] in ("gpt2", "lib") and d != name}
     return graph
 
 
@@ -54,6 +61,20 @@ def test_lib_never_imports_gpt2_and_the_calibrator_not_the_training_loop():
     upward = {m: sorted(d for d in deps if d.startswith("gpt2")) for m, deps in graph.items() if m.startswith("lib.")}
     assert not any(upward.values()), upward
     assert "gpt2.train" not in graph["gpt2.calibrate"]
+
+
+def test_sub_packages_are_in_the_graph():
+    graph = project_imports()
+    assert {"gpt2.bench", "gpt2.bench.kv_measure", "gpt2.bench.gpu_cost"} <= set(graph)
+    assert "gpt2.bench.kv_report" in graph["gpt2.bench.kv_measure"]
+
+
+def test_no_script_imports_scripts():
+    """What two scripts share lives in a module (gpt2/bench/), not in a script."""
+    scripts = sorted((ROOT / "scripts").glob("*.py"))
+    assert len(scripts) > 5
+    offenders = {p.name: sorted(d for d in imports(p) if d.split(".")[0] == "scripts") for p in scripts}
+    assert not any(offenders.values()), {name: deps for name, deps in offenders.items() if deps}
 
 
 def test_the_cycle_finder_finds_cycles():

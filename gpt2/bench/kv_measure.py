@@ -1,17 +1,26 @@
 """What scripts/bench_kv.py measures of one V-cache method in a model: quality,
-real cache bytes and decode speed. Each function takes the model with the
-method already installed (install)."""
+real cache bytes and decode speed; and a checkpoint's context use, which
+scripts/compare_runs.py prints above its table. The measuring functions take
+the model with the method already installed (install)."""
 
+import argparse
 import copy
+import math
 import statistics
 import time
 from dataclasses import replace
 
 import torch
 
+from gpt2.bench.kv_methods import BenchMethod, prune_settings
+from gpt2.bench.kv_report import context_use
+from gpt2.bench.synthetic import warped_v
+from gpt2.data import open_data
+from gpt2.model import GPT, load_checkpoint
+from gpt2.recall import RecallData, answer_accuracy
+from gpt2.stats import paired_difference, verdict
+from gpt2.train import EVAL_SEED_SALT
 from lib.kvsplice import SplinePCA
-from gpt2.model import GPT
-from gpt2.recall import answer_accuracy
 from lib.vcache import FULL
 
 
@@ -80,17 +89,90 @@ def decode_rates(model, methods, tokens, prefill, steps, repeats):
     return {name: statistics.median(r) for name, r in rates.items()}
 
 
+# ---- quality of a checkpoint under a method ------------------------------------------------
+
+def eval_data(ckpt_path, args, block_size, vocab_size, data_dir, eval_batches, batch_size, seed):
+    """The checkpoint's dataset and the val batches every method is evaluated on
+    (for recall, with each answer's distance and task)."""
+    data_dir = data_dir or args.get("data_dir")
+    if data_dir is None or args.get("dataset") is None:
+        raise ValueError(f"{ckpt_path}: its args name no data_dir/dataset; pass --data-dir")
+    data = open_data(argparse.Namespace(**{**args, "data_dir": data_dir, "block_size": block_size}))
+    if data.vocab_size > vocab_size:
+        raise ValueError(f"data at {data.dir} has vocab_size {data.vocab_size}, the model {vocab_size}")
+    salt = seed + EVAL_SEED_SALT
+    if isinstance(data, RecallData):
+        return data, [data.get_batch_with_distance("val", batch_size, block_size, salt, 0, j)
+                      for j in range(eval_batches)]
+    return data, [data.get_batch("val", batch_size, block_size, salt, 0, j) for j in range(eval_batches)]
+
+
+def measure_quality(model, method, val, row0, trained, window, log):
+    """One table row: bytes from a real cache, loss (and recall accuracy) per val batch."""
+    install(model, method.layers)
+    t0 = time.perf_counter()
+    nbytes = v_bytes_per_token(model, row0)
+    per_batch = evaluate(model, val, window)
+    loss = statistics.fmean(per_batch["loss"])
+    row = {"method": method.name, "family": method.family, "k": method.k, "record": method.record,
+           "v_bytes_per_token": nbytes, "val_loss": loss, "ppl": math.exp(loss), "calib_s": method.calib_s,
+           "trained_in_pct": {"prune": trained["V19"], "prune+splinepca": trained["V20"]}.get(method.family),
+           "v_mse_ratio": method.v_mse_ratio, "per_batch": per_batch}
+    for name in ("acc", "acc_far"):
+        correct, total = (sum(c for c, _ in per_batch[name]), sum(n for _, n in per_batch[name]))
+        row[name] = correct / total if total else None
+    acc = "" if row["acc"] is None else f"  acc {row['acc']:.3f}" + (
+        "" if row["acc_far"] is None else f" far {row['acc_far']:.3f}")
+    log(f"[bench] {method.name:<28} V {nbytes:8.1f} B/token/layer  loss {loss:.4f}{acc}  "
+        f"calib {method.calib_s:5.1f}s  [{time.perf_counter() - t0:.1f}s]")
+    return row
+
+
+def compare_to_reference(row, ref):
+    """Paired differences to the reference (full V cache) over the same val batches."""
+    row["compression"] = ref["v_bytes_per_token"] / row["v_bytes_per_token"]
+    row["loss_diff"], row["loss_diff_se"] = paired_difference(row["per_batch"]["loss"], ref["per_batch"]["loss"])
+    row["ppl_change_pct"] = 100.0 * math.expm1(row["loss_diff"])
+    se = row["loss_diff_se"]
+    row["ppl_change_se_pct"] = None if se is None else 100.0 * math.exp(row["loss_diff"]) * se
+    row["verdict"] = "reference" if row is ref else verdict(row["loss_diff"], se, "worse", "better")
+    for name in ("acc", "acc_far"):
+        pairs = [(c / n, rc / rn) for (c, n), (rc, rn) in zip(row["per_batch"][name], ref["per_batch"][name])
+                 if n and rn]
+        if len(pairs) > 1:
+            row[f"{name}_diff"], row[f"{name}_diff_se"] = paired_difference(*zip(*pairs))
+
+
+def checkpoint_context_use(ckpt_path, eval_batches=20, batch_size=8):
+    """(can_rank, text): the context-use line of a checkpoint alone (full cache vs a
+    window of its recency), for summaries that print no benchmark."""
+    ckpt = load_checkpoint(ckpt_path)
+    args = ckpt.get("args") or {}
+    model = GPT.from_checkpoint_state(ckpt).eval()
+    cfg = model.config
+    window = prune_settings(ckpt)["recency"]
+    data, val = eval_data(ckpt_path, args, cfg.block_size, cfg.vocab_size, None, eval_batches, batch_size,
+                          args.get("seed", 1337))
+    methods = [BenchMethod("none", FULL), BenchMethod(f"window {window}", {"select": {"kind": "window", "window": window},
+                                                                          "codec": FULL["codec"]})]
+    rows = [measure_quality(model, m.build(model), val, val[0][0][:1], {"V19": None, "V20": None}, window,
+                            lambda msg: None) for m in methods]
+    info = {"prune_recency": window, "n_eval_batches": eval_batches, "recall": isinstance(data, RecallData)}
+    for row in rows:
+        compare_to_reference(row, rows[0])
+        row["info"] = info
+    return context_use(rows)
+
+
 # ---- decode speed through model.generate ------------------------------------------------
 
 DECODE_NEW_TOKENS = {256: 64, 1024: 96}  # new tokens per context; the prompt fills the rest
 
 
 def timing_geometry(head_dim, k, seed=0):
-    """A SplinePCA fitted on warped V-like samples (scripts/kvsplice_validate.py),
+    """A SplinePCA fitted on warped V-like samples (gpt2/bench/synthetic.py),
     so that its spline is not the identity: decode timings then include the
     spline's arithmetic, whatever a given checkpoint's fit kept."""
-    from scripts.kvsplice_validate import warped_v
-
     geometry = SplinePCA(head_dim, k, knots=7)
     if not geometry.fit(warped_v(20000, head_dim, seed=seed), epochs=2, seed=seed)["kept_spline"]:
         raise RuntimeError("the timing geometry kept the identity spline: decode timings would skip the spline")
@@ -120,7 +202,7 @@ def decode_models(config, record, context, geometry):
 
 
 def decode_row(plain, method, control, batch, context, repeats, vocab_size, seed=0):
-    """One row of the decode-speed table (bench_kv_report.format_decode): {"V0" |
+    """One row of the decode-speed table (gpt2/bench/kv_report.py format_decode): {"V0" |
     "V0 compiled" | "V20" | "V20 compiled" | "PCA compiled" (control):
     (prefill s, decode tokens/s), "new_tokens": n}, medians over `repeats` round-robin rounds of
     model.generate (its own prefill / decode timings) on the models' device.

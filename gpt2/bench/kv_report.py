@@ -11,7 +11,7 @@ import torch
 
 from gpt2.atomic import atomic_write
 from gpt2.stats import NOISE_FLOOR, NOISE_SE, paired_difference, verdict
-from scripts.bench_kv_methods import QUANT_GROUP, V20_K
+from gpt2.bench.kv_methods import QUANT_GROUP, V20_K
 
 # V20's decode tokens/s relative to the plain cache's, at context 1024, by batch
 DECODE_TARGETS = {1: 0.85, 16: 1.0}
@@ -118,7 +118,7 @@ def format_table(rows, wall_s=None):
 
 
 def decode_rates_line(row):
-    """A decode-speed row (scripts/bench_kv_measure.py decode_row) as one progress line's figures."""
+    """A decode-speed row (gpt2/bench/kv_measure.py decode_row) as one progress line's figures."""
     return ", ".join(f"{name} {row[name][1]:,.1f} tok/s"
                      for name in ("V0", "V0 compiled", "V20", "V20 compiled", "PCA compiled"))
 

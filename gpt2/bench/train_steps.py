@@ -1,0 +1,42 @@
+"""Models of an ablation step at set shapes, as the timing scripts build them."""
+
+import contextlib
+import io
+
+import torch
+
+from gpt2.calibrate import KVSpliceCalibrator
+from gpt2.train import model_config_from_args
+from train_ra_mla import parse_args
+
+QUICKSTART = ("--n-layer", "4", "--n-head", "4", "--n-embd", "256", "--block-size", "256",
+              "--kv-prune-k-min", "32", "--kv-prune-recency", "32")
+
+
+def step_config(step, vocab, flags):
+    """The GPTConfig an ablation step trains, at the shapes `flags` give."""
+    return model_config_from_args(parse_args(["--ablation-step", step, *flags]), vocab)
+
+
+def with_geometry(model, k, batch, warp=True, seed=0):
+    """Attach a geometry fitted on this model's own V (random tokens).
+
+    A fit on random tokens keeps the identity spline (it does not beat PCA
+    there), and the identity skips the spline's lookup altogether. With
+    `warp`, the spline's slopes are set to fixed random values instead
+    (knots stay at the data's quantiles): the lookup tables have a fitted
+    spline's size and the timing includes them.
+    """
+    device = model.lm_head.weight.device
+    cal = KVSpliceCalibrator(model, k, max_samples=20000)
+    with contextlib.redirect_stdout(io.StringIO()):  # its per-layer lines would report the identity spline
+        cal.collect(torch.randint(0, model.config.vocab_size, (batch, model.config.block_size), device=device)
+                    for _ in range(2))
+        geometry = cal.fit(knots=7, epochs=0 if warp else 1)
+    if warp:
+        gen = torch.Generator().manual_seed(seed)
+        for sd in geometry["state_dict"]:
+            raw = sd["spline.raw_slope"]  # (D, K+1): slopes are min_slope + exp(raw), identity ~ log(0.99)
+            sd["spline.raw_slope"] = raw + 0.5 * torch.randn(raw.shape, generator=gen)
+    model.attach_kvsplice(geometry)
+    return model
