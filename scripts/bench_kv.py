@@ -70,7 +70,7 @@ from lib.kv_pruning import keep_budget  # noqa: E402
 from gpt2.tracking import summary_complete  # noqa: E402
 from gpt2.bench.kv_measure import (compare_to_reference, decode_models, decode_rates, decode_row,  # noqa: E402
                                    eval_data, install, measure_quality, timing_geometry)
-from gpt2.bench.kv_methods import V20_K, bench_methods, check_preconditions, prune_settings  # noqa: E402
+from gpt2.bench.kv_methods import V20_K, bench_methods, check_preconditions, geometry_record, prune_settings  # noqa: E402
 from gpt2.bench.kv_report import (decode_rates_line, format_decode, format_table, machine_description,  # noqa: E402
                                   notes, write_plot)
 from train_ra_mla import parse_args as train_flags  # noqa: E402
@@ -158,11 +158,12 @@ def preflight(args):
         raise ValueError("nothing was measured or written:\n  " + "\n  ".join(problems))
 
 
-def collect_v(model, data, batch_size, calib_batches, k_max, samples, seed, log):
+def collect_v(model, data, batch_size, calib_batches, k_max, knots, samples, seed, log):
     """V samples per layer from TRAINING batches, on the model with its own method removed."""
     t0 = time.perf_counter()
-    model.set_v_cache(FULL)
-    cal = KVSpliceCalibrator(model, k_max, samples, seed=seed)
+    # the widest geometry the rows fit: its fit wants the most samples (the cap), and unfitted it leaves V alone
+    model.set_v_cache({"select": FULL["select"], "codec": geometry_record(k_max, True, knots)})
+    cal = KVSpliceCalibrator(model, samples, seed=seed)
     with contextlib.redirect_stdout(io.StringIO()):
         cal.collect(data.get_batch("train", batch_size, model.config.block_size, seed + CALIB_SEED_SALT, 0, j)[0]
                     for j in range(calib_batches))
@@ -193,7 +194,8 @@ def run_benchmark(ckpt_path, ks=DEFAULT_KS, eval_batches=20, batch_size=8, calib
     log(f"[bench] {ckpt_path}: {cfg.n_layer} layers, {cfg.n_head} heads, head_dim {cfg.head_dim}, block {bs}; "
         f"{eval_batches} val batches x {batch_size} x {bs} tokens")
 
-    cal, collect_s = collect_v(model, data, batch_size, calib_batches, max(ks + [V20_K]), samples, seed, log)
+    cal, collect_s = collect_v(model, data, batch_size, calib_batches, max(ks + [V20_K]), knots, samples, seed,
+                               log)
     methods = bench_methods(model, cal, collect_s, ks, prune, knots, epochs,
                             float(args.get("kvsplice_lr", 2e-3)), seed, log)
     trained, n_runs = trained_in_changes(matrix_dir)

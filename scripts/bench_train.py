@@ -41,7 +41,7 @@ def training_step(cfg, batch, compiled=False):
     model = GPT(cfg)
     codec = cfg.v_cache["codec"]
     if codec["kind"] == "splinepca":
-        with_geometry(model, codec["k"], batch)
+        with_geometry(model, batch)
     step_model = torch.compile(model) if compiled else model
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     x = torch.randint(0, cfg.vocab_size, (batch, cfg.block_size))

@@ -57,7 +57,7 @@ from gpt2.model import GPT  # noqa: E402
 from gpt2.train import autocast_context, configure_optimizer, peak_flops, sync  # noqa: E402
 from lib.kv_pruning import keep_budget  # noqa: E402
 from gpt2.bench.train_steps import step_config, with_geometry  # noqa: E402
-from train_ra_mla import parse_args  # noqa: E402
+from train_ra_mla import PRUNE, parse_args  # noqa: E402
 
 BF16_NOISE_FACTOR = 4  # decode under bf16 may differ from the full forward by this many times bf16's own effect
 FP32_REL_TOL = 1e-3
@@ -78,8 +78,8 @@ def parse(argv):
     ap.add_argument("--block-size", type=int, default=1024)
     ap.add_argument("--vocab", type=int, default=50257)
     ap.add_argument("--batch-size", type=int, default=12)
-    ap.add_argument("--kv-prune-k-min", type=int, default=64)
-    ap.add_argument("--kv-prune-recency", type=int, default=64)
+    ap.add_argument("--kv-prune-k-min", type=int, default=PRUNE["k_min"])
+    ap.add_argument("--kv-prune-recency", type=int, default=PRUNE["recency"])
     ap.add_argument("--iters", type=int, default=30, help="timed training iterations per step")
     ap.add_argument("--warmup", type=int, default=3, help="untimed iterations first (compilation)")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="autocast dtype")
@@ -135,7 +135,7 @@ def build(step, a):
     model = GPT(cfg).to(a.device)
     codec = cfg.v_cache["codec"]
     if codec["kind"] == "splinepca":
-        with_geometry(model, codec["k"], a.batch_size)
+        with_geometry(model, a.batch_size)
     return model
 
 
@@ -273,7 +273,7 @@ def v_cache_check(model, cache, a, fail):
     expected = cfg.n_layer * B * cfg.n_head * per_head_layer
     nbytes = cache.nbytes()
     method = model.transformer.h[0].attn.vcache
-    claimed = method.v_bytes(T, hd, getattr(torch, a.dtype)) * cfg.n_layer * B * cfg.n_head
+    claimed = method.v_bytes(T, getattr(torch, a.dtype)) * cfg.n_layer * B * cfg.n_head
     if nbytes["v"] != expected or claimed != expected:
         fail(f"V cache holds {nbytes['v']:,} bytes and the method says {claimed:,}; its record "
              f"({held} tokens x {width} values x {elem} bytes per head, {cfg.n_layer} layers, batch {B}, "

@@ -96,7 +96,8 @@ def test_bad_settings_fail_before_writing(bench_run, tmp_path):
     rows, out_md, _, _ = bench_run
     ckpt = out_md.parent.parent / "matrix" / "V0" / "last.pt"
     outs = ["--out-md", str(tmp_path / "b.md"), "--out-png", str(tmp_path / "b.png")]
-    with pytest.raises(ValueError, match=r"head_dim = 32\], found \[64\]"):
+    with pytest.raises(ValueError, match=r"k must be an int in \[1, head_dim = 32\], got 64 \(rows: full \+ "
+                                         r"splinepca\(k=64, knots=7\)\)"):
         main(["--ckpt", str(ckpt), "--ks", "8,64", *outs])
     with pytest.raises(ValueError, match="--decode-steps"):
         main(["--ckpt", str(ckpt), "--decode-steps", "33", *outs])
@@ -182,10 +183,10 @@ def test_a_method_that_cannot_run_fails_before_the_first_row(tiny_data_dir, tmp_
     ckpt["args"].update(kvsplice_knots=0, kvsplice_samples=16)
     torch.save(ckpt, tmp_path / "odd.pt")
     logged = []
-    with pytest.raises(ValueError, match=r"the int8/int4 rows quantize groups of 32 channels: head_dim 16 is not a "
-                                         r"multiple; the PCA / SplinePCA fits need at least k \+ 1 = 17 V vectors "
-                                         r"per layer, but 16 are collected .*; the SplinePCA rows need at least 1 "
-                                         r"knot"):
+    with pytest.raises(ValueError, match=r"knots must be an int >= 1, got 0 \(rows: full \+ splinepca\(k=8, "
+                                         r"knots=0\), full \+ splinepca\(k=16, knots=0\)\); .*'int8': head_dim 16 "
+                                         r"is not divisible by group_size 32 .*; the PCA / SplinePCA fits need at "
+                                         r"least k \+ 1 = 17 V vectors per layer, but 16 are collected"):
         run_benchmark(tmp_path / "odd.pt", ks=[8], eval_batches=1, batch_size=1, calib_batches=1,
                       decode_repeats=1, log=logged.append)
     assert logged == []
@@ -199,20 +200,20 @@ def test_geometries_are_fitted_on_v_of_the_model_without_its_own_method(tiny_dat
     v20 = {"select": {"kind": "prune", "keep_ratio": 0.25, "k_min": 8, "recency": 4},
            "codec": {"kind": "splinepca", "k": 4, "knots": 3}}
     model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=64, vocab_size=data.vocab_size, v_cache=v20))
-    cal = KVSpliceCalibrator(model, 4)
+    cal = KVSpliceCalibrator(model)
     cal.collect(data.get_batch("train", 2, 64, 1, 0, j)[0] for j in range(2))
-    model.attach_kvsplice(cal.fit(knots=3, epochs=1))
+    cal.fit(epochs=1)
     plain = copy.deepcopy(model)
     plain.set_v_cache({"select": {"kind": "full"}, "codec": {"kind": "none"}})
 
     def v_samples(m):
-        c = KVSpliceCalibrator(m, 8, seed=5)
+        c = KVSpliceCalibrator(m, seed=5)
         c.collect(data.get_batch("train", 2, 64, 5 + CALIB_SEED_SALT, 0, j)[0] for j in range(2))
         return c.samples
 
     own, unpruned = v_samples(copy.deepcopy(model)), v_samples(plain)
     assert torch.equal(own[0], unpruned[0]) and not torch.allclose(own[1], unpruned[1])
-    collected, _ = collect_v(model, data, 2, 2, 8, 120000, 5, log=lambda msg: None)
+    collected, _ = collect_v(model, data, 2, 2, 8, 3, 120000, 5, log=lambda msg: None)
     assert all(torch.equal(a, b) for a, b in zip(collected.samples, unpruned))
 
 

@@ -42,8 +42,8 @@ def tiny_model(step):
     cfg = step_config(step, VOCAB, TINY)
     model = GPT(cfg)
     if cfg.v_cache["codec"]["kind"] == "splinepca":
-        with_geometry(model, cfg.v_cache["codec"]["k"], BATCH)
-        splines = [block.attn.vcache.codec.kvsplice.spline for block in model.transformer.h]
+        with_geometry(model, BATCH)
+        splines = [codec.geometry.spline for codec in model.v_codecs()]
         assert not any(s.is_identity for s in splines)  # the lookup runs
         with torch.no_grad():  # the outer knots are calibration samples, which this tiny vocabulary repeats;
             for s in splines:  # on a knot the slope is either side's, and eager and compiled may differ there

@@ -59,7 +59,7 @@ def v_bytes_per_token(model, tokens):
     model(tokens, caches=cache)
     held = cache.nbytes()["v"]
     cfg, T = model.config, tokens.size(1)
-    declared = sum(b.attn.vcache.v_bytes(T, cfg.head_dim) for b in model.transformer.h) * cfg.n_head
+    declared = sum(b.attn.vcache.v_bytes(T) for b in model.transformer.h) * cfg.n_head
     if held != declared:
         raise RuntimeError(f"{model.transformer.h[0].attn.vcache}: cache holds {held} V bytes, "
                            f"the method declares {declared}")
@@ -196,7 +196,7 @@ def decode_models(config, record, context, geometry):
         m.load_state_dict(plain.state_dict())
         m.set_v_cache({**record, "codec": {**record["codec"], "kind": codec}})
         for block in m.transformer.h:
-            block.attn.vcache.codec.attach(g)
+            block.attn.vcache.codec.set_geometry(g)
         models.append(m)
     return tuple(models)
 

@@ -19,8 +19,9 @@ import statistics
 import time
 from dataclasses import dataclass, field
 
-from lib.vcache import FULL
-from lib.kv_pruning import KEEP_RATIO, keep_budget
+from lib.kv_pruning import keep_budget
+from lib.settings import BadSettings
+from lib.vcache import FULL, SELECTORS, build_method, describe, settings_of
 
 V20_K = 16  # the V20 configuration's latent dims per head
 QUANT_GROUP = 32
@@ -30,7 +31,7 @@ QUANT_GROUP = 32
 class BenchMethod:
     name: str
     record: dict
-    geometry: dict = None      # the KVSplice geometry dict, for pca / splinepca codecs
+    fitted: list = None        # one fitted codec state_dict per layer, for codecs with a fit step
     calib_s: float = 0.0       # V collection + fit (geometry methods)
     v_mse_ratio: float = None  # held-out V MSE, SplinePCA / PCA (mean over layers)
     layers: list = field(default_factory=list)  # one VCacheMethod per layer, once built
@@ -49,7 +50,9 @@ class BenchMethod:
 
     def build(self, model):
         """The per-layer methods, built in the model once (install puts them back)."""
-        model.set_v_cache(self.record, self.geometry)
+        model.set_v_cache(self.record)
+        for codec, state in zip(model.v_codecs(), self.fitted or []):
+            codec.load_state_dict(state)
         self.layers = [b.attn.vcache for b in model.transformer.h]
         return self
 
@@ -60,67 +63,69 @@ def prune_settings(ckpt):
     select = ckpt["model_config"].get("v_cache", FULL)["select"]
     if select["kind"] == "prune":
         return {n: select[n] for n in ("keep_ratio", "k_min", "recency")}
-    return {"keep_ratio": float(args.get("kv_prune_keep_ratio", KEEP_RATIO)),
-            "k_min": int(args.get("kv_prune_k_min", 64)), "recency": int(args.get("kv_prune_recency", 64))}
+    defaults = settings_of(SELECTORS["prune"])
+    return {"keep_ratio": float(args.get("kv_prune_keep_ratio", defaults["keep_ratio"])),
+            "k_min": int(args.get("kv_prune_k_min", defaults["k_min"])),
+            "recency": int(args.get("kv_prune_recency", defaults["recency"]))}
+
+
+def geometry_record(k, spline, knots):
+    return {"kind": "splinepca" if spline else "pca", "k": k, "knots": knots}
 
 
 def check_preconditions(ks, head_dim, block_size, prune, calib_vectors, knots):
     """Every method's needs, before the first row runs: one message listing all problems.
-    calib_vectors: the V vectors per layer the geometries will be fitted on."""
-    problems = []
-    bad = [k for k in ks if not 1 <= k <= head_dim]
-    if bad:
-        problems.append(f"--ks: every k must be in [1, head_dim = {head_dim}], found {bad}")
-    if V20_K > head_dim:
-        problems.append(f"the V20 row needs k = {V20_K} <= head_dim, but head_dim is {head_dim}")
-    if head_dim % QUANT_GROUP:
-        problems.append(f"the int8/int4 rows quantize groups of {QUANT_GROUP} channels: head_dim {head_dim} "
-                        f"is not a multiple")
+    Each method checks its own settings (build_method); calib_vectors: the V vectors
+    per layer the geometries will be fitted on."""
+    full = FULL["select"]
+    records = [{"select": full, "codec": geometry_record(k, True, knots)} for k in sorted(set(ks) | {V20_K})]
+    records += [{"select": full, "codec": {"kind": f"int{b}", "group_size": QUANT_GROUP}} for b in (8, 4)]
+    records += [{"select": {"kind": "prune", **prune}, "codec": FULL["codec"]}]
+    rows = {}  # each problem once, with the rows it stops
+    for record in records:
+        try:
+            build_method(record, block_size, head_dim)
+        except BadSettings as e:
+            for p in e.problems:
+                rows.setdefault(p, []).append(describe(record))
+    problems = [f"{p} (rows: {', '.join(labels)})" for p, labels in rows.items()]
     need = max(ks + [V20_K]) + 1
     if calib_vectors < need:
         problems.append(f"the PCA / SplinePCA fits need at least k + 1 = {need} V vectors per layer, but "
                         f"{calib_vectors} are collected (--calib-batches x --batch-size x block_size x n_head, "
                         f"at most the checkpoint's --kvsplice-samples)")
-    if knots < 1:
-        problems.append(f"the SplinePCA rows need at least 1 knot; the checkpoint's --kvsplice-knots is {knots}")
-    budget = keep_budget(prune["keep_ratio"], block_size, prune["k_min"])
-    if budget < prune["recency"]:
-        problems.append(f"pruning budget {budget} is smaller than its recency window {prune['recency']}")
     if problems:
         raise ValueError("; ".join(problems))
 
 
 def fit_geometry(cal, k, spline, knots, epochs, lr, seed):
-    """Fit one geometry per layer from the calibrator's samples; (geometry, seconds, mse ratio, layer stats).
-
-    PCA is `fit(..., epochs=0)`: SplinePCA.fit places the knots and resets the
-    spline to the identity, runs no Adam epoch, and with the identity's
-    held-out MSE equal to PCA's it keeps the identity (it keeps a learned
-    spline only if it beats PCA by MIN_RELATIVE_GAIN), then fits the PCA on
-    spline(X) = X. So the result is exactly plain PCA.
-    """
-    cal.k = k  # every (method, k) is fitted from the same collected samples
+    """Fit every layer's pca / splinepca codec from the calibrator's samples:
+    (per-layer codec states, seconds, mse ratio, layer stats). PCA is the same
+    fit with no epoch, which keeps the identity spline: exactly plain PCA."""
+    model = cal.model
+    model.set_v_cache({"select": FULL["select"], "codec": geometry_record(k, spline, knots)})
     with contextlib.redirect_stdout(io.StringIO()):  # one progress line per fit, not per layer
-        geometry = cal.fit(knots=knots, epochs=epochs if spline else 0, lr=lr, seed=seed)
-    layers = geometry["fit_stats"]["layers"]
+        stats = cal.fit(epochs=epochs, lr=lr, seed=seed)
+    states = [{n: t.clone() for n, t in codec.state_dict().items()} for codec in model.v_codecs()]
+    layers = stats["layers"]
     # a learned spline that did not beat PCA was replaced by the identity: ratio 1 there
     ratio = statistics.mean(s["spline_val_mse"] / max(s["pca_val_mse"], 1e-30) if s["kept_spline"] else 1.0
                             for s in layers)
-    return geometry, geometry["fit_stats"]["seconds"], ratio, layers
+    return states, stats["seconds"], ratio, layers
 
 
 def fitted_codecs(cal, ks, knots, epochs, lr, seed, log):
-    """{(label, k): (codec record, geometry, calib seconds, mse ratio)} for PCA and SplinePCA at
+    """{(label, k): (codec record, fitted states, calib seconds, mse ratio)} for PCA and SplinePCA at
     every k of ks and at V20_K, all fitted from the same collected samples."""
     out = {}
     for spline in (False, True):
-        kind, label = ("splinepca", "SplinePCA") if spline else ("pca", "PCA")
+        label = "SplinePCA" if spline else "PCA"
         for k in sorted(set(ks) | {V20_K}):
-            geometry, fit_s, ratio, layers = fit_geometry(cal, k, spline, knots, epochs, lr, seed)
+            states, fit_s, ratio, layers = fit_geometry(cal, k, spline, knots, epochs, lr, seed)
             kept = sum(s["kept_spline"] for s in layers)
             log(f"[bench] fit {label} k={k}: {fit_s:.1f}s, held-out V MSE SplinePCA/PCA {ratio:.3f}"
                 + (f", learned spline kept in {kept}/{len(layers)} layers" if spline else ""))
-            out[label, k] = ({"kind": kind, "k": k, "knots": knots}, geometry, fit_s, ratio if spline else None)
+            out[label, k] = (geometry_record(k, spline, knots), states, fit_s, ratio if spline else None)
     return out
 
 
@@ -138,8 +143,8 @@ def bench_methods(model, cal, collect_s, ks, prune, knots, epochs, lr, seed, log
     def method(name, select, fit=None, codec=None):
         if fit is None:
             return BenchMethod(name, {"select": select, "codec": codec or none})
-        record, geometry, fit_s, ratio = fits[fit]
-        return BenchMethod(name, {"select": select, "codec": record}, geometry, collect_s + fit_s, ratio)
+        record, states, fit_s, ratio = fits[fit]
+        return BenchMethod(name, {"select": select, "codec": record}, states, collect_s + fit_s, ratio)
 
     quant = {f"int{b}": {"kind": f"int{b}", "group_size": QUANT_GROUP} for b in (8, 4)}
     methods = [method("none", full_select)]
@@ -161,7 +166,7 @@ def bench_methods(model, cal, collect_s, ks, prune, knots, epochs, lr, seed, log
     for m in methods:
         m.build(model)
     # sliding windows holding as many fp32 V bytes as each pruned row, and the short context-use window
-    windows = {prune["recency"]} | {max(1, m.layers[0].v_bytes(bs, hd) // (hd * 4))
+    windows = {prune["recency"]} | {max(1, m.layers[0].v_bytes(bs) // (hd * 4))
                                     for m in methods if m.record["select"]["kind"] == "prune"}
     methods += [method(f"window {w}", {"kind": "window", "window": w}).build(model) for w in sorted(windows)]
     log(f"[bench] {len(methods)} methods built in {time.perf_counter() - t0:.1f}s")

@@ -18,8 +18,8 @@ def step_config(step, vocab, flags):
     return model_config_from_args(parse_args(["--ablation-step", step, *flags]), vocab)
 
 
-def with_geometry(model, k, batch, warp=True, seed=0):
-    """Attach a geometry fitted on this model's own V (random tokens).
+def with_geometry(model, batch, warp=True, seed=0):
+    """Fit the model's geometry codecs on its own V (random tokens).
 
     A fit on random tokens keeps the identity spline (it does not beat PCA
     there), and the identity skips the spline's lookup altogether. With
@@ -28,15 +28,16 @@ def with_geometry(model, k, batch, warp=True, seed=0):
     spline's size and the timing includes them.
     """
     device = model.lm_head.weight.device
-    cal = KVSpliceCalibrator(model, k, max_samples=20000)
+    cal = KVSpliceCalibrator(model, max_samples=20000)
     with contextlib.redirect_stdout(io.StringIO()):  # its per-layer lines would report the identity spline
         cal.collect(torch.randint(0, model.config.vocab_size, (batch, model.config.block_size), device=device)
                     for _ in range(2))
-        geometry = cal.fit(knots=7, epochs=0 if warp else 1)
+        cal.fit(epochs=0 if warp else 1)
     if warp:
         gen = torch.Generator().manual_seed(seed)
-        for sd in geometry["state_dict"]:
-            raw = sd["spline.raw_slope"]  # (D, K+1): slopes are min_slope + exp(raw), identity ~ log(0.99)
-            sd["spline.raw_slope"] = raw + 0.5 * torch.randn(raw.shape, generator=gen)
-    model.attach_kvsplice(geometry)
+        for codec in model.v_codecs():
+            state = codec.state_dict()
+            raw = state["geometry.spline.raw_slope"].cpu()  # (D, K+1): min_slope + exp(raw), identity ~ log(0.99)
+            state["geometry.spline.raw_slope"] = raw + 0.5 * torch.randn(raw.shape, generator=gen)
+            codec.load_state_dict(state)
     return model
