@@ -2,7 +2,7 @@
 the CPU (training, the pace probe, benchmarks, gpu_check's CPU mode, tests).
 
 - Denormal floats are flushed to zero: a backward pass that produces them
-  runs about 10x slower on these CPUs.
+  runs an order of magnitude slower on x86 CPUs (microcode assists).
 - glibc's malloc is told to keep freed blocks for reuse. By default it serves every
   block above its mmap threshold (128 KiB, adapting up to 32 MiB) with a
   fresh mmap and unmaps it on free, and trims the heap's top whenever

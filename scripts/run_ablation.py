@@ -84,13 +84,14 @@ def step_command(config, step, run_dir, group, extra, resume):
     n_gpu = gpu_count()
     if n_gpu > 1:
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n_gpu}"]
-    cmd = launcher + [str(ROOT / "train_ra_mla.py"), "--config", str(config), "--out-dir", str(run_dir),
+    cmd = launcher + [str(ROOT / "train_ra_mla.py"), "--config", str(config),
                       "--tracker-group", group, "--tracker-run-name", step or group]
     if step:
         cmd += ["--ablation-step", step]
     if resume:
         cmd.append("--resume")
-    return cmd + extra
+    # last: an --out-dir among the extra flags names the matrix's directory, not this run's
+    return cmd + extra + ["--out-dir", str(run_dir)]
 
 
 class BudgetError(ValueError):

@@ -30,6 +30,12 @@ def tiny_data_dir(tmp_path_factory):
     return data_dir
 
 
+def qkv(B, H, T, hs, seed=0, scale=1.0):
+    """Random q, k, v (B, H, T, hs) from a seeded generator."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(B, H, T, hs, generator=g) * scale for _ in range(3)]
+
+
 def tiny_argv(data_dir, out_dir, *extra):
     """Flags for a 2-layer, 2-head, 64-dim model (head_dim 32) that trains in seconds."""
     return ["--data-dir", str(data_dir), "--dataset", "shakespeare", "--out-dir", str(out_dir),

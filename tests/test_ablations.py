@@ -2,6 +2,7 @@ import json
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -116,3 +117,12 @@ def test_the_matrix_runs_once_per_recall_dataset_with_accuracy_in_the_summary(tm
     assert "# Ablation summary: copy" in combined and "# Ablation summary: mqar" in combined
     assert "[ablation] run 2/2: mqar V0" in r.stdout
     assert not (tmp_path / "no-data-needed").exists()  # generated on the fly: nothing prepared
+
+
+def test_a_matrix_out_dir_on_the_command_line_is_not_every_runs_out_dir():
+    """`make train ARGS="--out-dir runs/x"` names the matrix's directory: each
+    step still trains into its own OUT_DIR/<step>/, not all into runs/x."""
+    from scripts.run_ablation import step_command
+
+    cmd = step_command(".config", "V19", Path("runs/x/V19"), "x", ["--out-dir", "runs/x", "--max-iters", "5"], False)
+    assert parse_args(cmd[cmd.index("--config") + 2:]).out_dir == "runs/x/V19"

@@ -9,10 +9,8 @@ import torch
 from conftest import tiny_args
 from gpt2.calibrate import CALIB_SEED_SALT, KVSpliceCalibrator
 from gpt2.data import TokenData
-from lib.kv_cache import KVCache, LayerKVCache
 from gpt2.model import GPT, GPTConfig
 from gpt2.train import train
-from lib.quantize import VQuantizer
 from gpt2.bench.kv_measure import compare_to_reference
 from scripts.bench_kv import (collect_v, default_matrix, main, run_benchmark,
                               trained_in_changes)
@@ -215,24 +213,6 @@ def test_geometries_are_fitted_on_v_of_the_model_without_its_own_method(tiny_dat
     assert torch.equal(own[0], unpruned[0]) and not torch.allclose(own[1], unpruned[1])
     collected, _ = collect_v(model, data, 2, 2, 8, 3, 120000, 5, log=lambda msg: None)
     assert all(torch.equal(a, b) for a, b in zip(collected.samples, unpruned))
-
-
-@pytest.mark.parametrize("bits", [8, 4])
-def test_quantizer_full_forward_equals_decode_through_the_cache(bits):
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=64, vocab_size=50)).eval()
-    idx = torch.randint(0, 50, (2, 48))
-    model.set_v_cache({"select": {"kind": "full"}, "codec": {"kind": f"int{bits}", "group_size": 32}})
-    quant = VQuantizer(bits, 32)
-    with torch.no_grad():
-        full, _ = model(idx)  # V through decode(encode(v)) in the full-sequence attention
-        cache = KVCache(2, lambda i: LayerKVCache(v_encode=quant.encode, v_decode=quant.decode))
-        parts = [model(idx[:, :7], caches=cache)[0]] + [model(idx[:, t:t + 1], caches=cache)[0]
-                                                       for t in range(7, 48)]
-    assert cache.layers[0].v.dtype == torch.uint8  # the cache really holds the packed codes
-    assert torch.allclose(torch.cat(parts, 1), full, atol=1e-4)
-    model.set_v_cache({"select": {"kind": "full"}, "codec": {"kind": "none"}})
-    assert not torch.allclose(model(idx)[0], full, atol=1e-4)  # quantization did change something
 
 
 def _row(method, select, codec, nbytes, losses, tps, calib=0.0, trained=None, k=None):

@@ -2,15 +2,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lib.kv_cache import LayerKVCache
-from lib.kv_cache import H2OLayerCache
-from lib.quantize import VQuantizer
+from conftest import qkv
+from lib.kv_cache import H2OLayerCache, LayerKVCache
 from lib.kv_pruning import VOnlyPruner
+from lib.quantize import VQuantizer
 
-
-def qkv(B, H, T, hs, seed=0, scale=1.0):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randn(B, H, T, hs, generator=g) * scale for _ in range(3)]
 
 
 def sample(kind, shape, seed=0):

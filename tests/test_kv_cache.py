@@ -2,13 +2,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import qkv
 from lib.kv_cache import KVCache, LayerKVCache
 from lib.kv_pruning import VOnlyPruner, importance_scores, keep_mask
 
-
-def qkv(B, H, T, hs, seed=0, scale=1.0):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randn(B, H, T, hs, generator=g) * scale for _ in range(3)]
 
 
 def projection(hs, kdim, seed=0):
@@ -33,29 +30,6 @@ def small_pruner():
     pruner = VOnlyPruner(k_min=8, recency=8, block_size=128)
     assert pruner.budget == 48
     return pruner
-
-
-@pytest.mark.parametrize("pruned", [False, True])
-@pytest.mark.parametrize("encoded", [False, True])
-@pytest.mark.parametrize("chunks", [(5,), (5, 20, 1, 7), (96,)])
-def test_incremental_decode_equals_full_sequence(pruned, encoded, chunks):
-    B, H, T, hs = 2, 3, 96, 16
-    q, k, v = qkv(B, H, T, hs, seed=1, scale=1.5)
-    encode, decode_v = projection(hs, 6) if encoded else (None, None)
-    v_seen = decode_v(encode(v)) if encoded else v
-    pruner = small_pruner() if pruned else None
-    if pruned:
-        full = pruner(q, k, v_seen)
-        plain = F.scaled_dot_product_attention(q, k, v_seen, is_causal=True)
-        assert (full - plain).abs().max() > 1e-3  # pruning really changes the result
-    else:
-        full = F.scaled_dot_product_attention(q, k, v_seen, is_causal=True)
-    cache = LayerKVCache(pruner, encode, decode_v)
-    y = decode(cache, q, k, v, chunks)
-    assert torch.allclose(y, full, atol=1e-5, rtol=0)
-    assert cache.length == T
-    n_held = min(T, pruner.budget) if pruned else T
-    assert cache.v_elements_per_head() == n_held * (6 if encoded else hs)
 
 
 @pytest.mark.parametrize("capacity, buffers", [(96, 1), (0, 6)])

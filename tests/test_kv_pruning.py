@@ -2,14 +2,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import qkv
+from lib.kv_pruning import KEEP_RATIO, VOnlyPruner, importance_scores, keep_budget, keep_mask
 from lib.settings import BadSettings
-from lib.kv_pruning import (KEEP_RATIO, VOnlyPruner, importance_scores, keep_budget,
-                            keep_mask)
-
-
-def qkv(B, H, T, hs, seed=0, scale=1.0):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randn(B, H, T, hs, generator=g) * scale for _ in range(3)]
 
 
 def causal_probs(q, k):

@@ -1,4 +1,4 @@
-"""The import graph: no circle, lib/ never imports gpt2/ (gpt2 builds on lib),
+"""The import graph: no circle, lib/ imports torch alone and never gpt2/ (gpt2 builds on lib),
 and scripts/ holds entry points: no script imports another."""
 
 import ast
@@ -80,3 +80,15 @@ def test_no_script_imports_scripts():
 def test_the_cycle_finder_finds_cycles():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_the_method_library_imports_torch_and_nothing_else_of_outside():
+    """lib/ is the V-cache method library that any attention can call: the
+    standard library, torch and lib itself, no model, training, data or
+    third-party package."""
+    import sys
+
+    for path in sorted((ROOT / "lib").rglob("*.py")):
+        outside = {d for d in imports(path) if d.split(".")[0] not in ("torch", "lib")
+                   and d.split(".")[0] not in sys.stdlib_module_names}
+        assert not outside, (path.name, outside)

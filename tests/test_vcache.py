@@ -68,15 +68,17 @@ def test_future_tokens_do_not_change_the_past(select, codec):
         assert torch.allclose(method.attend(q2, k2, v2)[:, :, :i + 1], y[:, :, :i + 1], atol=1e-6, rtol=0), i
 
 
+@pytest.mark.parametrize("chunks", [(5, 7), (5, 20, 1, 7), (BLOCK,)], ids=["short", "mixed", "one prefill"])
 @pytest.mark.parametrize("select, codec", PAIRS)
-def test_decode_through_the_cache_equals_attend(select, codec):
+def test_decode_through_the_cache_equals_attend(select, codec, chunks):
     """Exact methods: their parallel full-sequence form. Others (H2O) declare
     exact = False and are checked against their own reference, attend, which
-    runs their cache over the sequence."""
+    runs their cache over the sequence. The sequence arrives as prefill
+    chunks of the given sizes, then one token at a time."""
     method = make_method(select, codec)
     q, k, v = qkv(seed=1)
     full = method.attend(q, k, v)
-    y, cache = decode(method, q, k, v)
+    y, cache = decode(method, q, k, v, chunks)
     assert torch.allclose(y, full, atol=1e-5, rtol=0), (y - full).abs().max()
     if select != "full" or codec != "none":  # the method changes attention: the check has teeth
         plain = build_method({"select": {"kind": "full"}, "codec": {"kind": "none"}}, BLOCK, HS).attend(q, k, v)
