@@ -1,23 +1,23 @@
 """The decode caches of the V-cache methods, behind one protocol (LayerCache).
 
-LayerKVCache  keys in full; V encoded, for every token or, with a token
-              selector, for the kept ones (full, prune, window, random)
+LayerKVCache  keys in full; V encoded, for every token or, with a keep
+              rule, for the kept ones (full, prune, window, random)
 H2OLayerCache heavy-hitter eviction of K and V (Zhang et al. 2023)
 KVCache       one layer cache per attention layer
 
 One LayerKVCache per attention layer. Keys are kept in full. V is stored as
 v_encode(v) (a KVSplice latent, int8 codes, or V itself) and read back
-through v_decode. With a token selector (lib.kv_pruning.TokenKeep: V-only
+through v_decode. With a keep rule (lib.kv_pruning.TokenKeep: V-only
 pruning, a sliding window, a random keep), only the values of kept tokens
-are held, at most selector.budget per (batch, head), and a token is evicted
+are held, at most rule.budget per (batch, head), and a token is evicted
 for good by the rule in lib/kv_pruning.py: the recency window plus the top
-(budget - W) older tokens by selector.score, final once the token leaves the
+(budget - W) older tokens by rule.score, final once the token leaves the
 window.
 
 A prefill of several tokens ranks the candidates (the held old tokens plus
 the tail: window + new tokens) with lib.kv_pruning.keep_mask per query; a
 one-token step is its incremental form (at most one token changes status).
-Either way the result is the full-sequence selector.forward on
+Either way the result is the full-sequence rule.forward on
 v_decode(v_encode(v)), up to float rounding (see the caveat in the tests: an
 exact near-tie between two scores may be ordered differently when rounding
 differs).
@@ -25,8 +25,8 @@ differs).
 Memory is allocated at the first forward and then only written in place:
     keys           (B, nh, rows, hs)    rows = capacity (the model's block_size;
                                         past it the buffer doubles)
-    V, no selector (B, nh, rows, kdim)  row t is token t
-    V, a selector  (B, nh, budget, kdim) slots, with per slot
+    V, no rule     (B, nh, rows, kdim)  row t is token t
+    V, a rule      (B, nh, budget, kdim) slots, with per slot
                    its position         (B, nh, budget)  heads hold different tokens
                    its score            (B, nh, budget)  an old token's final score;
                                         a window token's attention received so far
@@ -106,20 +106,20 @@ class LayerCache:
 
 
 class LayerKVCache(LayerCache):
-    """Keys in full, values encoded and (with a token selector) only for kept tokens."""
+    """Keys in full, values encoded and (with a keep rule) only for kept tokens."""
 
     fixed_shape_step = True
 
-    def __init__(self, selector=None, v_encode=None, v_decode=None, capacity=0, v_attend=None):
+    def __init__(self, rule=None, v_encode=None, v_decode=None, capacity=0, v_attend=None):
         if (v_encode is None) != (v_decode is None):
             raise ValueError("v_encode and v_decode come as a pair: got only one of them")
-        self.selector = selector
+        self.rule = rule  # a lib.kv_pruning.TokenKeep keep rule, or None: every token's V
         self.capacity = capacity  # tokens the buffers are allocated for at the first forward
         self.v_encode = v_encode or _identity
         self.v_decode = v_decode or _identity
         self.v_attend = v_attend or self._decode_then_weigh  # weights (..., T, n) over stored values -> fp32
-        self._k_rows = self._v_rows = None  # (B, nh, rows, *): every key (and V without a selector)
-        self._v_slots = self._pos_slots = self._score_slots = None  # (B, nh, budget[, kdim]): a selector's held V
+        self._k_rows = self._v_rows = None  # (B, nh, rows, *): every key (and V without a rule)
+        self._v_slots = self._pos_slots = self._score_slots = None  # (B, nh, budget[, kdim]): a rule's held V
         self.reset()
 
     def reset(self):
@@ -139,29 +139,29 @@ class LayerKVCache(LayerCache):
         """(B, nh, n, kdim) the encoded values held."""
         if self.length == 0:
             return None
-        return self._v_rows[:, :, :self.length] if self.selector is None else self._v_slots[:, :, :self._n_held]
+        return self._v_rows[:, :, :self.length] if self.rule is None else self._v_slots[:, :, :self._n_held]
 
     @property
     def v_pos(self):
-        """(B, nh, n) the held values' positions (with a selector)."""
-        return None if self.length == 0 or self.selector is None else self._pos_slots[:, :, :self._n_held]
+        """(B, nh, n) the held values' positions (with a rule)."""
+        return None if self.length == 0 or self.rule is None else self._pos_slots[:, :, :self._n_held]
 
     @property
     def score(self):
         """(B, nh, n) an old token's final score; a window token's attention received so far."""
-        return None if self.length == 0 or self.selector is None else self._score_slots[:, :, :self._n_held]
+        return None if self.length == 0 or self.rule is None else self._score_slots[:, :, :self._n_held]
 
     @property
     def _n_held(self):
         """Slots in use: every (batch, head) holds min(t, budget) tokens."""
-        return min(self.length, self.selector.budget)
+        return min(self.length, self.rule.budget)
 
     def forward(self, q, k, v):
         """q, k, v: (B, nh, T_new, hs) for the new tokens -> y (B, nh, T_new, hs)."""
         t0, T = self.length, q.size(-2)
         if T == 1 and t0 > 0:  # a step, over the rows written so far
             self._k_rows = self._room(self._k_rows, t0, t0 + 1)
-            if self.selector is None:
+            if self.rule is None:
                 self._v_rows = self._room(self._v_rows, t0, t0 + 1)
             y = self.step(q, k, v, torch.full((1,), t0, device=q.device), rows=t0 + 1)
             self.advance()
@@ -171,7 +171,7 @@ class LayerKVCache(LayerCache):
             self._k_rows = self._write(self._k_rows, k, t0)
             self.length = t0 + T
             v_new = self.v_encode(v)  # (B, nh, T_new, kdim)
-            if self.selector is not None:
+            if self.rule is not None:
                 return self._attend_pruned(q, v_new, t0, *held)
             self._v_rows = self._write(self._v_rows, v_new, t0)
             att = F.softmax(self._logits(q, t0), dim=-1)
@@ -223,14 +223,14 @@ class LayerKVCache(LayerCache):
             if rows is None:
                 att = att.masked_fill(torch.arange(keys.size(-2), device=q.device) > pos, float("-inf"))
             v_new = self.v_encode(v)
-            if self.selector is None:
+            if self.rule is None:
                 self._v_rows.index_copy_(2, pos, v_new.to(self._v_rows.dtype))
                 values = self._v_rows if rows is None else self._v_rows[:, :, :rows]
                 return self.v_attend(F.softmax(att, dim=-1), values).to(q.dtype)
             return self._step_pruned(att, v_new, pos).to(q.dtype)
 
     def _step_pruned(self, att, v_new, pos):
-        """The selector's one-token update: O(budget) reads and O(1) writes.
+        """The rule's one-token update: O(budget) reads and O(1) writes.
 
         Position pos-W leaves the window; its score is final (the queries of
         its window have all run). If a slot is free the new token takes the
@@ -241,13 +241,13 @@ class LayerKVCache(LayerCache):
         tokens are the same as in the full-sequence rule. Free slots are
         masked out of attention.
         """
-        W, budget = self.selector.recency, self.selector.budget
+        W, budget = self.rule.recency, self.rule.budget
         p, score = self._pos_slots, self._score_slots
         slots = torch.arange(budget, device=p.device)
         n = pos.clamp(max=budget)  # slots in use before this token, (1,)
         edge = pos - W  # the position leaving the window (none while pos < W)
         in_use = slots < n
-        score = torch.where(in_use & (p == edge), self.selector.score(score / W, p), score)
+        score = torch.where(in_use & (p == edge), self.rule.score(score / W, p), score)
         old = in_use & (p <= edge)
         old_score = score.masked_fill(~old, math.inf)
         lowest = old & (old_score == old_score.amin(-1, keepdim=True))
@@ -270,12 +270,12 @@ class LayerKVCache(LayerCache):
 
     def advance(self):
         """After `step`: one more token seen."""
-        if self.selector is not None:
-            self.ordered = self.ordered and self.length < self.selector.budget  # a full cache evicted out of order
+        if self.rule is not None:
+            self.ordered = self.ordered and self.length < self.rule.budget  # a full cache evicted out of order
         self.length += 1
 
     def _attend_pruned(self, q, v_new, t0, held_v, held_pos, held_score):
-        W, budget = self.selector.recency, self.selector.budget
+        W, budget = self.rule.recency, self.rule.budget
         B, nh, T, _ = q.shape
         t = t0 + T
         new_pos = torch.arange(t0, t, device=q.device)
@@ -298,7 +298,7 @@ class LayerKVCache(LayerCache):
         in_window = (lag >= 0) & (lag < W)
         probs = F.softmax(att, dim=-1)[..., tail_start:]  # (B, nh, T, L), full keys
         received = F.pad(held_score[..., n_old:], (0, T)) + probs.masked_fill(~in_window, 0.0).sum(-2)
-        tail_scores = self.selector.score(received / W, pos[..., n_old:])
+        tail_scores = self.rule.score(received / W, pos[..., n_old:])
         scores = torch.cat([held_score[..., :n_old], tail_scores], dim=-1)  # (B, nh, C)
 
         keep = keep_mask(scores, budget, W, key_pos=pos, query_pos=new_pos)  # (B, nh, T, C)
@@ -321,7 +321,7 @@ class LayerKVCache(LayerCache):
         """The held tokens (n of them, in position order) into the first n slots;
         the rest are freed (position 0: a valid index that is masked out)."""
         B, nh, n, kdim = v.shape
-        budget = self.selector.budget
+        budget = self.rule.budget
         if self._v_slots is None or self._v_slots.shape != (B, nh, budget, kdim) or \
                 self._v_slots.dtype != v.dtype or self._v_slots.device != v.device:
             self._v_slots = static_address(v.new_zeros(B, nh, budget, kdim))
