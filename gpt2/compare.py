@@ -59,19 +59,30 @@ def _fmt_mean_sd(values, digits=4):
     return f"{mean:.{digits}f} +- {sd:.{digits}f}" if len(values) > 1 else f"{mean:.{digits}f}"
 
 
+SINGLE_RUN = "single run: not resolved"
+
+
 def _vs(runs, ref_runs, key="final_val_loss", relative=True):
     """Difference to the reference step: per seed (paired) when both ran the same seeds, else of the
-    means (and relative to it, when `relative`)."""
+    means (and relative to it, when `relative`). A difference that rests on one run of either step
+    says so: one seed cannot tell it from seed-to-seed noise (the reference's spread is given when
+    it ran several seeds)."""
     if not ref_runs:
         return "n/a"
+    if runs is ref_runs:
+        return "reference"
     ref_by_seed = {seed_of(r): r["summary"][key] for r in ref_runs}
     diffs = [r["summary"][key] - ref_by_seed[seed_of(r)] for r in runs if seed_of(r) in ref_by_seed]
     if len(diffs) > 1 and len(diffs) == len(runs):
         mean, sd = mean_sd(diffs)
         return f"{mean:+.4f} +- {sd:.4f} (paired, {len(diffs)} seeds)"
     mean = mean_sd([r["summary"][key] for r in runs])[0]
-    ref = mean_sd(ref_by_seed.values())[0]
-    return f"{mean - ref:+.4f}" + (f" ({(mean - ref) / ref * 100:+.2f}%)" if relative and ref else "")
+    ref, ref_sd = mean_sd(ref_by_seed.values())
+    text = f"{mean - ref:+.4f}" + (f" ({(mean - ref) / ref * 100:+.2f}%)" if relative and ref else "")
+    if len(runs) == 1 or len(ref_runs) == 1:
+        spread = f", seed-to-seed sd {ref_sd:.4f}" if len(ref_runs) > 1 else ""
+        text += f" ({SINGLE_RUN}{spread})"
+    return text
 
 
 INVALID = "INVALID COMPARISON"

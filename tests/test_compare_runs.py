@@ -65,3 +65,19 @@ def test_steps_that_trained_different_token_counts_are_marked_invalid(tmp_path, 
     text = write_comparison([r["dir"] for r in runs], equal)
     assert INVALID not in text and "+0.1000 (+1.92%)" in text
     assert json.loads((equal / "summary.json").read_text())["valid"] is True
+
+
+def test_a_difference_that_rests_on_one_run_says_so_in_the_table(tmp_path):
+    """One seed per step: every difference is marked "single run: not resolved"; the
+    reference's own row says "reference"; with several seeds of V0 and one of V19
+    the table gives V0's seed-to-seed spread beside the mark."""
+    runs = [fake_run(tmp_path, 1, "V0", 5.20), fake_run(tmp_path, 1, "V19", 5.30)]
+    rows = {line.split(" | ")[0]: line.split(" | ") for line in summary_table(runs).splitlines()
+            if line.startswith("| V")}
+    assert rows["| V0"][6] == "reference" and rows["| V19"][7] == "reference"
+    assert rows["| V19"][6] == "+0.1000 (+1.92%) (single run: not resolved)"
+    assert rows["| V0"][7] == "-0.1000 (-1.89%) (single run: not resolved)"
+    more = tmp_path / "more"
+    runs = [fake_run(more, 1, "V0", 5.0), fake_run(more, 2, "V0", 5.2), fake_run(more, 1, "V19", 5.3)]
+    v19 = [line for line in summary_table(runs).splitlines() if line.startswith("| V19")][0].split(" | ")
+    assert v19[6] == "+0.2000 (+3.92%) (single run: not resolved, seed-to-seed sd 0.1414)"
