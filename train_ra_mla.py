@@ -57,6 +57,9 @@ def build_parser():
                         "file:PATH, finewebedu or openwebtext; or a recall task generated on "
                         "the fly (gpt2/recall.py): copy, mqar (associative recall), recall (both)")
     g.add_argument("--data-dir", default="data", help="where prepared datasets live")
+    g.add_argument("--tokenizer", default="gpt2",
+                   help="what the dataset is tokenized with: gpt2, or a pretrained model's (smollm2, a Hugging Face "
+                        "directory), prepared into DATA_DIR/<dataset>-<tokenizer>/")
     g.add_argument("--compact-vocab", action=B, default=False,
                    help="when preparing data: remap to the ids present (small LM head)")
     g.add_argument("--max-tokens", type=int, default=0,

@@ -156,7 +156,7 @@ def main(argv=None):
     a = ap.parse_args(argv)
     ckpt = load_checkpoint(a.ckpt)
     run, model = ckpt["args"], GPT.from_checkpoint_state(ckpt)
-    data = TokenData(run["data_dir"], run["dataset"])
+    data = TokenData(run["data_dir"], run["dataset"], run.get("tokenizer", "gpt2"))
     bs, T = a.batch_size or run["batch_size"], model.config.block_size
     cal = KVSpliceCalibrator(model, a.samples, seed=run["seed"])
     cal.collect(data.get_batch("train", bs, T, run["seed"] + CALIB_SEED_SALT, 0, j)[0] for j in range(a.batches))

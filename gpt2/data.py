@@ -14,17 +14,18 @@ import numpy as np
 import torch
 
 from gpt2.recall import RecallData, is_recall
+from gpt2.tokenizer import GPT2, tokenizer_suffix
 
-PREPARE_HINT = "run `make data` or `python -m gpt2.prepare_data --dataset {dataset}`"
+PREPARE_HINT = "run `make data` or `python -m gpt2.prepare_data --dataset {dataset}{flag}`"
 
 _SPLIT_SALT = {"train": 0, "val": 1}
 
 
-def dataset_dir_name(dataset):
-    """Directory name under data/ for a --dataset value (file:PATH -> file-<stem>)."""
-    if dataset.startswith("file:"):
-        return "file-" + Path(dataset[5:]).stem
-    return dataset
+def dataset_dir_name(dataset, tokenizer=GPT2):
+    """Directory name under data/ for a --dataset value (file:PATH -> file-<stem>),
+    and the tokenizer's suffix for any but GPT-2's (shakespeare-raw-smollm2)."""
+    name = "file-" + Path(dataset[5:]).stem if dataset.startswith("file:") else dataset
+    return name + tokenizer_suffix(tokenizer)
 
 
 # The form of the text prepare_data writes (meta.json "text"): the plays as
@@ -45,13 +46,16 @@ def stale_reason(meta, dataset):
 
 
 class TokenData:
-    def __init__(self, data_dir, dataset):
-        self.dir = Path(data_dir) / dataset_dir_name(dataset)
-        hint = PREPARE_HINT.format(dataset=dataset)
+    def __init__(self, data_dir, dataset, tokenizer=GPT2):
+        self.dir = Path(data_dir) / dataset_dir_name(dataset, tokenizer)
+        hint = PREPARE_HINT.format(dataset=dataset, flag="" if tokenizer == GPT2 else f" --tokenizer {tokenizer}")
         meta_path = self.dir / "meta.json"
         if not meta_path.exists():
             raise FileNotFoundError(f"no prepared data for dataset '{dataset}' at {self.dir}: {hint}")
         self.meta = json.loads(meta_path.read_text())
+        if self.meta.get("tokenizer", GPT2) != tokenizer:
+            raise FileNotFoundError(f"{self.dir} was tokenized with {self.meta.get('tokenizer')}, not {tokenizer}: "
+                                    f"{hint}")
         stale = stale_reason(self.meta, dataset)
         if stale:
             raise FileNotFoundError(f"{self.dir} was prepared by an older version ({stale}): {hint}")
@@ -92,6 +96,6 @@ def recall_data(args):
 
 def open_data(args):
     """The dataset the flags name: prepared token memmaps, or a recall task generated on the fly."""
-    data = recall_data(args) if is_recall(args.dataset) else TokenData(args.data_dir, args.dataset)
+    data = recall_data(args) if is_recall(args.dataset) else TokenData(args.data_dir, args.dataset, args.tokenizer)
     data.check_block_size(args.block_size)
     return data

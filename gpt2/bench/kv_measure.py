@@ -97,7 +97,9 @@ def eval_data(ckpt_path, args, block_size, vocab_size, data_dir, eval_batches, b
     data_dir = data_dir or args.get("data_dir")
     if data_dir is None or args.get("dataset") is None:
         raise ValueError(f"{ckpt_path}: its args name no data_dir/dataset; pass --data-dir")
-    data = open_data(argparse.Namespace(**{**args, "data_dir": data_dir, "block_size": block_size}))
+    # runs from before --tokenizer existed were all GPT-2 tokens
+    data = open_data(argparse.Namespace(**{"tokenizer": "gpt2", **args, "data_dir": data_dir,
+                                           "block_size": block_size}))
     if data.vocab_size > vocab_size:
         raise ValueError(f"data at {data.dir} has vocab_size {data.vocab_size}, the model {vocab_size}")
     salt = seed + EVAL_SEED_SALT
