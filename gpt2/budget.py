@@ -32,13 +32,13 @@ from pathlib import Path
 
 import torch
 
+from gpt2.atomic import atomic_write_text
 from gpt2.calibrate import CALIB_SEED_SALT, KVSpliceCalibrator
 from gpt2.cpu import configure_cpu
 from gpt2.data import open_data
-from gpt2.train import autocast_context, build_model, configure_optimizer, resolve_device, sync
 from gpt2.method_flags import method_needs_fit
+from gpt2.train import autocast_context, build_model, configure_optimizer, resolve_device, sync
 from gpt2.validation import calibration_iter
-from gpt2.atomic import atomic_write_text
 
 PROBE_ITERS = 2  # timed training iterations per step, after one untimed (allocations, caches)
 BUDGET_FILE = "budget.json"

@@ -34,9 +34,9 @@ from pathlib import Path
 
 import numpy as np
 
+from gpt2.atomic import atomic_write, atomic_write_text
 from gpt2.data import dataset_dir_name, text_form
 from gpt2.tokenizer import GPT2, get_tokenizer, tokenizer_suffix
-from gpt2.atomic import atomic_write, atomic_write_text
 
 # Online corpora: name -> (HF dataset path, config, text field).
 _HF_DATASETS = {

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from gpt2.atomic import atomic_torch_save
 from gpt2.calibrate import CALIB_SEED_SALT, KVSpliceCalibrator
 from gpt2.cpu import configure_cpu
 from gpt2.data import TokenData, open_data
@@ -25,10 +26,9 @@ from gpt2.method_flags import method_record
 from gpt2.model import GPT, GPTConfig, load_checkpoint
 from gpt2.prepare_data import decode_tokens, unigram_entropy
 from gpt2.recall import RecallData, accuracy_names, answer_accuracy, format_accuracy
+from gpt2.tracking import Tracker
 from gpt2.validation import BadArguments, calibration_iter, sample_prompt_ids, validate_args
 from lib.vcache import describe, describe_part
-from gpt2.atomic import atomic_torch_save
-from gpt2.tracking import Tracker
 
 CHECKPOINT_FORMAT = 2  # 1: the KVSplice geometry in a side entry, "kvsplice"
 EVAL_SEED_SALT = 7919  # evaluation batches: seed + this, the same at every evaluation

@@ -10,8 +10,8 @@ import torch
 
 from gpt2.cpu import malloc_problems
 from gpt2.data import TokenData, recall_data
-from gpt2.prepare_data import encode_text
 from gpt2.method_flags import flag_problem, v_cache_record
+from gpt2.prepare_data import encode_text
 from gpt2.recall import is_recall
 from lib.settings import BadSettings
 from lib.vcache import build_method

@@ -58,21 +58,22 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from gpt2.atomic import atomic_write_text  # noqa: E402
+from gpt2.bench.kv_measure import (compare_to_reference, decode_models, decode_rates, decode_row,  # noqa: E402
+                                   eval_data, install, measure_quality, timing_geometry)
+from gpt2.bench.kv_methods import (V20_K, bench_methods, check_preconditions, geometry_record,  # noqa: E402
+                                   prune_settings)
+from gpt2.bench.kv_report import (decode_rates_line, format_decode, format_table, machine_description,  # noqa: E402
+                                  notes, write_plot)
 from gpt2.calibrate import CALIB_SEED_SALT, KVSpliceCalibrator  # noqa: E402
 from gpt2.cpu import configure_cpu  # noqa: E402
 from gpt2.model import GPT, config_from_checkpoint, load_checkpoint  # noqa: E402
-from gpt2.tokenizer import N_VOCAB  # noqa: E402
-from gpt2.train import autocast_context, model_config_from_args  # noqa: E402
 from gpt2.recall import RecallData  # noqa: E402
-from lib.vcache import FULL, describe  # noqa: E402
-from gpt2.atomic import atomic_write_text  # noqa: E402
-from lib.kv_pruning import keep_budget  # noqa: E402
+from gpt2.tokenizer import N_VOCAB  # noqa: E402
 from gpt2.tracking import summary_complete  # noqa: E402
-from gpt2.bench.kv_measure import (compare_to_reference, decode_models, decode_rates, decode_row,  # noqa: E402
-                                   eval_data, install, measure_quality, timing_geometry)
-from gpt2.bench.kv_methods import V20_K, bench_methods, check_preconditions, geometry_record, prune_settings  # noqa: E402
-from gpt2.bench.kv_report import (decode_rates_line, format_decode, format_table, machine_description,  # noqa: E402
-                                  notes, write_plot)
+from gpt2.train import autocast_context, model_config_from_args  # noqa: E402
+from lib.kv_pruning import keep_budget  # noqa: E402
+from lib.vcache import FULL, describe  # noqa: E402
 from train_ra_mla import parse_args as train_flags  # noqa: E402
 
 DEFAULT_KS = (8, 16, 32)

@@ -52,11 +52,11 @@ from torch._dynamo.utils import counters
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from gpt2.bench.train_steps import step_config, with_geometry  # noqa: E402
 from gpt2.cpu import configure_cpu  # noqa: E402
 from gpt2.model import GPT  # noqa: E402
 from gpt2.train import autocast_context, configure_optimizer, peak_flops, sync  # noqa: E402
 from lib.kv_pruning import keep_budget  # noqa: E402
-from gpt2.bench.train_steps import step_config, with_geometry  # noqa: E402
 from train_ra_mla import PRUNE, parse_args  # noqa: E402
 
 BF16_NOISE_FACTOR = 4  # decode under bf16 may differ from the full forward by this many times bf16's own effect

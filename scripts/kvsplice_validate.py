@@ -27,8 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from gpt2.cpu import configure_cpu  # noqa: E402
 from gpt2.bench.synthetic import synthetic_v, warped_v  # noqa: E402
+from gpt2.cpu import configure_cpu  # noqa: E402
 from lib.kvsplice import PCA, SplinePCA  # noqa: E402
 
 

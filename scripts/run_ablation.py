@@ -38,14 +38,14 @@ sys.path.insert(0, str(ROOT))
 
 from gpt2 import budget  # noqa: E402
 from gpt2.ablations import STEPS, step_overrides  # noqa: E402
-from gpt2.data import dataset_dir_name, stale_reason  # noqa: E402
-from gpt2.recall import is_recall  # noqa: E402
-from gpt2.train import format_eta  # noqa: E402
-from gpt2.validation import BadArguments, matrix_problems, validate_args  # noqa: E402
 from gpt2.atomic import atomic_write_text  # noqa: E402
 from gpt2.compare import INVALID, write_comparison  # noqa: E402
 from gpt2.config import parse_with_config  # noqa: E402
+from gpt2.data import dataset_dir_name, stale_reason  # noqa: E402
+from gpt2.recall import is_recall  # noqa: E402
 from gpt2.tracking import summary_complete  # noqa: E402
+from gpt2.train import format_eta  # noqa: E402
+from gpt2.validation import BadArguments, matrix_problems, validate_args  # noqa: E402
 from train_ra_mla import build_parser  # noqa: E402
 
 

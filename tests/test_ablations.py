@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT
-from gpt2.method_flags import method_record
 from gpt2.ablations import STEPS, format_steps, step_overrides
+from gpt2.method_flags import method_record
 from train_ra_mla import build_parser, parse_args
 
 

@@ -7,14 +7,13 @@ import pytest
 import torch
 
 from conftest import tiny_args
+from gpt2.bench.kv_measure import compare_to_reference
+from gpt2.bench.kv_report import format_decode, format_table
 from gpt2.calibrate import CALIB_SEED_SALT, KVSpliceCalibrator
 from gpt2.data import TokenData
 from gpt2.model import GPT, GPTConfig
 from gpt2.train import train
-from gpt2.bench.kv_measure import compare_to_reference
-from scripts.bench_kv import (collect_v, default_matrix, main, run_benchmark,
-                              trained_in_changes)
-from gpt2.bench.kv_report import format_decode, format_table
+from scripts.bench_kv import collect_v, default_matrix, main, run_benchmark, trained_in_changes
 
 FAMILIES = (["none", "pca", "pca", "splinepca", "splinepca", "int8", "int4"]
             + [f"{s}{c}" for s in ("prune", "random") for c in ("", "+pca", "+splinepca", "+int8", "+int4")]

@@ -21,9 +21,9 @@ from functorch.compile import make_boxed_func
 from torch._dynamo.backends.common import aot_autograd
 
 from conftest import losses_by_iter, tiny_args
+from gpt2.bench.train_steps import step_config, with_geometry
 from gpt2.model import GPT
 from gpt2.train import train
-from gpt2.bench.train_steps import step_config, with_geometry
 
 STEPS = ("V0", "V19", "V20")
 TINY = ("--n-layer", "2", "--n-head", "2", "--n-embd", "64", "--block-size", "64",

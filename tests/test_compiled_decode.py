@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from lib.kvsplice import SplinePCA
 from gpt2.model import GPT, GPTConfig
+from lib.kvsplice import SplinePCA
 
 V20 = {"select": {"kind": "prune", "keep_ratio": 0.25, "k_min": 8, "recency": 4},
        "codec": {"kind": "splinepca", "k": 4, "knots": 5}}

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from conftest import ROOT
-from lib.kv_cache import KVCache
 from gpt2.model import GPT
+from lib.kv_cache import KVCache
 from scripts import gpu_check
 
 TINY = ["--device", "cpu", "--n-layer", "2", "--n-head", "2", "--n-embd", "64", "--block-size", "64",

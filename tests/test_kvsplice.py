@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from conftest import ROOT
-from lib.kvsplice import _KNOT_GRID, FORMAT_VERSION, MIN_RELATIVE_GAIN, PCA, MonotoneSpline, SplinePCA
 from gpt2.bench.synthetic import synthetic_v, warped_v
+from lib.kvsplice import _KNOT_GRID, FORMAT_VERSION, MIN_RELATIVE_GAIN, PCA, MonotoneSpline, SplinePCA
 from scripts.kvsplice_validate import validate_tensor
 
 

@@ -9,8 +9,8 @@ import torch
 
 from conftest import tiny_args
 from gpt2.recall import FIRST_CONTENT, SEP, TASKS, RecallData, answer_accuracy
-from gpt2.train import train
 from gpt2.stats import mean_sd, paired_difference, verdict
+from gpt2.train import train
 
 T = 64
 

@@ -5,9 +5,9 @@ import torch
 
 from conftest import fail_at, losses_by_iter, tiny_args
 from gpt2.model import GPT, GPTConfig
+from gpt2.tracking import read_metrics
 from gpt2.train import peak_flops, train
 from gpt2.validation import BadArguments
-from gpt2.tracking import read_metrics
 
 
 def test_tiny_training_lowers_the_loss(tiny_data_dir, tmp_path):

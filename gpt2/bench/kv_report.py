@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 
 from gpt2.atomic import atomic_write
-from gpt2.stats import NOISE_FLOOR, NOISE_SE, paired_difference, verdict
 from gpt2.bench.kv_methods import QUANT_GROUP, V20_K
+from gpt2.stats import NOISE_FLOOR, NOISE_SE, paired_difference, verdict
 
 # V20's decode tokens/s relative to the plain cache's, at context 1024, by batch
 DECODE_TARGETS = {1: 0.85, 16: 1.0}
