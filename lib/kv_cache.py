@@ -38,6 +38,7 @@ Memory is allocated at the first forward and then only written in place:
                    its position         (B, nkv, budget)  heads hold different tokens
                    its score            (B, nkv, budget)  an old token's final score;
                                         a window token's attention received so far
+                                        (from the KV head's g query heads)
 The first n = min(t, budget) slots are in use for every (batch, KV head). A
 prefill leaves them in position order; a step puts the new token into the
 next free slot or, once all are in use, into the slot of the token it
@@ -156,7 +157,8 @@ class LayerKVCache(LayerCache):
 
     @property
     def score(self):
-        """(B, nkv, n) an old token's final score; a window token's attention received so far."""
+        """(B, nkv, n) an old token's final score; a window token's attention received so far
+        (from the KV head's g query heads)."""
         return None if self.length == 0 or self.rule is None else self._score_slots[:, :, :self._n_held]
 
     @property

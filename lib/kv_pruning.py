@@ -83,9 +83,9 @@ def kv_groups(q, k, v=None):
     a ValueError unless nh is a multiple of nkv and k, v agree."""
     nh, nkv = q.size(1), k.size(1)
     if nh % nkv or (v is not None and v.size(1) != nkv):
-        found = f"k {nkv}" + ("" if v is None else f", v {v.size(1)}")
+        found = f"q {nh}, k {nkv}" + ("" if v is None else f", v {v.size(1)}")
         raise ValueError(f"grouped-query attention needs k and v with the same number of heads, "
-                         f"dividing q's {nh}: found {found}")
+                         f"one that divides q's: found {found}")
     return nh // nkv
 
 

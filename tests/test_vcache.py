@@ -174,9 +174,9 @@ def test_a_bad_head_layout_is_a_clear_error(select):
     q, k, v = qkv(nh=6, nkv=4)
     for run in (method.attend, method.make_cache()):
         with pytest.raises(ValueError, match="grouped-query attention needs k and v with the same number of heads, "
-                                             "dividing q's 6: found k 4, v 4"):
+                                             "one that divides q's: found q 6, k 4, v 4"):
             run(q, k, v)
-        with pytest.raises(ValueError, match="dividing q's 6: found k 4, v 2"):
+        with pytest.raises(ValueError, match="found q 6, k 4, v 2"):
             run(q, k, v[:, :2])
 
 
