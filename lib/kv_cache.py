@@ -22,15 +22,24 @@ v_decode(v_encode(v)), up to float rounding (see the caveat in the tests: an
 exact near-tie between two scores may be ordered differently when rounding
 differs).
 
+Grouped-query attention: q has nh heads, k and v nkv (nh a multiple of nkv;
+query head h reads KV head h // g, g = nh // nkv). Keys and V are held per
+KV head, never repeated, and so are a rule's keep decisions (the score of a
+token for a KV head is the mean over its g query heads: lib/kv_pruning.py).
+Each KV head attends for its g query heads at once, as g * T_new query rows
+(lib.kv_pruning.by_kv_head): weights (B, nkv, g * T_new, n) over the held
+values, which is what a codec's v_attend reads whatever the layout.
+
 Memory is allocated at the first forward and then only written in place:
-    keys           (B, nh, rows, hs)    rows = capacity (the model's block_size;
+    keys           (B, nkv, rows, hs)   rows = capacity (the model's block_size;
                                         past it the buffer doubles)
-    V, no rule     (B, nh, rows, kdim)  row t is token t
-    V, a rule      (B, nh, budget, kdim) slots, with per slot
-                   its position         (B, nh, budget)  heads hold different tokens
-                   its score            (B, nh, budget)  an old token's final score;
+    V, no rule     (B, nkv, rows, kdim) row t is token t
+    V, a rule      (B, nkv, budget, kdim) slots, with per slot
+                   its position         (B, nkv, budget)  heads hold different tokens
+                   its score            (B, nkv, budget)  an old token's final score;
                                         a window token's attention received so far
-The first n = min(t, budget) slots are in use for every (batch, head). A
+                                        (from the KV head's g query heads)
+The first n = min(t, budget) slots are in use for every (batch, KV head). A
 prefill leaves them in position order; a step puts the new token into the
 next free slot or, once all are in use, into the slot of the token it
 evicts, so the order is lost (attention does not depend on it) and the next
@@ -51,7 +60,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from lib.kv_pruning import keep_mask
+from lib.kv_pruning import by_kv_head, by_query_head, keep_mask, kv_groups
 
 
 def _identity(v):
@@ -69,14 +78,14 @@ class LayerCache:
     """The decode-cache protocol: what a V-cache method's make_cache() returns,
     one per attention layer, and all that a model's attention and generate use.
 
-        cache(q, k, v) -> y      the new tokens' q, k, v (B, nh, T_new, hs) -> their
-                                 attention output (B, nh, T_new, hs); positions
-                                 continue from `length`
+        cache(q, k, v) -> y      the new tokens' q (B, nh, T_new, hs) and k, v
+                                 (B, nkv, T_new, hs) -> their attention output
+                                 (B, nh, T_new, hs); positions continue from `length`
         cache.length             tokens seen so far
         cache.reset()            forget every token
-        cache.k, cache.v         the held keys (B, nh, t, hs) and encoded values
-                                 (B, nh, n, width), None while empty
-        cache.v_pos, cache.score per held value its position and score (B, nh, n),
+        cache.k, cache.v         the held keys (B, nkv, t, hs) and encoded values
+                                 (B, nkv, n, width), None while empty
+        cache.v_pos, cache.score per held value its position and score (B, nkv, n),
                                  None when every token's value is held in order
         cache.nbytes()           bytes of those tensors: {"k", "v", "index", "total"}
         cache.v_elements_per_head()
@@ -93,7 +102,7 @@ class LayerCache:
         return self.forward(q, k, v)
 
     def v_elements_per_head(self):
-        """V elements held per (batch, head): n tokens x stored width."""
+        """V elements held per (batch, KV head): n tokens x stored width."""
         return 0 if self.v is None else self.v.size(-2) * self.v.size(-1)
 
     def nbytes(self):
@@ -118,8 +127,8 @@ class LayerKVCache(LayerCache):
         self.v_encode = v_encode or _identity
         self.v_decode = v_decode or _identity
         self.v_attend = v_attend or self._decode_then_weigh  # weights (..., T, n) over stored values -> fp32
-        self._k_rows = self._v_rows = None  # (B, nh, rows, *): every key (and V without a rule)
-        self._v_slots = self._pos_slots = self._score_slots = None  # (B, nh, budget[, kdim]): a rule's held V
+        self._k_rows = self._v_rows = None  # (B, nkv, rows, *): every key (and V without a rule)
+        self._v_slots = self._pos_slots = self._score_slots = None  # (B, nkv, budget[, kdim]): a rule's held V
         self.reset()
 
     def reset(self):
@@ -131,33 +140,35 @@ class LayerKVCache(LayerCache):
     # what is held: views of the buffers' rows and slots in use
     @property
     def k(self):
-        """(B, nh, t, hs) every key."""
+        """(B, nkv, t, hs) every key."""
         return None if self.length == 0 else self._k_rows[:, :, :self.length]
 
     @property
     def v(self):
-        """(B, nh, n, kdim) the encoded values held."""
+        """(B, nkv, n, kdim) the encoded values held."""
         if self.length == 0:
             return None
         return self._v_rows[:, :, :self.length] if self.rule is None else self._v_slots[:, :, :self._n_held]
 
     @property
     def v_pos(self):
-        """(B, nh, n) the held values' positions (with a rule)."""
+        """(B, nkv, n) the held values' positions (with a rule)."""
         return None if self.length == 0 or self.rule is None else self._pos_slots[:, :, :self._n_held]
 
     @property
     def score(self):
-        """(B, nh, n) an old token's final score; a window token's attention received so far."""
+        """(B, nkv, n) an old token's final score; a window token's attention received so far
+        (from the KV head's g query heads)."""
         return None if self.length == 0 or self.rule is None else self._score_slots[:, :, :self._n_held]
 
     @property
     def _n_held(self):
-        """Slots in use: every (batch, head) holds min(t, budget) tokens."""
+        """Slots in use: every (batch, KV head) holds min(t, budget) tokens."""
         return min(self.length, self.rule.budget)
 
     def forward(self, q, k, v):
-        """q, k, v: (B, nh, T_new, hs) for the new tokens -> y (B, nh, T_new, hs)."""
+        """q (B, nh, T_new, hs), k, v (B, nkv, T_new, hs) for the new tokens -> y (B, nh, T_new, hs)."""
+        kv_groups(q, k, v)
         t0, T = self.length, q.size(-2)
         if T == 1 and t0 > 0:  # a step, over the rows written so far
             self._k_rows = self._room(self._k_rows, t0, t0 + 1)
@@ -170,12 +181,12 @@ class LayerKVCache(LayerCache):
             held = (self.v, self.v_pos, self.score)  # before the length moves on (None while empty)
             self._k_rows = self._write(self._k_rows, k, t0)
             self.length = t0 + T
-            v_new = self.v_encode(v)  # (B, nh, T_new, kdim)
+            v_new = self.v_encode(v)  # (B, nkv, T_new, kdim)
             if self.rule is not None:
                 return self._attend_pruned(q, v_new, t0, *held)
             self._v_rows = self._write(self._v_rows, v_new, t0)
-            att = F.softmax(self._logits(q, t0), dim=-1)
-            return self.v_attend(att, self.v).to(q.dtype)
+            att = F.softmax(self._logits(q, t0), dim=-1)  # (B, nkv, g * T_new, t)
+            return by_query_head(self.v_attend(att, self.v), T).to(q.dtype)
 
     def _decode_then_weigh(self, weights, v):
         return weights @ self.v_decode(v).float()
@@ -190,7 +201,7 @@ class LayerKVCache(LayerCache):
         return grown
 
     def _write(self, rows, x, t0):
-        """x (B, nh, T_new, d) into rows t0.. of the buffer `rows`, in place; a
+        """x (B, nkv, T_new, d) into rows t0.. of the buffer `rows`, in place; a
         buffer is allocated (zeroed: a masked row's weight is 0, and 0 * NaN
         would not be) or grown first. A buffer of another batch is replaced."""
         t = t0 + x.size(-2)
@@ -201,33 +212,43 @@ class LayerKVCache(LayerCache):
         return rows
 
     def _logits(self, q, t0):
-        """(B, nh, T_new, t) scaled q.k over every key, causal."""
-        T, t = q.size(-2), self.k.size(-2)
-        att = (q.float() @ self.k.float().transpose(-2, -1)) * (1.0 / math.sqrt(q.size(-1)))
-        query_pos = torch.arange(t0, t0 + T, device=q.device)
+        """(B, nkv, g * T_new, t) scaled q.k of each KV head's query rows over every key, causal."""
+        nkv, t = self.k.shape[1:3]
+        att = (by_kv_head(q.float(), nkv) @ self.k.float().transpose(-2, -1)) * (1.0 / math.sqrt(q.size(-1)))
         key_pos = torch.arange(t, device=q.device)
+        query_pos = self._row_pos(q, nkv, t0)
         return att.masked_fill(key_pos[None, :] > query_pos[:, None], float("-inf"))
 
+    @staticmethod
+    def _row_pos(q, nkv, t0):
+        """(g * T_new,) the position of each query row of a KV head: row j * T_new + i is t0 + i."""
+        return torch.arange(t0, t0 + q.size(-2), device=q.device).repeat(q.size(1) // nkv)
+
     def step(self, q, k, v, pos, rows=None):
-        """One new token per sequence (q, k, v: (B, nh, 1, hs)) at position
-        `pos`, a (1,) long tensor equal to self.length, after a prefill. Writes
-        the buffers in place and returns y (B, nh, 1, hs); the caller then
-        calls advance(). With rows=None, attention runs over every row of the
-        key buffer with a mask of those written: the shapes never change, so
-        a compiled step is one graph. Otherwise over the first `rows` rows
-        (then at least pos + 1 and within the buffer)."""
+        """One new token per sequence (q (B, nh, 1, hs), k, v (B, nkv, 1, hs))
+        at position `pos`, a (1,) long tensor equal to self.length, after a
+        prefill. Writes the buffers in place and returns y (B, nh, 1, hs); the
+        caller then calls advance(). With rows=None, attention runs over every
+        row of the key buffer with a mask of those written: the shapes never
+        change, so a compiled step is one graph. Otherwise over the first
+        `rows` rows (then at least pos + 1 and within the buffer). Each KV
+        head's g query heads are g query rows (lib.kv_pruning.by_kv_head)."""
+        kv_groups(q, k, v)
         with torch.autocast(q.device.type, enabled=False):
             self._k_rows.index_copy_(2, pos, k.to(self._k_rows.dtype))
             keys = self._k_rows if rows is None else self._k_rows[:, :, :rows]
-            att = (q.float() @ keys.float().transpose(-2, -1)) * (1.0 / math.sqrt(q.size(-1)))  # (B, nh, 1, rows)
+            att = by_kv_head(q.float(), k.size(1)) @ keys.float().transpose(-2, -1)
+            att = att * (1.0 / math.sqrt(q.size(-1)))  # (B, nkv, g, rows)
             if rows is None:
                 att = att.masked_fill(torch.arange(keys.size(-2), device=q.device) > pos, float("-inf"))
             v_new = self.v_encode(v)
             if self.rule is None:
                 self._v_rows.index_copy_(2, pos, v_new.to(self._v_rows.dtype))
                 values = self._v_rows if rows is None else self._v_rows[:, :, :rows]
-                return self.v_attend(F.softmax(att, dim=-1), values).to(q.dtype)
-            return self._step_pruned(att, v_new, pos).to(q.dtype)
+                y = self.v_attend(F.softmax(att, dim=-1), values)
+            else:
+                y = self._step_pruned(att, v_new, pos)
+            return by_query_head(y, 1).to(q.dtype)  # (B, nkv, g, hs) -> (B, nh, 1, hs)
 
     def _step_pruned(self, att, v_new, pos):
         """The rule's one-token update: O(budget) reads and O(1) writes.
@@ -240,30 +261,36 @@ class LayerKVCache(LayerCache):
         incremental form of keep_mask's top-k over a growing set, so the held
         tokens are the same as in the full-sequence rule. Free slots are
         masked out of attention.
+
+        att (B, nkv, g, rows): the logits of each KV head's g query rows; a
+        window token's score grows by the group's attention, and the score
+        is that sum over the exposure g * W.
         """
         W, budget = self.rule.recency, self.rule.budget
+        g = att.size(-2)
         p, score = self._pos_slots, self._score_slots
         slots = torch.arange(budget, device=p.device)
         n = pos.clamp(max=budget)  # slots in use before this token, (1,)
         edge = pos - W  # the position leaving the window (none while pos < W)
         in_use = slots < n
-        score = torch.where(in_use & (p == edge), self.rule.score(score / W, p), score)
+        score = torch.where(in_use & (p == edge), self.rule.score(score / (g * W), p), score)
         old = in_use & (p <= edge)
         old_score = score.masked_fill(~old, math.inf)
         lowest = old & (old_score == old_score.amin(-1, keepdim=True))
-        evict = torch.where(lowest, p, pos).argmin(-1, keepdim=True)  # (B, nh, 1): the oldest lowest
+        evict = torch.where(lowest, p, pos).argmin(-1, keepdim=True)  # (B, nkv, 1): the oldest lowest
         slot = torch.where(n < budget, n, evict)
-        B, nh = p.shape[:2]
-        heads = (torch.arange(B, device=p.device)[:, None], torch.arange(nh, device=p.device))
+        B, nkv = p.shape[:2]
+        heads = (torch.arange(B, device=p.device)[:, None], torch.arange(nkv, device=p.device))
         # in place, O(1) writes (index_put_, unlike scatter_, a compiled step also does in place)
         self._v_slots.index_put_((*heads, slot[..., 0]), v_new[..., 0, :].to(self._v_slots.dtype))
         p.index_put_((*heads, slot[..., 0]), pos)
         score = score.scatter(-1, slot, 0.0)
         in_use = slots <= n  # the new token's slot included
-        held_att = att.gather(-1, p[..., None, :]).masked_fill(~in_use, float("-inf"))  # (B, nh, 1, budget)
+        held_pos = p[..., None, :].expand(-1, -1, g, -1)  # (B, nkv, g, budget): for every query row
+        held_att = att.gather(-1, held_pos).masked_fill(~in_use, float("-inf"))  # (B, nkv, g, budget)
         y = self.v_attend(F.softmax(held_att, dim=-1), self._v_slots)
-        # the window's tokens (the new one included) receive this query's attention over every key
-        probs = F.softmax(att, dim=-1).gather(-1, p[..., None, :])[..., 0, :]
+        # the window's tokens (the new one included) receive the group's attention over every key
+        probs = F.softmax(att, dim=-1).gather(-1, held_pos).sum(-2)  # (B, nkv, budget)
         score.add_(probs.masked_fill(~in_use | (p <= edge), 0.0))
         self._score_slots.copy_(score)
         return y
@@ -276,12 +303,14 @@ class LayerKVCache(LayerCache):
 
     def _attend_pruned(self, q, v_new, t0, held_v, held_pos, held_score):
         W, budget = self.rule.recency, self.rule.budget
-        B, nh, T, _ = q.shape
+        B, nkv, T = v_new.shape[:3]
+        g = q.size(1) // nkv
         t = t0 + T
         new_pos = torch.arange(t0, t, device=q.device)
-        att = self._logits(q, t0)  # (B, nh, T, t)
+        row_pos = self._row_pos(q, nkv, t0)  # (g * T,) each query row's position
+        att = self._logits(q, t0)  # (B, nkv, g * T, t)
         if t0 == 0:
-            held_v, held_pos, held_score = v_new[..., :0, :], new_pos.new_empty(B, nh, 0), att.new_empty(B, nh, 0)
+            held_v, held_pos, held_score = v_new[..., :0, :], new_pos.new_empty(B, nkv, 0), att.new_empty(B, nkv, 0)
         if not self.ordered:  # back to position order
             order = held_pos.argsort(dim=-1)
             held_v = held_v.gather(-2, order[..., None].expand_as(held_v))
@@ -290,43 +319,45 @@ class LayerKVCache(LayerCache):
         n_old = held_score.size(-1) - w
 
         # candidates: held old tokens, then the tail (window + new tokens)
-        v_all = torch.cat([held_v, v_new], dim=-2)  # (B, nh, C, kdim)
-        pos = torch.cat([held_pos, new_pos.expand(B, nh, T)], dim=-1)  # (B, nh, C)
+        v_all = torch.cat([held_v, v_new], dim=-2)  # (B, nkv, C, kdim)
+        pos = torch.cat([held_pos, new_pos.expand(B, nkv, T)], dim=-1)  # (B, nkv, C)
         tail_start = t0 - w
         tail_pos = torch.arange(tail_start, t, device=q.device)
-        lag = new_pos[:, None] - tail_pos[None, :]  # (T, L) query - key
+        lag = row_pos[:, None] - tail_pos[None, :]  # (g * T, L) query - key
         in_window = (lag >= 0) & (lag < W)
-        probs = F.softmax(att, dim=-1)[..., tail_start:]  # (B, nh, T, L), full keys
+        probs = F.softmax(att, dim=-1)[..., tail_start:]  # (B, nkv, g * T, L), full keys
+        # the attention the group's queries gave, over the exposure g * W
         received = F.pad(held_score[..., n_old:], (0, T)) + probs.masked_fill(~in_window, 0.0).sum(-2)
-        tail_scores = self.rule.score(received / W, pos[..., n_old:])
-        scores = torch.cat([held_score[..., :n_old], tail_scores], dim=-1)  # (B, nh, C)
+        tail_scores = self.rule.score(received / (g * W), pos[..., n_old:])
+        scores = torch.cat([held_score[..., :n_old], tail_scores], dim=-1)  # (B, nkv, C)
 
-        keep = keep_mask(scores, budget, W, key_pos=pos, query_pos=new_pos)  # (B, nh, T, C)
+        keep = keep_mask(scores, budget, W, key_pos=pos, query_pos=row_pos)  # (B, nkv, g * T, C)
         if pos.size(-1) == t:  # every token is a candidate (a first prefill): att is already in their order
             held_att = att.masked_fill_(~keep, float("-inf"))
         else:
-            held_att = att.gather(-1, pos[..., None, :].expand(B, nh, T, pos.size(-1))).masked_fill_(~keep, float("-inf"))
+            held_att = att.gather(-1, pos[..., None, :].expand(B, nkv, g * T, pos.size(-1)))
+            held_att = held_att.masked_fill_(~keep, float("-inf"))
         held_att = F.softmax(held_att, dim=-1)
-        y = self.v_attend(held_att, v_all).to(q.dtype)
+        y = by_query_head(self.v_attend(held_att, v_all), T).to(q.dtype)
 
         # keep what the last query kept, in the first n slots; the rest is evicted for good
-        held = keep[..., -1, :]  # (B, nh, C)
+        held = keep[..., -1, :]  # (B, nkv, C)
         n, n_old = min(t, budget), min(budget - W, max(0, t - W))
         old = held & (pos <= t - 1 - W)
-        self._hold(v_all[held].view(B, nh, n, v_all.size(-1)), pos[held].view(B, nh, n),
-                   torch.cat([scores[old].view(B, nh, n_old), received[..., received.size(-1) - min(W, t):]], -1))
+        self._hold(v_all[held].view(B, nkv, n, v_all.size(-1)), pos[held].view(B, nkv, n),
+                   torch.cat([scores[old].view(B, nkv, n_old), received[..., received.size(-1) - min(W, t):]], -1))
         return y
 
     def _hold(self, v, pos, score):
         """The held tokens (n of them, in position order) into the first n slots;
         the rest are freed (position 0: a valid index that is masked out)."""
-        B, nh, n, kdim = v.shape
+        B, nkv, n, kdim = v.shape
         budget = self.rule.budget
-        if self._v_slots is None or self._v_slots.shape != (B, nh, budget, kdim) or \
+        if self._v_slots is None or self._v_slots.shape != (B, nkv, budget, kdim) or \
                 self._v_slots.dtype != v.dtype or self._v_slots.device != v.device:
-            self._v_slots = static_address(v.new_zeros(B, nh, budget, kdim))
-            self._pos_slots = static_address(pos.new_zeros(B, nh, budget))
-            self._score_slots = static_address(score.new_zeros(B, nh, budget))
+            self._v_slots = static_address(v.new_zeros(B, nkv, budget, kdim))
+            self._pos_slots = static_address(pos.new_zeros(B, nkv, budget))
+            self._score_slots = static_address(score.new_zeros(B, nkv, budget))
         self._v_slots[:, :, :n] = v
         self._pos_slots[:, :, :n] = pos
         self._pos_slots[:, :, n:] = 0
@@ -340,14 +371,16 @@ class LayerKVCache(LayerCache):
 
 
 class H2OLayerCache(LayerCache):
-    """H2O decode cache for one layer: K and V of at most `budget` tokens per (batch, head).
+    """H2O decode cache for one layer: K and V of at most `budget` tokens per (batch, KV head).
 
-    Held per (batch, head), in position order (every row holds the same
+    Held per (batch, KV head), in position order (every row holds the same
     number of tokens, so the tensors stay dense):
-        k      (B, nh, n, hs)  keys, in the input dtype
-        v      (B, nh, n, X)   values as v_encode stores them (default: V itself)
-        v_pos  (B, nh, n)      their positions
-        score  (B, nh, n)      attention each received from all queries so far
+        k      (B, nkv, n, hs)  keys, in the input dtype
+        v      (B, nkv, n, X)   values as v_encode stores them (default: V itself)
+        v_pos  (B, nkv, n)      their positions
+        score  (B, nkv, n)      attention each received from all queries so far:
+                                under grouped-query attention, summed over the
+                                g query heads that share the KV head
 
     Each new token is appended; if that makes n > budget, the held token
     outside the recency window (position <= t - recency) with the lowest
@@ -373,24 +406,25 @@ class H2OLayerCache(LayerCache):
 
     def reset(self):
         self.length = 0    # tokens seen
-        self.k = None      # (B, nh, n, hs)
-        self.v = None      # (B, nh, n, hs)
-        self.v_pos = None    # (B, nh, n) long
-        self.score = None  # (B, nh, n) float32
+        self.k = None      # (B, nkv, n, hs)
+        self.v = None      # (B, nkv, n, hs)
+        self.v_pos = None    # (B, nkv, n) long
+        self.score = None  # (B, nkv, n) float32
 
     def forward(self, q, k, v):
-        """q, k, v: (B, nh, T_new, hs) for the new tokens -> y (B, nh, T_new, hs)."""
+        """q (B, nh, T_new, hs), k, v (B, nkv, T_new, hs) for the new tokens -> y (B, nh, T_new, hs)."""
+        kv_groups(q, k, v)
         ys = [self._step(q[:, :, i:i + 1], k[:, :, i:i + 1], v[:, :, i:i + 1])
               for i in range(q.size(-2))]
         return torch.cat(ys, dim=-2)
 
     def _step(self, q, k, v):
-        """One token: q, k, v (B, nh, 1, hs) -> y (B, nh, 1, hs)."""
-        B, nh, _, hs = q.shape
+        """One token: q (B, nh, 1, hs), k, v (B, nkv, 1, hs) -> y (B, nh, 1, hs)."""
+        B, nkv, _, hs = k.shape
         t = self.length
         self.length = t + 1
-        pos = torch.full((B, nh, 1), t, dtype=torch.long, device=q.device)
-        score = torch.zeros(B, nh, 1, device=q.device)
+        pos = torch.full((B, nkv, 1), t, dtype=torch.long, device=q.device)
+        score = torch.zeros(B, nkv, 1, device=q.device)
         v = self.v_encode(v)
         if self.k is None:  # start empty, so no held tensor is a view of the caller's
             self.k, self.v = k[..., :0, :], v[..., :0, :]
@@ -401,21 +435,21 @@ class H2OLayerCache(LayerCache):
         self.score = torch.cat([self.score, score], dim=-1)
         if self.v_pos.size(-1) > self.budget:
             self._evict_one(t)
-        att = (q.float() @ self.k.float().transpose(-2, -1)) * (1.0 / math.sqrt(hs))
-        att = F.softmax(att, dim=-1)  # (B, nh, 1, n)
-        self.score = self.score + att[..., 0, :]
-        return self.v_attend(att, self.v).to(q.dtype)
+        att = (by_kv_head(q.float(), nkv) @ self.k.float().transpose(-2, -1)) * (1.0 / math.sqrt(hs))
+        att = F.softmax(att, dim=-1)  # (B, nkv, g, n): the KV head's g query heads as rows
+        self.score = self.score + att.sum(-2)  # the attention the group gave
+        return by_query_head(self.v_attend(att, self.v), 1).to(q.dtype)
 
     def _evict_one(self, t):
-        """Drop, per (batch, head), the non-recent held token with the lowest score."""
-        B, nh, n = self.v_pos.shape
-        old = self.v_pos <= t - self.recency  # (B, nh, n); at least one since recency <= budget < n
+        """Drop, per (batch, KV head), the non-recent held token with the lowest score."""
+        B, nkv, n = self.v_pos.shape
+        old = self.v_pos <= t - self.recency  # (B, nkv, n); at least one since recency <= budget < n
         victim = self.score.masked_fill(~old, math.inf).argmin(-1, keepdim=True)  # first = oldest
         keep = torch.ones_like(old).scatter_(-1, victim, False)
-        self.k = self.k[keep].view(B, nh, n - 1, -1)
-        self.v = self.v[keep].view(B, nh, n - 1, -1)
-        self.v_pos = self.v_pos[keep].view(B, nh, n - 1)
-        self.score = self.score[keep].view(B, nh, n - 1)
+        self.k = self.k[keep].view(B, nkv, n - 1, -1)
+        self.v = self.v[keep].view(B, nkv, n - 1, -1)
+        self.v_pos = self.v_pos[keep].view(B, nkv, n - 1)
+        self.score = self.score[keep].view(B, nkv, n - 1)
 
 
 class KVCache:

@@ -40,11 +40,27 @@ same order as the attention matrix of a non-flash attention. The attention
 itself is one fused kernel under the keep mask, which keeps only the mask
 for backward. At T = 1024 that is fine on a GPU (about 4 MiB of fp32 per
 (batch, head) for P, plus 5 MiB for the ranking); if it is not, call the
-rule's forward on slices of the head dimension, since heads are independent.
+rule's forward on slices of the KV heads (each with its query heads), since
+they are independent.
 
 The same keep rule with another final score gives the controls a ranking
 needs (TokenKeep below): SlidingWindow (no older tokens at all) and
 RandomKeep (pruning's budget, older tokens by a fixed hash of position).
+
+Grouped-query attention (Hugging Face's repeat_kv convention): q has nh
+heads, k and v have nkv, nh a multiple of nkv, and query head h reads KV
+head h // g, g = nh // nkv. The cache holds V per KV head, so the rule
+decides per KV head: the g query heads that share a V keep the same tokens.
+A token's score for a KV head is the mean over its g query heads of the
+score each would give it; for V-only pruning, the attention it received
+from the g * W queries of its window divided by that exposure:
+
+    score[kv, j] = sum_{h in group kv} sum_{q=j}^{j+W-1} P[h, q, j] / (g * W)
+
+It reads the same rows of P as one head's score, so it is final from query
+j+W on and causal, and everything above holds per KV head. With nkv == nh
+(g = 1) it is the score above, and the results are those of plain multi-head
+attention bit for bit.
 """
 
 import math
@@ -62,13 +78,44 @@ RECENCY = 64  # the recency window: the most recent tokens always kept
 NEVER = torch.iinfo(torch.long).max  # eviction position of a token never evicted
 
 
+def kv_groups(q, k, v=None):
+    """g, the query heads per KV head, of q (B, nh, T, hs) and k, v (B, nkv, T', hs);
+    a ValueError unless nh is a multiple of nkv and k, v agree."""
+    nh, nkv = q.size(1), k.size(1)
+    if nh % nkv or (v is not None and v.size(1) != nkv):
+        found = f"q {nh}, k {nkv}" + ("" if v is None else f", v {v.size(1)}")
+        raise ValueError(f"grouped-query attention needs k and v with the same number of heads, "
+                         f"one that divides q's: found {found}")
+    return nh // nkv
+
+
+def by_kv_head(q, nkv):
+    """(B, nh, T, hs) -> (B, nkv, g * T, hs): the rows of the g query heads that
+    share a KV head, head after head, so one matmul per KV head serves the group.
+    A view when g == 1 (or q is contiguous)."""
+    return q.unflatten(1, (nkv, -1)).flatten(2, 3)
+
+
+def by_query_head(y, T):
+    """by_kv_head's inverse: (B, nkv, g * T, hs) -> (B, nh, T, hs)."""
+    return y.unflatten(2, (-1, T)).flatten(1, 2)
+
+
+def causal_attention(q, k, v, dropout_p=0.0):
+    """Plain (flash) causal attention, q (B, nh, T, hs) and k, v (B, nkv, T, hs)
+    -> (B, nh, T, hs), k and v not repeated to nh heads. With nkv == nh the
+    kernel call is the multi-head one: enable_gqa only when there are groups."""
+    g = kv_groups(q, k, v)
+    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, enable_gqa=g > 1)
+
+
 def keep_budget(keep_ratio, block_size, k_min):
     """V vectors kept per (batch, head) per layer: fixed by block_size, not by T."""
     return max(k_min, int(block_size * keep_ratio))
 
 
 def importance_scores(probs, recency):
-    """Full-key causal softmax (B, nh, T, T) -> importance scores (B, nh, T).
+    """Full-key causal softmax (..., T, T) -> importance scores (..., T).
 
     score[j] = sum of probs[q, j] over q in [j, j+recency-1], divided by recency.
     It is final only for j <= T-recency; later tokens are still in the window
@@ -151,35 +198,46 @@ class TokenKeep(nn.Module):
         return f"budget={self.budget}, recency={self.recency}, block_size={self.block_size}"
 
     def score(self, received, positions):
-        """Final scores (B, nh, C) of tokens at `positions` ((C,) or (B, nh, C))
-        that left the window, from `received` (B, nh, C): the attention each
-        got from the queries of its window, divided by the window."""
+        """Final scores (B, nkv, C) of tokens at `positions` ((C,) or (B, nkv, C))
+        that left the window, from `received` (B, nkv, C): the attention each
+        got from the queries of its window (W positions of each of the g query
+        heads of its KV head), divided by that exposure g * W."""
         return received
 
     def forward(self, q, k, v, dropout_p=0.0):
-        """q, k, v: (B, nh, T, hs) -> y (B, nh, T, hs) in q's dtype."""
+        """q (B, nh, T, hs), k, v (B, nkv, T, hs) -> y (B, nh, T, hs) in q's dtype."""
         T = q.size(-2)
         if T > self.block_size:
             raise ValueError(f"sequence length {T} exceeds block_size {self.block_size}")
         if T <= self.budget:  # every query keeps everything: plain (flash) attention
-            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
-        keep = self.keep(q, k)
+            return causal_attention(q, k, v, dropout_p)
+        g = kv_groups(q, k, v)
+        keep = self.keep(q, k)  # (B, nkv, T, T)
+        # each KV head attends for its g query heads at once, as g * T query
+        # rows under their shared mask: k and v are never repeated, and a
+        # masked fused kernel serves any head layout.
         # softmax over the kept logits == P * keep renormalised, and never 0/0
         # (the diagonal is always kept); the fused kernel keeps no (T, T)
         # probabilities for backward, only the mask
-        return F.scaled_dot_product_attention(q, k, v.to(q.dtype), attn_mask=keep, dropout_p=dropout_p)
+        rows_keep = keep.unsqueeze(2).expand(-1, -1, g, -1, -1).flatten(2, 3)  # (B, nkv, g * T, T)
+        y = F.scaled_dot_product_attention(by_kv_head(q, k.size(1)), k, v.to(q.dtype), attn_mask=rows_keep,
+                                           dropout_p=dropout_p)
+        return by_query_head(y, T)
 
     @torch.no_grad()  # the selection is discrete: no gradient through it
     def keep(self, q, k):
-        """Which values each query keeps, (B, nh, T, T) bool, from q, k (B, nh, T, hs).
-        In fp32 whatever the autocast: the ranking compares scores, and the
-        decode cache must rank them the same way."""
-        T, hs = q.shape[-2:]
+        """Which values each KV head's queries keep, (B, nkv, T, T) bool, from
+        q (B, nh, T, hs) and k (B, nkv, T, hs). In fp32 whatever the autocast:
+        the ranking compares scores, and the decode cache must rank them the
+        same way."""
+        B, nkv, T, hs = k.shape
+        g = kv_groups(q, k)
         with torch.autocast(q.device.type, enabled=False):
-            att = (q.float() @ k.float().transpose(-2, -1)) * (1.0 / math.sqrt(hs))  # (B, nh, T, T)
+            att = by_kv_head(q.float(), nkv) @ k.float().transpose(-2, -1) * (1.0 / math.sqrt(hs))  # (B, nkv, g*T, T)
             causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
-            received = importance_scores(F.softmax(att.masked_fill_(~causal, float("-inf")), dim=-1),
-                                         self.recency)  # (B, nh, T)
+            att = att.view(B, nkv, g, T, T).masked_fill_(~causal, float("-inf"))
+            # the group's score: the mean of its query heads' scores
+            received = importance_scores(F.softmax(att, dim=-1), self.recency).mean(2)  # (B, nkv, T)
             del att
             pos = torch.arange(T, device=q.device)
             return keep_mask(self.score(received, pos), self.budget, self.recency)
@@ -218,8 +276,9 @@ _HASH_MOD = 2147483647  # 2^31 - 1, prime: (a * x) % p permutes 1 .. p-1
 
 class RandomKeep(TokenKeep):
     """The control for pruning: the same budget and recency window, but the
-    older tokens kept are chosen at random (a fixed hash of seed, head and
-    position, so training and the decode cache draw the same tokens)."""
+    older tokens kept are chosen at random (a fixed hash of seed, KV head and
+    position, so training and the decode cache draw the same tokens, and the
+    query heads sharing a KV head the same ones)."""
 
     def __init__(self, keep_ratio=KEEP_RATIO, k_min=K_MIN, recency=RECENCY, block_size=1024, seed=0):
         check([] if isinstance(seed, int) else [f"seed must be an int, got {seed!r}"])
@@ -228,7 +287,7 @@ class RandomKeep(TokenKeep):
         self.keep_ratio, self.k_min, self.seed = keep_ratio, k_min, seed
 
     def score(self, received, positions):
-        heads = torch.arange(received.size(1), device=received.device)[:, None]  # (nh, 1)
+        heads = torch.arange(received.size(1), device=received.device)[:, None]  # (nkv, 1)
         h = (positions.long() * 1103515245 + heads * 2654435 + 12345 + self.seed * 69069) % _HASH_MOD
         h = (h * 48271) % _HASH_MOD
         return (h.double() / _HASH_MOD).to(received.dtype).expand_as(received)

@@ -4,13 +4,15 @@ A method is a token selector (which tokens' V a query may read) composed
 with a V codec (how each kept V vector is stored):
 
     method.attend(q, k, v, dropout_p)   full-sequence causal attention, for
-                                        training and evaluation
+                                        training and evaluation; q at nh
+                                        heads, k and v at nkv (grouped-query
+                                        attention when nkv < nh)
     method.make_cache()                 its decode cache for one layer
                                         (lib/kv_cache.py's LayerCache protocol);
                                         fed the same tokens, it returns attend's outputs
     method.v_bytes(T, dtype)            V bytes its cache holds per (batch,
-                                        head) after T tokens: what a real cache
-                                        measures (tests check it)
+                                        head of V) after T tokens: what a real
+                                        cache measures (tests check it)
     method.record()                     a plain dict that rebuilds it:
                                         build_method(record, block_size, head_dim)
 
@@ -35,10 +37,9 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from lib.kv_cache import H2OLayerCache, LayerKVCache
-from lib.kv_pruning import K_MIN, KEEP_RATIO, RECENCY, RandomKeep, SlidingWindow, VOnlyPruner
+from lib.kv_pruning import K_MIN, KEEP_RATIO, RECENCY, RandomKeep, SlidingWindow, VOnlyPruner, causal_attention
 from lib.kvsplice import SplinePCA, check_values
 from lib.quantize import VQuantizer
 from lib.settings import BadSettings, check
@@ -87,7 +88,9 @@ class TokenSelector:
         return {"kind": self.kind, **self.params()}
 
     def attend(self, q, k, v, dropout_p=0.0):
-        """q, k, v (B, nh, T, hs), v already through the codec -> y (B, nh, T, hs)."""
+        """q (B, nh, T, hs), k and v (B, nkv, T, hs), v already through the
+        codec -> y (B, nh, T, hs). Query head h reads KV head h // (nh // nkv)
+        (lib/kv_pruning.py, grouped-query attention)."""
         raise NotImplementedError
 
     def make_cache(self, **storage):
@@ -95,7 +98,7 @@ class TokenSelector:
         raise NotImplementedError
 
     def held_tokens(self, T):
-        """Tokens whose V the cache holds per (batch, head) after T tokens."""
+        """Tokens whose V the cache holds per (batch, head of V) after T tokens."""
         raise NotImplementedError
 
 
@@ -104,7 +107,7 @@ class Full(TokenSelector):
     """Every token's V (V0)."""
 
     def attend(self, q, k, v, dropout_p=0.0):
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+        return causal_attention(q, k, v, dropout_p)
 
     def make_cache(self, **storage):
         return LayerKVCache(None, capacity=self.block_size, **storage)
@@ -447,7 +450,7 @@ class VCacheMethod(nn.Module):
         return {"select": self.selector.record(), "codec": self.codec.record()}
 
     def attend(self, q, k, v, dropout_p=0.0):
-        """Full-sequence causal attention: q, k, v (B, nh, T, hs) -> (B, nh, T, hs)."""
+        """Full-sequence causal attention: q (B, nh, T, hs), k, v (B, nkv, T, hs) -> (B, nh, T, hs)."""
         return self.selector.attend(q, k, self.codec.roundtrip(v), dropout_p)
 
     def make_cache(self):
@@ -460,7 +463,7 @@ class VCacheMethod(nn.Module):
         return self.codec.needs_fit and not self.codec.fitted
 
     def v_bytes(self, T, dtype=torch.float32):
-        """V bytes the cache holds per (batch, head) after T tokens of V in `dtype`."""
+        """V bytes the cache holds per (batch, head of V) after T tokens of V in `dtype`."""
         return self.selector.held_tokens(T) * self.codec.stored_bytes(dtype)
 
 

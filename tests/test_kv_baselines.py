@@ -144,9 +144,12 @@ def test_h2o_with_enough_budget_is_plain_attention(chunks):
     assert cache.length == 64 and cache.v_pos.size(-1) == 64
 
 
-def test_h2o_evicts_k_and_v_for_good():
+@pytest.mark.parametrize("H_Q", [3, 6], ids=["mha", "gqa"])
+def test_h2o_evicts_k_and_v_for_good(H_Q):
+    """K and V of 3 heads, read by 3 query heads or, grouped, by 6."""
     B, H, T, hs, budget, W = 2, 3, 120, 16, 24, 6
-    q, k, v = qkv(B, H, T, hs, seed=6, scale=2.0)
+    q, k, v = qkv(B, H_Q, T, hs, seed=6, scale=2.0)
+    k, v = k[:, :H], v[:, :H]
     cache = H2OLayerCache(budget, W)
     evicted = torch.zeros(B, H, T, dtype=torch.bool)
     ys = []
@@ -165,7 +168,7 @@ def test_h2o_evicts_k_and_v_for_good():
         assert torch.equal(cache.v, v.gather(2, cache.v_pos[..., None].expand(-1, -1, -1, hs)))
     y = torch.cat(ys, dim=-2)
     assert torch.isfinite(y).all()
-    assert (y - F.scaled_dot_product_attention(q, k, v, is_causal=True)).abs().max() > 1e-3
+    assert (y - F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)).abs().max() > 1e-3
     assert not torch.equal(cache.v_pos[0, 0], cache.v_pos[0, 1])  # heads choose their own tokens
     nb = cache.nbytes()
     assert nb["k"] == nb["v"] == B * H * budget * hs * 4
@@ -192,6 +195,21 @@ def test_h2o_score_is_the_accumulated_attention():
     probs = F.softmax((q @ k.transpose(-2, -1)) / 8 ** 0.5
                       + torch.full((12, 12), float("-inf")).triu(1), dim=-1)
     assert torch.allclose(cache.score, probs.sum(-2), atol=1e-6)
+
+
+def test_h2o_score_of_a_kv_head_is_the_attention_its_group_gave():
+    """Under grouped-query attention a KV head's token is scored by the
+    attention it received from every query of the g query heads sharing it,
+    summed over them; those heads read the same held tokens."""
+    q, _, _ = qkv(1, 4, 12, 8, seed=8)
+    _, k, v = qkv(1, 2, 12, 8, seed=9)
+    cache = H2OLayerCache(budget=12, recency=1)  # nothing evicted
+    y = cache(q, k, v)
+    probs = F.softmax((q @ k.repeat_interleave(2, dim=1).transpose(-2, -1)) / 8 ** 0.5
+                      + torch.full((12, 12), float("-inf")).triu(1), dim=-1)  # (1, 4, 12, 12)
+    assert torch.allclose(cache.score, probs.sum(-2).view(1, 2, 2, 12).sum(2), atol=1e-6)
+    assert torch.allclose(y, F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True), atol=1e-6)
+    assert cache.k.shape == cache.v.shape == (1, 2, 12, 8)
 
 
 def test_h2o_reset_and_bad_arguments():

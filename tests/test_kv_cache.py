@@ -1,6 +1,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from torch._dynamo.utils import counters
 
 from conftest import qkv
 from lib.kv_cache import KVCache, LayerKVCache
@@ -48,24 +49,28 @@ def test_steps_write_keys_in_place_into_one_buffer(capacity, buffers):
     assert cache.nbytes()["k"] == cache.nbytes()["v"] == 96 * 2 * 8 * 4  # the rows held, not the buffer
 
 
+@pytest.mark.parametrize("H, H_KV", [(3, 3), (6, 3)], ids=["mha", "gqa"])
 @pytest.mark.parametrize("pruned", [False, True])
-def test_fixed_shape_steps_equal_the_full_sequence_and_keep_their_buffers(pruned):
+def test_fixed_shape_steps_equal_the_full_sequence_and_keep_their_buffers(pruned, H, H_KV):
     """step(rows=None), as a compiled decode runs it: attention over the whole
     key buffer (capacity 128 rows) with a mask, and a pruned cache over all
     its slots, free ones masked, from a prefill below the budget (48) through
     the steps that fill it and those that evict. The same outputs as the full
     sequence, written into the same memory throughout; after reset() a
-    prefill refills that memory and again equals the full sequence."""
-    B, H, T, hs = 2, 3, 96, 16
+    prefill refills that memory and again equals the full sequence. Under
+    grouped-query attention the buffers hold the H_KV heads of k and v."""
+    B, T, hs = 2, 96, 16
     q, k, v = qkv(B, H, T, hs, seed=7, scale=1.5)
+    k, v = k[:, :H_KV], v[:, :H_KV]
     encode, decode_v = projection(hs, 6)
     v_seen = decode_v(encode(v))
     pruner = small_pruner() if pruned else None
-    full = pruner(q, k, v_seen) if pruned else F.scaled_dot_product_attention(q, k, v_seen, is_causal=True)
+    full = pruner(q, k, v_seen) if pruned else \
+        F.scaled_dot_product_attention(q, k, v_seen, is_causal=True, enable_gqa=True)
     cache = LayerKVCache(pruner, encode, decode_v, capacity=128)
     ys = [cache(q[:, :, :5], k[:, :, :5], v[:, :, :5])]
     memory = [x.data_ptr() for x in cache.buffers()]
-    assert cache.buffers()[0].shape == (B, H, 128, hs)
+    assert cache.buffers()[0].shape == (B, H_KV, 128, hs)
     for t in range(5, T):
         ys.append(cache.step(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], torch.tensor([t])))
         cache.advance()
@@ -76,6 +81,28 @@ def test_fixed_shape_steps_equal_the_full_sequence_and_keep_their_buffers(pruned
     assert cache.length == 0 and cache.nbytes()["total"] == 0
     assert torch.allclose(decode(cache, q, k, v, (60,)), full, atol=1e-5, rtol=0)
     assert [x.data_ptr() for x in cache.buffers()] == memory
+
+
+def test_a_compiled_step_under_grouped_query_attention_is_one_graph():
+    """The fixed-shape step, pruned and not, with 4 query heads on 2 KV heads,
+    compiled as GPT.decode_step compiles it (fullgraph: a graph break fails),
+    equals the full sequence from a prefill through the steps that evict,
+    and every step reuses the first step's graph."""
+    B, T, hs = 1, 64, 16
+    q, k, v = qkv(B, 4, T, hs, seed=8, scale=1.5)
+    k, v = k[:, :2], v[:, :2]
+    for pruner in (None, small_pruner()):
+        torch._dynamo.reset()
+        counters.clear()
+        full = pruner(q, k, v) if pruner else F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        cache = LayerKVCache(pruner, capacity=T)
+        step = torch.compile(cache.step, dynamic=False, fullgraph=True)
+        ys = [cache(q[:, :, :5], k[:, :, :5], v[:, :, :5])]
+        for t in range(5, T):
+            ys.append(step(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], torch.tensor([t])))
+            cache.advance()
+        assert torch.allclose(torch.cat(ys, dim=-2), full, atol=1e-5, rtol=0)
+        assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
 
 
 def test_held_tokens_are_the_full_rules_keep_set_per_head():

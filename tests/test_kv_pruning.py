@@ -129,20 +129,27 @@ def test_bf16_and_gradients():
     assert all(torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0 for x in (q, k, v))
 
 
-def test_output_and_gradients_are_the_softmax_over_the_kept_logits():
+@pytest.mark.parametrize("H_Q", [3, 6], ids=["mha", "gqa"])
+def test_output_and_gradients_are_the_softmax_over_the_kept_logits(H_Q):
     """The fused attention is the literal formula: each query's softmax over
     the logits of the values it keeps, times those values, and so are its
-    gradients (the selection itself has none)."""
+    gradients (the selection itself has none). Grouped (6 query heads on the
+    3 heads of k and v), a query keeps what its KV head keeps, by the mean
+    of the group's scores, and k, v gather the gradients of their group."""
     pruner = VOnlyPruner(k_min=16, recency=16, block_size=256)
-    q, k, v = (x.requires_grad_() for x in qkv(2, 3, 200, 16, seed=11, scale=1.5))
-    w = torch.randn(2, 3, 200, 16, generator=torch.Generator().manual_seed(12))
+    q, k, v = qkv(2, H_Q, 200, 16, seed=11, scale=1.5)
+    q, k, v = (x.requires_grad_() for x in (q, k[:, :3], v[:, :3]))
+    w = torch.randn(2, H_Q, 200, 16, generator=torch.Generator().manual_seed(12))
     y = pruner(q, k, v)
     grads = torch.autograd.grad((y * w).sum(), (q, k, v))
 
-    keep = keep_mask(importance_scores(causal_probs(q.detach(), k.detach()), 16), 97, 16)
+    g = H_Q // 3
+    k_rep, v_rep = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)  # as Hugging Face's repeat_kv
+    scores = importance_scores(causal_probs(q.detach(), k_rep.detach()), 16).view(2, 3, g, 200).mean(2)
+    keep = keep_mask(scores, 97, 16).repeat_interleave(g, dim=1)
     assert (keep[..., 97:, :].sum(-1) == 97).all()  # pruning engaged: rows past the budget keep 97
-    att = (q @ k.transpose(-2, -1)) / 16 ** 0.5
-    ref = F.softmax(att.masked_fill(~keep, float("-inf")), dim=-1) @ v
+    att = (q @ k_rep.transpose(-2, -1)) / 16 ** 0.5
+    ref = F.softmax(att.masked_fill(~keep, float("-inf")), dim=-1) @ v_rep
     ref_grads = torch.autograd.grad((ref * w).sum(), (q, k, v))
     assert torch.allclose(y, ref, atol=1e-5, rtol=0)
     for g, r in zip(grads, ref_grads):

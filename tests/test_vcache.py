@@ -1,22 +1,28 @@
 """Every registered V-cache method (lib/vcache.py) through the same checks:
 causality, decode through its cache == its full-sequence attention, the bytes
 its real cache holds == the bytes it declares, a fit that moves with the
-state_dict, and clear errors on bad settings. A method registered anywhere
-before collection is checked too: the toys of tests/toy_methods.py are
-registered in that file and touch nothing else."""
+state_dict, and clear errors on bad settings. Each check runs under
+multi-head attention and under grouped-query attention (k, v at fewer heads
+than q). A method registered anywhere before collection is checked too: the
+toys of tests/toy_methods.py are registered in that file and touch nothing
+else."""
 
 import json
+import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import toy_methods  # noqa: F401  (registers the toys)
 from conftest import tiny_args
 from gpt2.model import GPT
 from gpt2.train import train
-from lib.vcache import CODECS, SELECTORS, build_method
+from lib.kv_pruning import importance_scores, keep_mask
+from lib.vcache import CODECS, SELECTORS, KeepRule, build_method
 
-BLOCK, HS, B, NH = 40, 16, 2, 3
+BLOCK, HS, B = 40, 16, 2
+LAYOUTS = pytest.mark.parametrize("nh, nkv", [(3, 3), (6, 2)], ids=["mha", "gqa"])  # query heads, KV heads
 
 
 # ---- the checks, over every registered selector x codec ---------------------------
@@ -40,9 +46,10 @@ def make_method(select, codec):
     return method
 
 
-def qkv(T=BLOCK, seed=0):
+def qkv(T=BLOCK, seed=0, nh=3, nkv=3):
+    """q (B, nh, T, HS), k and v (B, nkv, T, HS)."""
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(B, NH, T, HS, generator=g) * 1.5 for _ in range(3)]
+    return [torch.randn(B, heads, T, HS, generator=g) * 1.5 for heads in (nh, nkv, nkv)]
 
 
 def decode(method, q, k, v, chunks=(5, 7)):
@@ -56,10 +63,11 @@ def decode(method, q, k, v, chunks=(5, 7)):
     return torch.cat(ys, dim=-2), cache
 
 
+@LAYOUTS
 @pytest.mark.parametrize("select, codec", PAIRS)
-def test_future_tokens_do_not_change_the_past(select, codec):
+def test_future_tokens_do_not_change_the_past(select, codec, nh, nkv):
     method = make_method(select, codec)
-    q, k, v = qkv()
+    q, k, v = qkv(nh=nh, nkv=nkv)
     y = method.attend(q, k, v)
     for i in (0, 9, 23, BLOCK - 2):
         q2, k2, v2 = (x.clone() for x in (q, k, v))
@@ -68,15 +76,16 @@ def test_future_tokens_do_not_change_the_past(select, codec):
         assert torch.allclose(method.attend(q2, k2, v2)[:, :, :i + 1], y[:, :, :i + 1], atol=1e-6, rtol=0), i
 
 
+@LAYOUTS
 @pytest.mark.parametrize("chunks", [(5, 7), (5, 20, 1, 7), (BLOCK,)], ids=["short", "mixed", "one prefill"])
 @pytest.mark.parametrize("select, codec", PAIRS)
-def test_decode_through_the_cache_equals_attend(select, codec, chunks):
+def test_decode_through_the_cache_equals_attend(select, codec, chunks, nh, nkv):
     """Exact methods: their parallel full-sequence form. Others (H2O) declare
     exact = False and are checked against their own reference, attend, which
     runs their cache over the sequence. The sequence arrives as prefill
     chunks of the given sizes, then one token at a time."""
     method = make_method(select, codec)
-    q, k, v = qkv(seed=1)
+    q, k, v = qkv(seed=1, nh=nh, nkv=nkv)
     full = method.attend(q, k, v)
     y, cache = decode(method, q, k, v, chunks)
     assert torch.allclose(y, full, atol=1e-5, rtol=0), (y - full).abs().max()
@@ -85,15 +94,90 @@ def test_decode_through_the_cache_equals_attend(select, codec, chunks):
         assert (full - plain).abs().max() > 1e-4
 
 
+@LAYOUTS
 @pytest.mark.parametrize("select, codec", PAIRS)
-def test_real_cache_bytes_equal_declared_bytes(select, codec):
+def test_real_cache_bytes_equal_declared_bytes(select, codec, nh, nkv):
+    """V bytes are per (batch, head of V): a KV head's V is held once for its query heads."""
     method = make_method(select, codec)
-    q, k, v = qkv(seed=2)
+    q, k, v = qkv(seed=2, nh=nh, nkv=nkv)
     for T in (3, BLOCK // 2, BLOCK):
         _, cache = decode(method, q[:, :, :T], k[:, :, :T], v[:, :, :T], chunks=(2,))
-        assert cache.nbytes()["v"] == B * NH * method.v_bytes(T, v.dtype), T
+        assert cache.nbytes()["v"] == B * nkv * method.v_bytes(T, v.dtype), T
     rebuilt = build_method(method.record(), BLOCK, HS)
     assert rebuilt.record() == method.record()
+
+
+KEEP_RULES = [s for s in SELECTORS if issubclass(SELECTORS[s], KeepRule)]
+
+
+def repeated_kv_reference(rule, q, k, v):
+    """A keep rule under grouped-query attention, written with k and v repeated
+    to the query heads (Hugging Face's repeat_kv): each query head's score of
+    every token as multi-head attention gives it, their mean over the g query
+    heads of a KV head as that head's score, its keep mask for all g of them.
+    With nkv == nh this is the multi-head computation as it always was.
+    Returns y (B, nh, T, hs), the keep mask (B, nkv, T, T) and the scores (B, nkv, T)."""
+    B, nkv, T, hs = k.shape
+    g = q.size(1) // nkv
+    repeat = lambda x: x.repeat_interleave(g, dim=1)  # noqa: E731  (B, nkv, ...) -> (B, nh, ...)
+    att = (q @ repeat(k).transpose(-2, -1)) * (1.0 / math.sqrt(hs))
+    att = att.masked_fill_(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf"))
+    received = importance_scores(F.softmax(att, dim=-1), rule.recency)  # (B, nh, T): each query head's own
+    received = received.view(B, nkv, g, T).mean(2)
+    scores = rule.score(received, torch.arange(T))
+    keep = keep_mask(scores, rule.budget, rule.recency)  # (B, nkv, T, T)
+    return F.scaled_dot_product_attention(q, repeat(k), repeat(v), attn_mask=repeat(keep)), keep, scores
+
+
+@LAYOUTS
+@pytest.mark.parametrize("select", KEEP_RULES)
+def test_the_query_heads_of_a_group_keep_their_kv_heads_tokens(select, nh, nkv):
+    """A keep rule decides per KV head, from the mean of its query heads'
+    scores, and its g query heads read the values of the same tokens: the
+    rule equals the repeated-k, v computation above (bit for bit with
+    nkv == nh: multi-head attention computes what it always did), and the
+    cache holds, per KV head, the tokens the group's last query keeps, with
+    their scores."""
+    method = make_method(select, "none")
+    rule = method.selector.rule
+    q, k, v = qkv(seed=4, nh=nh, nkv=nkv)
+    want, keep, scores = repeated_kv_reference(rule, q, k, v)
+    assert torch.equal(rule.keep(q, k), keep)
+    y = method.attend(q, k, v)
+    if nh == nkv:
+        assert torch.equal(y, want)
+    else:
+        assert torch.allclose(y, want, atol=1e-6, rtol=0), (y - want).abs().max()
+    _, cache = decode(method, q, k, v, chunks=(7,))
+    held = torch.zeros_like(keep[..., -1, :]).scatter_(-1, cache.v_pos, True)  # (B, nkv, T)
+    assert cache.v_pos.shape == (B, nkv, rule.budget) and torch.equal(held, keep[..., -1, :])
+    old = cache.v_pos <= BLOCK - 1 - rule.recency  # scores final: out of the window
+    assert torch.allclose(cache.score[old], scores.gather(-1, cache.v_pos)[old], atol=1e-6, rtol=0)
+
+
+def test_under_grouped_query_attention_full_attention_is_repeated_kv_attention():
+    """Full attention and a per-vector codec do not depend on the head layout:
+    k and v at nkv heads give what they give repeated to the query heads."""
+    q, k, v = qkv(seed=5, nh=6, nkv=2)
+    for codec in ("none", "int4"):
+        gqa, mha = make_method("full", codec), make_method("full", codec)
+        want = mha.attend(q, k.repeat_interleave(3, dim=1), v.repeat_interleave(3, dim=1))
+        assert torch.allclose(gqa.attend(q, k, v), want, atol=1e-6, rtol=0)
+        assert torch.allclose(decode(gqa, q, k, v)[0], want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("select", list(SELECTORS))
+def test_a_bad_head_layout_is_a_clear_error(select):
+    """Query heads that are not a multiple of the KV heads, or k and v at
+    different heads, are refused by attend and by the cache alike."""
+    method = make_method(select, "none")
+    q, k, v = qkv(nh=6, nkv=4)
+    for run in (method.attend, method.make_cache()):
+        with pytest.raises(ValueError, match="grouped-query attention needs k and v with the same number of heads, "
+                                             "one that divides q's: found q 6, k 4, v 4"):
+            run(q, k, v)
+        with pytest.raises(ValueError, match="found q 6, k 4, v 2"):
+            run(q, k, v[:, :2])
 
 
 @pytest.mark.parametrize("kind", list(SELECTORS))
