@@ -17,9 +17,8 @@ from gpt2.pretrained import load_pretrained, load_tokenizer
 
 FULL = {"select": {"kind": "full"}, "codec": {"kind": "none"}}
 PRUNE = {"select": {"kind": "prune", "keep_ratio": 0.5, "k_min": 8, "recency": 4}, "codec": {"kind": "none"}}
-TEXT = ("It was a bright cold day in April, and the clocks were striking thirteen. Winston Smith, "
-        "his chin nuzzled into his breast in an effort to escape the vile wind, slipped quickly "
-        "through the glass doors of Victory Mansions.")
+TEXT = ("The rain fell softly on the garden all afternoon. When it stopped, the children ran outside to play, "
+        "and their mother called them back in for dinner as the sun went down behind the hills.")
 
 
 def hf_llama(n_kv_head=4, tie=False):
