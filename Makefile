@@ -36,9 +36,10 @@ help:
 	@echo "  make bench-kvsplice     KVSplice fit time and compress/decompress throughput"
 	@echo "  make clean              remove .venv, data/ and runs/"
 
-$(STAMP): requirements.txt
+$(STAMP): requirements.txt requirements-nodeps.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -r requirements-nodeps.txt
 	touch $@
 
 $(STAMP_ONLINE): requirements-online.txt $(STAMP)

