@@ -79,14 +79,18 @@ def build_parser():
 
     g = p.add_argument_group("model")
     g.add_argument("--init-from", default="scratch",
-                   help="scratch, a Hugging Face GPT-2 directory, or a hub name such as gpt2")
+                   help="scratch (a GPT-2), smollm2 (the embedded SmolLM2-135M), a local Hugging Face GPT-2 or "
+                        "Llama directory, or a hub name such as gpt2 (online)")
+    g.add_argument("--trainable", default="",
+                   help="train only the parameters whose names match this regular expression (e.g. 'self_attn' "
+                        "for a Llama's attention); empty: all")
     g.add_argument("--n-layer", type=int, default=12, help="transformer blocks")
     g.add_argument("--n-head", type=int, default=12, help="attention heads (head_dim = n_embd / n_head)")
     g.add_argument("--n-embd", type=int, default=768, help="embedding width")
     g.add_argument("--block-size", type=int, default=1024, help="context length in tokens")
     g.add_argument("--dropout", type=float, default=0.0, help="dropout probability (0 for pretraining)")
     g.add_argument("--bias", action=B, default=True, help="biases in Linear and LayerNorm")
-    g.add_argument("--rmlp", action=B, default=False, help="Reciprocal MLP (V21)")
+    g.add_argument("--rmlp", action=B, default=False, help="Reciprocal MLP (V21; GPT-2's MLP only)")
     g.add_argument("--rmlp-rff", type=int, default=64, help="width of the reciprocal branch")
 
     g = p.add_argument_group("optimisation")

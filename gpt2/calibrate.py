@@ -25,7 +25,8 @@ import torch
 
 from gpt2.atomic import atomic_torch_save
 from gpt2.data import TokenData
-from gpt2.model import GPT, load_checkpoint
+from gpt2.lm import load_checkpoint
+from gpt2.pretrained import model_from_checkpoint
 
 CALIB_SEED_SALT = 104729  # calibration batches: seed + this, so they differ from the training batches
 
@@ -155,7 +156,7 @@ def main(argv=None):
     ap.add_argument("--batch-size", type=int, default=None, help="default: the run's")
     a = ap.parse_args(argv)
     ckpt = load_checkpoint(a.ckpt)
-    run, model = ckpt["args"], GPT.from_checkpoint_state(ckpt)
+    run, model = ckpt["args"], model_from_checkpoint(ckpt)
     data = TokenData(run["data_dir"], run["dataset"], run.get("tokenizer", "gpt2"))
     bs, T = a.batch_size or run["batch_size"], model.config.block_size
     cal = KVSpliceCalibrator(model, a.samples, seed=run["seed"])

@@ -147,7 +147,8 @@ def context_use_line(runs):
     ckpt = v0[0]["dir"] / "best.pt" if v0 else None
     if ckpt is None or not ckpt.exists():
         return "Context use: no V0 checkpoint among these runs, so it is unknown whether the model uses its context."
-    from gpt2.bench.kv_measure import checkpoint_context_use  # loads torch and the model: only when there is a checkpoint
+    from gpt2.bench.kv_measure import \
+        checkpoint_context_use  # loads torch and the model: only when there is a checkpoint
 
     return checkpoint_context_use(ckpt)[1] + f" (`{ckpt}`)"
 

@@ -136,6 +136,8 @@ class LlamaBlock(nn.Module):
 
 
 class Llama(CausalLM):
+    family, config_class = "llama", LlamaConfig
+
     def __init__(self, config):
         super().__init__()
         self.config = config

@@ -10,6 +10,7 @@ the trainer and the benchmark use, decoding through a KV cache, sampling.
 """
 
 import time
+from dataclasses import fields
 
 import torch
 import torch.nn as nn
@@ -33,6 +34,43 @@ def sample_next(logits, temperature=1.0, top_k=None):
 
 
 class CausalLM(nn.Module):
+    """A subclass names its `family` (what checkpoints record) and its `config_class`."""
+
+    family = None
+    config_class = None
+
+    @classmethod
+    def from_checkpoint(cls, path, map_location="cpu"):
+        """Rebuild the model a checkpoint of this family holds, with everything its
+        run used (gpt2.pretrained.model_from_checkpoint takes either family)."""
+        return cls.from_checkpoint_state(load_checkpoint(path, map_location))
+
+    @classmethod
+    def from_checkpoint_state(cls, ckpt):
+        """The same, from a checkpoint dict already loaded (see load_checkpoint)."""
+        family = ckpt.get("model_family", "gpt2")  # checkpoints that record none are GPT-2's
+        if family != cls.family:
+            raise ValueError(f"the checkpoint holds a {family} model, not a {cls.family} one")
+        model = cls(cls.config_from_checkpoint(ckpt))
+        model.load_state_dict(cls.state_from_checkpoint(ckpt, model))
+        return model
+
+    @classmethod
+    def config_from_checkpoint(cls, ckpt):
+        """The config a checkpoint of this family was trained with; a field this
+        version does not know is an error naming it."""
+        saved = dict(ckpt["model_config"])
+        known = {f.name for f in fields(cls.config_class)}
+        unknown = sorted(set(saved) - known)
+        if unknown:
+            raise ValueError(f"checkpoint's model_config has fields this version does not know: {unknown} "
+                             f"(expected {sorted(known)})")
+        return cls.config_class(**saved)
+
+    @classmethod
+    def state_from_checkpoint(cls, ckpt, model):
+        """The state_dict to load from a checkpoint into `model`."""
+        return ckpt["model"]
 
     def attentions(self):
         """The attention modules, in layer order; each holds its method as .vcache."""
@@ -218,3 +256,16 @@ class CausalLM(nn.Module):
             wait()
             timings.update(prefill_s=t1 - t0, decode_s=time.perf_counter() - t1)
         return idx
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """torch.load with a clear error for a missing or unreadable checkpoint."""
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"checkpoint {path} not found") from None
+    except Exception as e:  # truncated or not a torch file
+        raise ValueError(f"checkpoint {path} cannot be read: {e}") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
+        raise ValueError(f"{path} is not a training checkpoint (expected keys 'model' and 'model_config')")
+    return ckpt

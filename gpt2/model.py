@@ -12,7 +12,7 @@ cache, one per layer), so the two cannot drift apart.
 """
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -145,6 +145,8 @@ class Block(nn.Module):
 
 
 class GPT(CausalLM):
+    family, config_class = "gpt2", GPTConfig
+
     def __init__(self, config):
         super().__init__()
         assert config.vocab_size is not None and config.block_size is not None
@@ -225,60 +227,33 @@ class GPT(CausalLM):
         return tensor.t() if name.endswith(transposed) else tensor
 
     @classmethod
-    def from_checkpoint(cls, path, map_location="cpu"):
-        """Rebuild a model with everything its run used (config, geometry)."""
-        return cls.from_checkpoint_state(load_checkpoint(path, map_location))
+    def config_from_checkpoint(cls, ckpt):
+        """Checkpoints written before the V-cache method was one record (kv_prune,
+        kv_prune_* and kvsplice_strategy fields) are translated; strategies A and B were equal."""
+        saved = dict(ckpt["model_config"])
+        if any(name in saved for name in _LEGACY_FIELDS):
+            legacy = {name: saved.pop(name) for name in _LEGACY_FIELDS if name in saved}
+            select = ({"kind": "prune", "keep_ratio": legacy.get("kv_prune_keep_ratio"),
+                       "k_min": legacy.get("kv_prune_k_min"), "recency": legacy.get("kv_prune_recency")}
+                      if legacy.get("kv_prune") else {"kind": "full"})
+            geometry = ckpt.get("kvsplice")
+            codec = ({"kind": "splinepca", "k": geometry["k"], "knots": geometry["knots"]}
+                     if geometry is not None else {"kind": "none"})
+            saved["v_cache"] = {"select": select, "codec": codec}
+        return super().config_from_checkpoint({**ckpt, "model_config": saved})
 
     @classmethod
-    def from_checkpoint_state(cls, ckpt):
-        """The same, from a checkpoint dict already loaded (see load_checkpoint)."""
-        model = cls(config_from_checkpoint(ckpt))
-        state = ckpt["model"]
-        if "kvsplice" in ckpt:  # written before the codec owned its state: the geometry was a side entry
-            state = {**{n: t for n, t in model.state_dict().items() if ".attn.vcache." in n}, **state,
-                     **legacy_geometry_state(ckpt["kvsplice"], config_from_checkpoint(ckpt))}
-        model.load_state_dict(state)
-        return model
+    def state_from_checkpoint(cls, ckpt, model):
+        if "kvsplice" not in ckpt:
+            return ckpt["model"]
+        # written before the codec owned its state: the geometry was a side entry
+        return {**{n: t for n, t in model.state_dict().items() if ".attn.vcache." in n}, **ckpt["model"],
+                **legacy_geometry_state(ckpt["kvsplice"], model.config)}
 
     def crop_block_size(self, block_size):
         """Use a shorter context than the loaded weights were trained with (nanoGPT)."""
         super().crop_block_size(block_size)
         self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
-
-def config_from_checkpoint(ckpt):
-    """The GPTConfig a checkpoint was trained with. Checkpoints written before
-    the V-cache method was one record (kv_prune, kv_prune_* and
-    kvsplice_strategy fields) are translated; strategies A and B were equal."""
-    saved = dict(ckpt["model_config"])
-    if any(name in saved for name in _LEGACY_FIELDS):
-        legacy = {name: saved.pop(name) for name in _LEGACY_FIELDS if name in saved}
-        select = ({"kind": "prune", "keep_ratio": legacy.get("kv_prune_keep_ratio"),
-                   "k_min": legacy.get("kv_prune_k_min"), "recency": legacy.get("kv_prune_recency")}
-                  if legacy.get("kv_prune") else {"kind": "full"})
-        geometry = ckpt.get("kvsplice")
-        codec = ({"kind": "splinepca", "k": geometry["k"], "knots": geometry["knots"]}
-                 if geometry is not None else {"kind": "none"})
-        saved["v_cache"] = {"select": select, "codec": codec}
-    known = {f.name for f in fields(GPTConfig)}
-    unknown = sorted(set(saved) - known)
-    if unknown:
-        raise ValueError(f"checkpoint's model_config has fields this version does not know: {unknown} "
-                         f"(expected {sorted(known)})")
-    return GPTConfig(**saved)
-
-
-def load_checkpoint(path, map_location="cpu"):
-    """torch.load with a clear error for a missing or unreadable checkpoint."""
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"checkpoint {path} not found") from None
-    except Exception as e:  # truncated or not a torch file
-        raise ValueError(f"checkpoint {path} cannot be read: {e}") from None
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
-        raise ValueError(f"{path} is not a training checkpoint (expected keys 'model' and 'model_config')")
-    return ckpt
-
 
 def legacy_geometry_state(geometry, config):
     """The codec state_dict entries of a checkpoint's old "kvsplice" entry (one

@@ -57,6 +57,35 @@ def _source(name_or_path):
     return str(path), None
 
 
+def source_family(name_or_path):
+    """The family ("gpt2", "llama") of a source that _source accepts; None for
+    anything else (a hub name, which only GPT.from_pretrained reads, online)."""
+    if name_or_path == SMOLLM2:
+        return "llama"
+    config = Path(name_or_path) / "config.json"
+    if not config.is_file():
+        return None
+    _source(name_or_path)  # a clear error for what is not a supported causal LM
+    return json.loads(config.read_text())["model_type"]
+
+
+def model_from_checkpoint(ckpt):
+    """The model a loaded checkpoint (gpt2.lm.load_checkpoint) holds, of the family it records."""
+    return _family(ckpt).from_checkpoint_state(ckpt)
+
+
+def config_from_checkpoint(ckpt):
+    """The config (GPTConfig, LlamaConfig) a checkpoint was trained with."""
+    return _family(ckpt).config_from_checkpoint(ckpt)
+
+
+def _family(ckpt):
+    family = ckpt.get("model_family", "gpt2")  # checkpoints that record none are GPT-2's
+    if family not in FAMILIES:
+        raise ValueError(f"the checkpoint's model_family {family!r} is not one of {', '.join(FAMILIES)}")
+    return FAMILIES[family]
+
+
 def load_pretrained(name_or_path, **overrides):
     """The project's model (GPT or Llama) with the source's weights in float32.
     overrides set fields of its config (v_cache, dropout, block_size, ...)."""

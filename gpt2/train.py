@@ -8,6 +8,7 @@ the loop itself. KVSplice calibration runs inside the loop at
 
 import math
 import os
+import re
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -22,9 +23,11 @@ from gpt2.calibrate import CALIB_SEED_SALT, KVSpliceCalibrator
 from gpt2.cpu import configure_cpu
 from gpt2.data import TokenData, open_data
 from gpt2.geometry import load_fitted, save_fitted
+from gpt2.lm import CausalLM, load_checkpoint
 from gpt2.method_flags import method_record
-from gpt2.model import GPT, GPTConfig, load_checkpoint
+from gpt2.model import GPT, GPTConfig
 from gpt2.prepare_data import decode_tokens, unigram_entropy
+from gpt2.pretrained import load_pretrained, model_from_checkpoint, source_family
 from gpt2.recall import RecallData, accuracy_names, answer_accuracy, format_accuracy
 from gpt2.tracking import Tracker
 from gpt2.validation import BadArguments, calibration_iter, sample_prompt_ids, validate_args
@@ -122,15 +125,22 @@ def model_config_from_args(args, vocab_size):
 
 def build_model(args, data, ckpt):
     if ckpt is not None:
-        model = GPT.from_checkpoint_state(ckpt)
+        model = model_from_checkpoint(ckpt)
     elif args.init_from == "scratch":
         model = GPT(model_config_from_args(args, data.vocab_size))
     else:
+        llama = source_family(args.init_from) == "llama"
         if isinstance(data, RecallData) or data.meta.get("compact"):
-            raise ValueError(f"--init-from {args.init_from} needs the full GPT-2 vocabulary, but "
-                             f"{data.dir} has its own (a recall task, or --compact-vocab)")
-        model = GPT.from_pretrained(args.init_from, dropout=args.dropout, v_cache=method_record(args),
-                                    rmlp=args.rmlp, rmlp_rff=args.rmlp_rff)
+            raise ValueError(f"--init-from {args.init_from} needs the full {'its tokenizer' if llama else 'GPT-2'} "
+                             f"vocabulary, but {data.dir} has its own (a recall task, or --compact-vocab)")
+        if llama:
+            model = load_pretrained(args.init_from, dropout=args.dropout, v_cache=method_record(args))
+        else:
+            model = GPT.from_pretrained(args.init_from, dropout=args.dropout, v_cache=method_record(args),
+                                        rmlp=args.rmlp, rmlp_rff=args.rmlp_rff)
+        if model.config.vocab_size < data.vocab_size:
+            raise ValueError(f"--init-from {args.init_from} has {model.config.vocab_size:,} token ids, fewer "
+                             f"than {data.dir}'s {data.vocab_size:,}")
         if args.block_size > model.config.block_size:
             raise ValueError(f"--block-size {args.block_size} exceeds the context of --init-from "
                              f"{args.init_from}, {model.config.block_size} positions")
@@ -138,7 +148,21 @@ def build_model(args, data, ckpt):
             model.crop_block_size(args.block_size)
     if args.kvsplice_load and model.needs_fit():
         load_fitted(args.kvsplice_load, model)
+    if args.trainable:
+        freeze_all_but(model, args.trainable)
     return model
+
+
+def freeze_all_but(model, pattern):
+    """Train only the parameters whose names match the regular expression
+    `pattern` (--trainable); ValueError when none does."""
+    names = [n for n, _ in model.named_parameters() if ".vcache." not in n]  # a codec's state is never trained
+    chosen = {n for n in names if re.search(pattern, n)}
+    if not chosen:
+        raise ValueError(f"--trainable {pattern!r} matches none of the model's parameters, e.g. {names[:3]}")
+    for n, p in model.named_parameters():
+        if ".vcache." not in n:
+            p.requires_grad_(n in chosen)
 
 
 def calibrate_model(model, data, args, rt, tracker, step):
@@ -268,7 +292,7 @@ class Run:
     rt: Runtime
     out_dir: Path
     data: TokenData
-    raw_model: GPT          # the module itself: hooks, checkpoints, fitted codecs
+    raw_model: CausalLM     # the module itself: hooks, checkpoints, fitted codecs
     model: object           # what the step calls: raw_model, compiled and/or DDP-wrapped
     optimizer: object
     scaler: object
@@ -510,6 +534,7 @@ def checkpoint_state(run):
     return {
         "format_version": CHECKPOINT_FORMAT,
         "model": run.raw_model.state_dict(),  # the fitted codecs' state included
+        "model_family": run.raw_model.family,
         "model_config": asdict(run.raw_model.config),
         "optimizer": run.optimizer.state_dict(),
         "iter": run.it, "schedule_iters": run.schedule_iters, "best_val_loss": run.best_val,

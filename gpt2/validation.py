@@ -12,6 +12,7 @@ from gpt2.cpu import malloc_problems
 from gpt2.data import TokenData, recall_data
 from gpt2.method_flags import flag_problem, v_cache_record
 from gpt2.prepare_data import encode_text
+from gpt2.pretrained import source_family
 from gpt2.recall import is_recall
 from lib.settings import BadSettings
 from lib.vcache import build_method
@@ -92,9 +93,31 @@ def flag_problems(args, world):
         problems.append(f"--device must be auto, cpu, cuda or cuda:N, got {args.device!r}")
     elif args.device.startswith("cuda") and not torch.cuda.is_available():
         problems.append(f"--device {args.device}: CUDA is not available on this machine")
+    problems += pretrained_problems(args)
+    if args.trainable:
+        try:
+            re.compile(args.trainable)
+        except re.error as e:
+            problems.append(f"--trainable {args.trainable!r} is not a regular expression: {e}")
     if args.rmlp and not 0 < args.rmlp_rff < 4 * args.n_embd:
         problems.append(f"--rmlp-rff must be in (0, 4 x --n-embd = {4 * args.n_embd}), got {args.rmlp_rff}")
     return problems + method_problems(args)
+
+
+def pretrained_problems(args):
+    """A pretrained Llama (--init-from smollm2 or a Llama directory) reads the ids of
+    its own tokenizer and has no R-MLP."""
+    try:
+        family = source_family(args.init_from) if args.init_from != "scratch" else None
+    except ValueError as e:
+        return [f"--init-from {args.init_from}: {e}"]
+    problems = []
+    if family == "llama" and args.tokenizer != args.init_from:
+        problems.append(f"--init-from {args.init_from} reads the ids of its own tokenizer, but --tokenizer is "
+                        f"{args.tokenizer}: add --tokenizer {args.init_from} (and prepare the data with it)")
+    if family == "llama" and args.rmlp:
+        problems.append(f"--rmlp: the Reciprocal MLP is GPT-2's, and --init-from {args.init_from} is a Llama")
+    return problems
 
 
 def method_problems(args):

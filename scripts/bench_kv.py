@@ -67,7 +67,8 @@ from gpt2.bench.kv_report import (decode_rates_line, format_decode, format_table
                                   notes, write_plot)
 from gpt2.calibrate import CALIB_SEED_SALT, KVSpliceCalibrator  # noqa: E402
 from gpt2.cpu import configure_cpu  # noqa: E402
-from gpt2.model import GPT, config_from_checkpoint, load_checkpoint  # noqa: E402
+from gpt2.lm import load_checkpoint  # noqa: E402
+from gpt2.pretrained import config_from_checkpoint, model_from_checkpoint  # noqa: E402
 from gpt2.recall import RecallData  # noqa: E402
 from gpt2.tokenizer import N_VOCAB  # noqa: E402
 from gpt2.tracking import summary_complete  # noqa: E402
@@ -181,7 +182,7 @@ def run_benchmark(ckpt_path, ks=DEFAULT_KS, eval_batches=20, batch_size=8, calib
     t_start = time.perf_counter()
     ckpt = load_checkpoint(ckpt_path)
     args = ckpt.get("args") or {}
-    model = GPT.from_checkpoint_state(ckpt).eval()
+    model = model_from_checkpoint(ckpt).eval()
     cfg = model.config
     bs = cfg.block_size
     ks, prune, decode_steps, knots, epochs, samples = checked_settings(

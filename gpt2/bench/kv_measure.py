@@ -16,7 +16,9 @@ from gpt2.bench.kv_methods import BenchMethod, prune_settings
 from gpt2.bench.kv_report import context_use
 from gpt2.bench.synthetic import warped_v
 from gpt2.data import open_data
-from gpt2.model import GPT, load_checkpoint
+from gpt2.lm import load_checkpoint
+from gpt2.model import GPT
+from gpt2.pretrained import model_from_checkpoint
 from gpt2.recall import RecallData, answer_accuracy
 from gpt2.stats import paired_difference, verdict
 from gpt2.train import EVAL_SEED_SALT
@@ -150,7 +152,7 @@ def checkpoint_context_use(ckpt_path, eval_batches=20, batch_size=8):
     window of its recency), for summaries that print no benchmark."""
     ckpt = load_checkpoint(ckpt_path)
     args = ckpt.get("args") or {}
-    model = GPT.from_checkpoint_state(ckpt).eval()
+    model = model_from_checkpoint(ckpt).eval()
     cfg = model.config
     window = prune_settings(ckpt)["recency"]
     data, val = eval_data(ckpt_path, args, cfg.block_size, cfg.vocab_size, None, eval_batches, batch_size,
