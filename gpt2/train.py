@@ -580,7 +580,8 @@ def finish_summary(model, data, args, losses, best_val, it, tokens, t_train, ela
 
 @torch.no_grad()
 def v_cache_footprint(model):
-    """V-cache elements and bytes per head per layer at block_size, read off a real cache."""
+    """V-cache elements and bytes per head of V (a KV head under grouped-query
+    attention) per layer at block_size, read off a real cache."""
     cfg = model.config
     was_training = model.training
     model.eval()
@@ -591,7 +592,7 @@ def v_cache_footprint(model):
     model.train(was_training)
     layer = cache.layers[0]
     return {"elements_per_head": layer.v_elements_per_head(),
-            "bytes_per_head": layer.nbytes()["v"] // cfg.n_head,
+            "bytes_per_head": layer.nbytes()["v"] // layer.v.size(1),  # (B=1, heads of V, n, width)
             "baseline_elements_per_head": cfg.block_size * cfg.head_dim}
 
 

@@ -106,15 +106,17 @@ def flag_problems(args, world):
 
 def pretrained_problems(args):
     """A pretrained Llama (--init-from smollm2 or a Llama directory) reads the ids of
-    its own tokenizer and has no R-MLP."""
+    a Llama tokenizer, not GPT-2's, and has no R-MLP. (The model's vocabulary is
+    checked against the data's when it is built.)"""
     try:
         family = source_family(args.init_from) if args.init_from != "scratch" else None
     except ValueError as e:
         return [f"--init-from {args.init_from}: {e}"]
     problems = []
-    if family == "llama" and args.tokenizer != args.init_from:
-        problems.append(f"--init-from {args.init_from} reads the ids of its own tokenizer, but --tokenizer is "
-                        f"{args.tokenizer}: add --tokenizer {args.init_from} (and prepare the data with it)")
+    if family == "llama" and args.tokenizer == "gpt2":
+        problems.append(f"--init-from {args.init_from} reads the ids of its own tokenizer, not GPT-2's: add "
+                        f"--tokenizer {args.init_from if args.init_from == 'smollm2' else 'NAME_OR_DIR'} "
+                        f"(the data is prepared with it)")
     if family == "llama" and args.rmlp:
         problems.append(f"--rmlp: the Reciprocal MLP is GPT-2's, and --init-from {args.init_from} is a Llama")
     return problems

@@ -205,3 +205,62 @@ def test_grouped_query_smollm2_reads_english(smollm2):
     with torch.no_grad():
         _, loss = model(ids[:, :-1], ids[:, 1:])
     assert math.isfinite(loss.item()) and loss.item() < 6.0, loss.item()
+
+
+@pytest.fixture(scope="module")
+def smollm2_tokens(tmp_path_factory):
+    """20k tokens of the plays in SmolLM2's tokenizer, as --tokenizer smollm2 prepares them."""
+    from gpt2.prepare_data import prepare
+
+    data_dir = tmp_path_factory.mktemp("smollm2-data")
+    prepare("shakespeare", data_dir, max_tokens=20_000, tokenizer="smollm2")
+    return data_dir
+
+
+def tiny_llama_dir(path):
+    """A random Llama of SmolLM2's vocabulary and grouped-query layout, saved as a Hugging Face directory."""
+    from transformers import LlamaConfig as HFConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(HFConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                              tie_word_embeddings=True)).save_pretrained(path)
+    return path
+
+
+def test_a_pretrained_llama_fine_tunes_through_the_projects_loop(smollm2_tokens, tmp_path):
+    """--init-from a Llama directory trains with a fitted method in the loop and only the
+    weights --trainable names; its checkpoint rebuilds the Llama, fitted, and resumes."""
+    from conftest import tiny_args
+    from gpt2.pretrained import model_from_checkpoint
+    from gpt2.lm import load_checkpoint
+    from gpt2.train import train
+
+    source = tiny_llama_dir(tmp_path / "llama")
+    record = {"select": {"kind": "prune", "keep_ratio": 0.382, "k_min": 8, "recency": 4},
+              "codec": {"kind": "pca", "k": 8}}
+    flags = ("--init-from", str(source), "--tokenizer", "smollm2", "--max-iters", "6", "--kvsplice-calib-iter", "2",
+             "--kvsplice-max-batches", "2", "--trainable", "self_attn", "--v-cache", json.dumps(record))
+    summary = train(tiny_args(smollm2_tokens, tmp_path / "run", *flags))
+    assert summary["complete"] and summary["v_cache"]["bytes_per_head"] == 24 * 8 * 4  # 24 kept x k=8 x fp32
+    ckpt = load_checkpoint(tmp_path / "run" / "last.pt")
+    model = model_from_checkpoint(ckpt)
+    assert isinstance(model, Llama) and ckpt["model_family"] == "llama" and not model.needs_fit()
+    assert model.config.v_cache["codec"] == {"kind": "pca", "k": 8, "knots": 7} and model.config.n_kv_head == 2
+    fresh = load_pretrained(str(source))
+    changed = {n for n, t in model.state_dict().items() if ".vcache." not in n
+               and not torch.equal(t, fresh.state_dict()[n])}
+    assert changed and all(".self_attn." in n for n in changed)  # only what --trainable names learned
+    summary = train(tiny_args(smollm2_tokens, tmp_path / "run", *flags, "--resume"))
+    assert summary["iters"] == 6
+
+
+def test_a_pretrained_llama_is_refused_with_gpt2_tokens_or_the_r_mlp(tiny_data_dir, tmp_path, capsys):
+    from conftest import tiny_argv
+    from train_ra_mla import main
+
+    source = tiny_llama_dir(tmp_path / "llama")
+    assert main(tiny_argv(tiny_data_dir, tmp_path / "run", "--init-from", str(source), "--rmlp")) == 2
+    err = capsys.readouterr().err
+    assert f"--init-from {source} reads the ids of its own tokenizer, not GPT-2's" in err
+    assert "--rmlp: the Reciprocal MLP is GPT-2's" in err and not (tmp_path / "run").exists()
