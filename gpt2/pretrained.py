@@ -90,8 +90,10 @@ def load_pretrained(name_or_path, **overrides):
     """The project's model (GPT or Llama) with the source's weights in float32.
     overrides set fields of its config (v_cache, dropout, block_size, ...)."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging
 
     folder, gguf_file = _source(name_or_path)
+    logging.disable_progress_bar()  # the GGUF's per-tensor bars would bury the run's own progress lines
     hf = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
     return FAMILIES[hf.config.model_type].from_hf_model(hf, **overrides)
 

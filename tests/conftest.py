@@ -63,3 +63,24 @@ def losses_by_iter(run_dir):
     from gpt2.tracking import read_metrics
 
     return {r["iter"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokens(tmp_path_factory):
+    """20k tokens of the plays in SmolLM2's tokenizer, as --tokenizer smollm2 prepares them."""
+    from gpt2.prepare_data import prepare
+
+    data_dir = tmp_path_factory.mktemp("smollm2-data")
+    prepare("shakespeare", data_dir, max_tokens=20_000, tokenizer="smollm2")
+    return data_dir
+
+
+def tiny_llama_dir(path):
+    """A random Llama of SmolLM2's vocabulary and grouped-query layout, saved as a Hugging Face directory."""
+    from transformers import LlamaConfig as HFConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(HFConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                              tie_word_embeddings=True)).save_pretrained(path)
+    return path

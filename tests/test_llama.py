@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 
+from conftest import tiny_llama_dir
 from gpt2.calibrate import KVSpliceCalibrator
 from gpt2.llama import Llama
 from gpt2.model import GPT
@@ -205,27 +206,6 @@ def test_grouped_query_smollm2_reads_english(smollm2):
     with torch.no_grad():
         _, loss = model(ids[:, :-1], ids[:, 1:])
     assert math.isfinite(loss.item()) and loss.item() < 6.0, loss.item()
-
-
-@pytest.fixture(scope="module")
-def smollm2_tokens(tmp_path_factory):
-    """20k tokens of the plays in SmolLM2's tokenizer, as --tokenizer smollm2 prepares them."""
-    from gpt2.prepare_data import prepare
-
-    data_dir = tmp_path_factory.mktemp("smollm2-data")
-    prepare("shakespeare", data_dir, max_tokens=20_000, tokenizer="smollm2")
-    return data_dir
-
-
-def tiny_llama_dir(path):
-    """A random Llama of SmolLM2's vocabulary and grouped-query layout, saved as a Hugging Face directory."""
-    from transformers import LlamaConfig as HFConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    LlamaForCausalLM(HFConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                              tie_word_embeddings=True)).save_pretrained(path)
-    return path
 
 
 def test_a_pretrained_llama_fine_tunes_through_the_projects_loop(smollm2_tokens, tmp_path):
