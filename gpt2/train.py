@@ -430,7 +430,11 @@ def setup(args, rt):
     if args.resume:
         tracker.truncate_after(run.it)
     cfg = raw_model.config
-    run.log(f"model: {raw_model.get_num_params() / 1e6:.2f}M parameters, {cfg.n_layer} layers, "
+    every = sum(p.numel() for n, p in raw_model.named_parameters() if ".vcache." not in n)
+    trained = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
+    frozen = (f" ({trained / 1e6:.2f}M of {every / 1e6:.2f}M trained: --trainable {args.trainable})"
+              if args.trainable else "")
+    run.log(f"model: {raw_model.get_num_params() / 1e6:.2f}M parameters{frozen}, {cfg.n_layer} layers, "
             f"{cfg.n_head} heads, head_dim {cfg.head_dim}, block {cfg.block_size}, vocab {cfg.vocab_size}")
     sizes = ("" if isinstance(data, RecallData)
              else f" ({len(data.splits['train']):,} train / {len(data.splits['val']):,} val tokens)")
