@@ -269,6 +269,13 @@ class VCodec(nn.Module):
         raise NotImplementedError
 
 
+def straight_through(v, stored):
+    """`stored` (V as a codec gives it back) in the forward pass, exactly; in the
+    backward pass the gradient reaches v as if the codec were the identity (the
+    straight-through estimator), so a codec that rounds still trains what makes V."""
+    return stored.detach() + (v - v.detach())
+
+
 class FittedCodec(VCodec):
     """A VCodec with a fit step: a `fitted` flag in its state_dict, kept in
     step with the Python attribute that the hot path reads."""
@@ -414,7 +421,7 @@ class _Quantized(VCodec):
         return self.quant.decode(packed)
 
     def roundtrip(self, v):
-        return self.quant.decode(self.quant.encode(v)).to(v.dtype)
+        return straight_through(v, self.quant.decode(self.quant.encode(v)).to(v.dtype))
 
     def stored_bytes(self, dtype):
         return self.quant.bytes_per_token(self.head_dim)

@@ -6,7 +6,7 @@ them, and never edits the model, the trainer or the benchmark for them."""
 import torch
 
 from lib.kv_pruning import TokenKeep
-from lib.vcache import FittedCodec, KeepRule, VCodec, register_codec, register_selector
+from lib.vcache import FittedCodec, KeepRule, VCodec, register_codec, register_selector, straight_through
 
 
 class _EvenFirst(TokenKeep):
@@ -67,7 +67,7 @@ class CentredInt8(FittedCodec):
         return codes.float() * self.scale + self.mean
 
     def roundtrip(self, v):
-        return self.decode(self.encode(v)).to(v.dtype) if self.fitted else v
+        return straight_through(v, self.decode(self.encode(v)).to(v.dtype)) if self.fitted else v
 
     def storage(self):
         return super().storage() if self.fitted else {}
