@@ -62,11 +62,10 @@ def source_family(name_or_path):
     anything else (a hub name, which only GPT.from_pretrained reads, online)."""
     if name_or_path == SMOLLM2:
         return "llama"
-    config = Path(name_or_path) / "config.json"
-    if not config.is_file():
+    if not Path(name_or_path).exists():
         return None
     _source(name_or_path)  # a clear error for what is not a supported causal LM
-    return json.loads(config.read_text())["model_type"]
+    return json.loads((Path(name_or_path) / "config.json").read_text())["model_type"]
 
 
 def model_from_checkpoint(ckpt):

@@ -244,3 +244,20 @@ def test_a_pretrained_llama_is_refused_with_gpt2_tokens_or_the_r_mlp(tiny_data_d
     err = capsys.readouterr().err
     assert f"--init-from {source} reads the ids of its own tokenizer, not GPT-2's" in err
     assert "--rmlp: the Reciprocal MLP is GPT-2's" in err and not (tmp_path / "run").exists()
+
+
+def test_bad_sources_and_methods_fail_before_anything_is_written(tiny_data_dir, smollm2_tokens, tmp_path, capsys):
+    """A folder that is not a causal LM, and a method a pretrained model's heads cannot
+    hold, are one clear error each (exit 2), with no run directory."""
+    from conftest import tiny_argv
+    from train_ra_mla import main
+
+    (tmp_path / "notes").mkdir()
+    assert main(tiny_argv(tiny_data_dir, tmp_path / "a", "--init-from", str(tmp_path / "notes"))) == 2
+    assert "is not a causal LM: expected 'smollm2' or a local Hugging Face" in capsys.readouterr().err
+    source = tiny_llama_dir(tmp_path / "llama")  # head_dim 16
+    pca32 = json.dumps({"select": {"kind": "full"}, "codec": {"kind": "pca", "k": 32}})
+    assert main(tiny_argv(smollm2_tokens, tmp_path / "b", "--init-from", str(source), "--tokenizer", "smollm2",
+                          "--v-cache", pca32)) == 2
+    assert "codec 'pca': k must be an int in [1, head_dim = 16], got 32" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
