@@ -410,7 +410,8 @@ def test_smollm2_bad_input_is_a_clear_error_before_anything_is_written(tiny_smol
                                                 r"checkpoints or smollm2\)"):
         main(["--ckpt", "smollm3", *outs])
     # head_dim 32 cannot hold k = 64 (build_method's own check, before the model loads)
-    with pytest.raises(ValueError, match=r"smollm2: v_cache codec .splinepca.: k must be an int in \[1, head_dim = 32\], got 64"):
+    with pytest.raises(ValueError, match=r"smollm2: v_cache codec .splinepca.: k must be an int in "
+                                         r"\[1, head_dim = 32\], got 64"):
         main(["--ckpt", "smollm2", "--data-dir", str(tiny_data_dir), "--ks", "16,64", *outs])
     # the real source without its package: gpt2.pretrained's message, naming the install
     monkeypatch.setitem(PRETRAINED, "smollm2", replace(PRETRAINED["smollm2"], tokenizer="smollm2"))

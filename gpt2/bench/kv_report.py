@@ -204,9 +204,9 @@ def notes(rows):
         f"- Geometries: V from {info['calib_batches']} TRAINING batches ({info['calib_vectors']:,} vectors per layer, "
         f"collected once), one fit per layer and k; SplinePCA {info['knots']} knots, {info['fit_epochs']} epochs; "
         f"PCA is the same fit with 0 epochs (identity spline). Calib s = collection + that fit.",
-        f"- Pruning: {'pruning defaults' if pretrained else 'the checkpoint'}'s keep ratio {info['prune_keep_ratio']:.4f}, budget {info['prune_budget']} of "
-        f"{info['block_size']} tokens, recency {info['prune_recency']}. V20 post hoc = that pruner + the "
-        f"SplinePCA k={V20_K} geometry (fitted on V of the model with its own V-cache method removed).",
+        f"- Pruning: {'pruning' if pretrained else 'the checkpoint'}'s keep ratio {info['prune_keep_ratio']:.4f}, "
+        f"budget {info['prune_budget']} of {info['block_size']} tokens, recency {info['prune_recency']}. V20 post hoc "
+        f"= that pruner + the SplinePCA k={V20_K} geometry (fitted on V of the model with its own V-cache method removed).",
         f"- Quantization: asymmetric per token, groups of {QUANT_GROUP} channels, float16 scale and zero point "
         f"counted in the bytes.",
         f"- H2O: token budget {info['h2o_budget']} = V20 budget x {V20_K} / head_dim (the same number of V "
