@@ -32,7 +32,7 @@ help:
 	@echo "  make bench [CKPT=...]   post-hoc V-cache benchmark of trained checkpoint(s) -> docs/benchmarks.md"
 	@echo "                          (default CKPT: the quick start's V0, so run 'make train' first;"
 	@echo "                          CKPT=\"a.pt b.pt\" gives one section per checkpoint; CKPT=smollm2 the"
-	@echo "                          pretrained SmolLM2-135M on held-out plays, ~15 min on 2 cores;"
+	@echo "                          pretrained SmolLM2-135M on held-out plays (target 900 s on 2 cores);"
 	@echo "                          sections of checkpoints not named are kept)"
 	@echo "  make bench-train        training throughput of the CPU quick-start model"
 	@echo "  make bench-kvsplice     KVSplice fit time and compress/decompress throughput"
