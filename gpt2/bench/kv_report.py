@@ -5,6 +5,7 @@ import datetime
 import math
 import os
 import platform
+import re
 from pathlib import Path
 
 import torch
@@ -59,6 +60,8 @@ def context_use(rows):
     can_rank = se is not None and d > NOISE_SE * se
     acc = "" if row.get("acc_far_diff") is None else (
         f", far accuracy {row['acc_far_diff']:+.3f} +- {row['acc_far_diff_se']:.3f}")
+    if row.get("ind_acc_diff") is not None:
+        acc += f", induction accuracy {row['ind_acc_diff']:+.3f} +- {row['ind_acc_diff_se'] or float('nan'):.3f}"
     text = (f"Context use: keeping only the last {W} tokens' V changes val loss by {d:+.4f} +- "
             f"{se if se is not None else float('nan'):.4f} (paired SE over {info['n_eval_batches']} batches){acc} "
             f"against the full cache. ")
@@ -91,9 +94,16 @@ def targets(rows, wall_s=None):
                      f"to perplexity" + (f" (held-out V MSE SplinePCA/PCA {mse})" if mse else ""))
         out.append((None if not can_rank else not worse, text))
     if wall_s is not None:
-        out.append((wall_s < WALL_TARGET_S,
-                    f"benchmark wall time {wall_s:.1f} s < {WALL_TARGET_S} s for this checkpoint (2 cores)"))
+        target = rows[0]["info"].get("wall_target_s") or WALL_TARGET_S
+        out.append((wall_s < target, f"benchmark wall time {wall_s:.1f} s < {target} s for this checkpoint (2 cores)"))
     return out
+
+
+def _fmt_induction(r, name, digits):
+    value, diff, se = r.get(name), r.get(f"{name}_diff"), r.get(f"{name}_diff_se")
+    if r["verdict"] == "reference" or diff is None:
+        return f"{value:.{digits}f}"
+    return f"{value:.{digits}f} ({diff:+.{digits}f} +- {se if se is not None else float('nan'):.{digits}f})"
 
 
 def format_table(rows, wall_s=None):
@@ -101,15 +111,21 @@ def format_table(rows, wall_s=None):
     recall = rows[0]["info"]["recall"]
     head = ["method", "V bytes/token/layer", "compression", "val loss",
             "loss diff +- SE" if recall else "ppl change +- SE", "vs full cache"]
+    induction = rows[0].get("ind_loss") is not None
+    decode = rows[0].get("decode_tok_s") is not None
     head += ["acc (vs full +- SE)", "far acc (vs full +- SE)"] if recall else []
-    head += ["decode tok/s", "calib s", "trained-in loss diff" if recall else "trained-in ppl change"]
+    head += ["induction loss (vs full +- SE)", "induction acc (vs full +- SE)"] if induction else []
+    head += (["decode tok/s"] if decode else []) + ["calib s"]
+    head += [] if rows[0]["info"].get("pretrained") else ["trained-in loss diff" if recall else "trained-in ppl change"]
     lines = [context_use(rows)[1], "",
              "| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
     for r in rows:
         cells = [r["method"], f"{r['v_bytes_per_token']:.1f}", f"{r['compression']:.2f}x", f"{r['val_loss']:.4f}",
                  _fmt_change(r, recall), r["verdict"]]
         cells += [_fmt_acc(r, "acc"), _fmt_acc(r, "acc_far")] if recall else []
-        cells += [f"{r['decode_tok_s']:.1f}", f"{r['calib_s']:.1f}", _fmt_trained(r, recall)]
+        cells += [_fmt_induction(r, "ind_loss", 3), _fmt_induction(r, "ind_acc", 3)] if induction else []
+        cells += ([f"{r['decode_tok_s']:.1f}"] if decode else []) + [f"{r['calib_s']:.1f}"]
+        cells += [] if r["info"].get("pretrained") else [_fmt_trained(r, recall)]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     for met, text in targets(rows, wall_s):
@@ -176,8 +192,11 @@ def machine_description(threads):
 
 def notes(rows):
     info = rows[0]["info"]
+    pretrained = info.get("pretrained")
+    held_out = (f"held-out tokens (the val split of {info['dataset']}, prepared with {pretrained}'s tokenizer)"
+                if pretrained else "validation tokens")
     lines = [
-        f"- Evaluated tokens: {info['n_eval_tokens']:,} validation tokens, the same seeded batches for every "
+        f"- Evaluated tokens: {info['n_eval_tokens']:,} {held_out}, the same seeded batches for every "
         f"method; block_size {info['block_size']}. Perplexity = exp(val loss).",
         f"- V bytes/token/layer: V tensors of a real cache of the method (batch 1, prefilled with "
         f"{info['block_size']} tokens) / (layers x tokens); the reference stores fp32. Keys are kept in full "
@@ -185,16 +204,21 @@ def notes(rows):
         f"- Geometries: V from {info['calib_batches']} TRAINING batches ({info['calib_vectors']:,} vectors per layer, "
         f"collected once), one fit per layer and k; SplinePCA {info['knots']} knots, {info['fit_epochs']} epochs; "
         f"PCA is the same fit with 0 epochs (identity spline). Calib s = collection + that fit.",
-        f"- Pruning: the checkpoint's keep ratio {info['prune_keep_ratio']:.4f}, budget {info['prune_budget']} of "
-        f"{info['block_size']} tokens, recency {info['prune_recency']}. V20 post hoc = that pruner + the "
-        f"SplinePCA k={V20_K} geometry (fitted on V of the model with its own V-cache method removed).",
+        f"- Pruning: {'pruning' if pretrained else 'the checkpoint'}'s keep ratio {info['prune_keep_ratio']:.4f}, "
+        f"budget {info['prune_budget']} of {info['block_size']} tokens, recency {info['prune_recency']}. V20 post hoc "
+        f"= that pruner + the SplinePCA k={V20_K} geometry (fitted on V of the model with its own V-cache method removed).",
         f"- Quantization: asymmetric per token, groups of {QUANT_GROUP} channels, float16 scale and zero point "
         f"counted in the bytes.",
         f"- H2O: token budget {info['h2o_budget']} = V20 budget x {V20_K} / head_dim (the same number of V "
-        f"values), recency {info['h2o_recency']}; evaluated through its cache token by token.",
+        f"values), recency {info['h2o_recency']}; evaluated through its cache token by token."
+        if info["h2o_budget"] is not None else
+        f"- H2O: left out for this model: it has no full-sequence form, so every row would run its cache token "
+        f"by token through {info['n_layer']} layers, minutes per row.",
         f"- Decode tok/s: batch 1, prefill {info['decode_prefill']} tokens, then {info['decode_steps']} "
         f"single-token steps through the method's cache; median of {info['decode_repeats']} rounds, "
-        f"methods timed round-robin.",
+        f"methods timed round-robin." if info["decode_measured"] else
+        "- Decode tok/s: not measured for this model (its single-token steps through every method's cache "
+        "would take most of the time budget); the decode-speed section times GPT-2-shaped models only.",
         f"- Statistics: every method is evaluated on the same {info['n_eval_batches']} val batches; ppl change "
         f"+- SE is exp(d) - 1 for the mean per-batch loss difference d to the full cache, with the paired "
         f"standard error of d; 'within noise' means |d| <= {NOISE_SE:g} SE (or below {NOISE_FLOOR:g}, float32 "
@@ -205,6 +229,13 @@ def notes(rows):
         f"`window N` keeps only the last N tokens' fp32 V, N chosen so it holds the bytes of a `prune` row "
         f"(and N = {info['prune_recency']}, the recency window, for the context-use line).",
     ]
+    ind = info.get("induction")
+    if ind:
+        lines.append(f"- Induction (gpt2/induction.py): {ind['n_batches']} batches x {ind['batch_size']} passages of "
+                     f"{ind['length']} random ids from [{ind['low']}, {ind['high']}), each followed by itself; loss "
+                     f"and accuracy (argmax) on the second copy, whose every answer lies {ind['length']} tokens "
+                     f"back, beyond the recency window {info['prune_recency']}. Differences are paired per batch "
+                     f"against the full cache, +- their SE.")
     if info["recall"]:
         lines.append(f"- Recall ({info['dataset']}): loss and accuracy on answer tokens only; far = the answer's "
                      f"token lies at least {info['prune_recency']} tokens back.")
@@ -213,12 +244,55 @@ def notes(rows):
         lines.append("- Held-out V reconstruction MSE, SplinePCA / PCA (mean over layers; 1 where the fit "
                      "kept the identity spline because the learned one did not beat PCA): "
                      + ", ".join(f"k={k}: {x:.3f}" for k, x in ratios.items()) + ".")
+    if pretrained:
+        return "\n".join(lines)
     runs = info.get("matrix_runs") or {}
     where = info.get("matrix_dir")
     lines.append(f"- Trained-in: perplexity change of the trained V19 (pruning row) and V20 (pruning + "
                  f"SplinePCA row) runs vs V0 from {where}/[seed*/]V*/summary.json, seeds averaged in val loss; "
                  + (", ".join(f"{s}: {n} run(s)" for s, n in runs.items()) if runs else "none found") + ".")
     return "\n".join(lines)
+
+
+REGENERATE = "## Regenerate"
+REGENERATE_INTRO = ("Each command writes the sections of the checkpoints it names (and, given a GPT-2 checkpoint, the "
+                    "decode-speed section) and keeps the others.")
+
+
+def _split_sections(text):
+    """(title, [(heading, body)]): a report cut at its '## ' headings."""
+    parts = re.split(r"(?m)^(?=## )", text)
+    return parts[0], [(part.partition("\n")[0], part.partition("\n")[2]) for part in parts[1:]]
+
+
+def _section_key(heading):
+    """A checkpoint's section is known by its name alone ('## `smollm2`'), whatever follows it."""
+    return heading[:heading.index("`", 4) + 1] if heading.startswith("## `") and "`" in heading[4:] else heading
+
+
+def merge_report(old, title, sections, command, machine, wrote_by):
+    """The report with this run's sections (heading, body) in place of the old ones of the same
+    checkpoint, the old report's other sections kept, and its Regenerate list with this
+    command (and its machine line) last. An old command is dropped when every section it
+    wrote has been written again: wrote_by(command) gives those section keys, or None when
+    unknown (the command is kept)."""
+    old_sections, entries = [], []
+    if old:
+        _, old_sections = _split_sections(old)
+    new = {_section_key(h): (h, b) for h, b in sections}
+    merged = []
+    for heading, body in old_sections:
+        if heading == REGENERATE:
+            entries = re.findall(r"(?m)^    (python scripts/bench_kv\.py.*)\n\n(Machine: .*)$", body)
+        else:
+            merged.append(new.pop(_section_key(heading), (heading, body)))
+    merged += new.values()
+    ours = {_section_key(h) for h, _ in sections}
+    entries = [(c, m) for c, m in entries if c != command and not (wrote_by(c) or {None}) <= ours]
+    entries.append((command, machine))
+    regenerate = REGENERATE_INTRO + "\n\n" + "\n\n".join(f"    {c}\n\n{m}" for c, m in entries)
+    blocks = [heading + "\n\n" + body.strip("\n") for heading, body in merged + [(REGENERATE, regenerate)]]
+    return title.rstrip("\n") + "\n\n" + "\n\n".join(blocks) + "\n"
 
 
 def write_plot(rows, path):
