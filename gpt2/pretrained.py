@@ -10,6 +10,7 @@ written: a bad source is a ValueError that names the problem.
 
 import importlib.util
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -62,9 +63,10 @@ def source_family(name_or_path):
     anything else (a hub name, which only GPT.from_pretrained reads, online)."""
     if name_or_path == SMOLLM2:
         return "llama"
-    if not Path(name_or_path).exists():
-        return None
-    _source(name_or_path)  # a clear error for what is not a supported causal LM
+    path = Path(name_or_path)
+    if not (path / "config.json").is_file() and (os.sep not in str(name_or_path) or not path.exists()):
+        return None  # a hub name such as gpt2 (which the package folder gpt2/ must not shadow)
+    _source(name_or_path)  # a clear error for a folder that is not a supported causal LM
     return json.loads((Path(name_or_path) / "config.json").read_text())["model_type"]
 
 
