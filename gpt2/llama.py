@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gpt2.lm import CausalLM
+from gpt2.lm import CausalLM, attend
 from lib.vcache import FULL, build_method
 
 
@@ -100,12 +100,7 @@ class LlamaAttention(nn.Module):
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if pos is not None:  # one token at position pos (a tensor), fixed shapes: CausalLM.decode_step
-            y = cache.step(q, k, v, pos)
-        elif cache is not None:  # made by self.vcache.make_cache(): the same method, incrementally
-            y = cache(q, k, v)
-        else:
-            y = self.vcache.attend(q, k, v, dropout_p=self.attn_dropout if self.training else 0.0)
+        y = attend(self, q, k, v, cache, pos)
         y = y.transpose(1, 2).contiguous().view(B, T, self.n_head * self.head_dim)  # (B, T, nh * hs)
         return self.resid_dropout(self.o_proj(y))
 

@@ -33,6 +33,18 @@ def sample_next(logits, temperature=1.0, top_k=None):
     return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
 
 
+def attend(attn, q, k, v, cache=None, pos=None):
+    """An attention module's output through its V-cache method `attn.vcache`:
+    the method over the whole sequence, or its cache (made by
+    attn.vcache.make_cache()) for the new tokens, or that cache's fixed-shape
+    step at position pos (a tensor: CausalLM.decode_step)."""
+    if pos is not None:
+        return cache.step(q, k, v, pos)
+    if cache is not None:
+        return cache(q, k, v)
+    return attn.vcache.attend(q, k, v, dropout_p=attn.attn_dropout if attn.training else 0.0)
+
+
 class CausalLM(nn.Module):
     """A subclass names its `family` (what checkpoints record) and its `config_class`."""
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gpt2.lm import CausalLM
+from gpt2.lm import CausalLM, attend
 from lib.vcache import FULL, build_method
 
 # GPTConfig fields of checkpoints written before GPTConfig.v_cache held the method
@@ -75,12 +75,7 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        if pos is not None:  # one token at position pos (a tensor), fixed shapes: GPT.decode_step
-            y = cache.step(q, k, v, pos)
-        elif cache is not None:  # made by self.vcache.make_cache(): the same method, incrementally
-            y = cache(q, k, v)
-        else:
-            y = self.vcache.attend(q, k, v, dropout_p=self.attn_dropout if self.training else 0.0)
+        y = attend(self, q, k, v, cache, pos)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble all head outputs side by side
         return self.resid_dropout(self.c_proj(y))
 

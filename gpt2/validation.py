@@ -10,7 +10,7 @@ import torch
 
 from gpt2.cpu import malloc_problems
 from gpt2.data import TokenData, recall_data
-from gpt2.method_flags import flag_problem, v_cache_record
+from gpt2.method_flags import flag, flag_problem, v_cache_record
 from gpt2.prepare_data import encode_text
 from gpt2.pretrained import source_family
 from gpt2.recall import is_recall
@@ -63,12 +63,8 @@ _CALIBRATION_DOMAINS = {
 }
 
 
-def _flag(dest):
-    return "--" + dest.replace("_", "-")
-
-
 def _domain_problems(args, domains):
-    return [f"{_flag(dest)} must be {what}, got {getattr(args, dest)}"
+    return [f"{flag(dest)} must be {what}, got {getattr(args, dest)}"
             for dest, (ok, what) in domains.items() if not ok(getattr(args, dest))]
 
 
