@@ -53,6 +53,7 @@ import contextlib
 import io
 import json
 import math
+import os
 import shlex
 import statistics
 import sys
@@ -440,6 +441,7 @@ def main(argv=None):
     checkpoint, the sections of checkpoints not named here kept) and one png per checkpoint;
     returns {checkpoint: rows}."""
     t_start = time.perf_counter()
+    load_before = os.getloadavg()[0]  # before this run adds its own load: tells an idle machine from a shared one
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     missing = [c for c in args.ckpt if c not in PRETRAINED and not Path(c).is_file()]
@@ -486,7 +488,8 @@ def main(argv=None):
         sections.append((DECODE_HEADING, text))
     wall_s = time.perf_counter() - t_start
     command = "python scripts/bench_kv.py " + shlex.join(argv)
-    machine = f"Machine: {machine_description(torch.get_num_threads())}. Wall time {wall_s:.1f} s."
+    machine = (f"Machine: {machine_description(torch.get_num_threads())}, load average {load_before:.2f} "
+               f"when the run began. Wall time {wall_s:.1f} s.")
     old = Path(args.out_md).read_text() if Path(args.out_md).is_file() else None
     atomic_write_text(args.out_md, merge_report(old, "# KV-cache benchmark: post-hoc V-cache methods", sections,
                                                 command, machine, sections_of))
