@@ -13,6 +13,9 @@ val batches, so every difference is paired (mean +- SE over batches), and
 the recovered fraction's SE comes from a bootstrap over those batches.
 The post-hoc fit is the run's own calibration (same batches, samples,
 epochs), on the pretrained model instead of the one warmed up by training.
+
+Several matrices of the same setup, one per seed, are scored on the same
+batches: each seed's rows, then the mean +- sd over seeds.
 """
 
 import argparse
@@ -30,7 +33,7 @@ from gpt2.calibrate import CALIB_SEED_SALT, KVSpliceCalibrator
 from gpt2.data import open_data
 from gpt2.lm import load_checkpoint
 from gpt2.pretrained import load_pretrained, model_from_checkpoint
-from gpt2.stats import paired_difference, verdict
+from gpt2.stats import mean_sd, paired_difference, verdict
 from gpt2.tracking import summary_complete
 from gpt2.train import EVAL_SEED_SALT
 from lib.vcache import describe
@@ -84,33 +87,79 @@ def recovered_se(cost0_diffs, costn_diffs, seed=0):
     return statistics.stdev(values) if len(values) > 1 else math.nan
 
 
-def measure(matrix_dir, n_batches=16, log=print):
-    """Per step: losses per batch post hoc (n = 0) and after fine-tuning (n = N), and the costs."""
-    runs = matrix_runs(matrix_dir)
-    args = runs["V0"]["args"]
-    if args.get("init_from", "scratch") == "scratch":
-        raise ValueError(f"{matrix_dir}'s runs trained from scratch: recovery needs a pretrained start (--init-from)")
+# what every matrix of one recovery must share, so that their costs are of the same thing
+SAME_SETUP = ("init_from", "dataset", "tokenizer", "block_size", "batch_size")
+CALIBRATION = ("seed", "kvsplice_samples", "kvsplice_max_batches", "kvsplice_epochs", "kvsplice_lr",
+               "kvsplice_shared", "batch_size", "block_size")
+
+
+def matrix_dirs(paths):
+    """The matrices named: a directory that ran --seeds (DIR/seed<N>/<step>/) stands for each of its seeds."""
+    dirs = []
+    for path in map(Path, paths):
+        seeds = sorted((d for d in path.glob("seed*") if d.is_dir() and d.name[4:].isdigit()),
+                       key=lambda d: int(d.name[4:]))
+        dirs += seeds or [path]
+    return dirs
+
+
+def _same_setup(matrices):
+    """ValueError naming every way the matrices differ in what their costs depend on."""
+    (first, runs0), problems = matrices[0], []
+    args0, iters0 = runs0["V0"]["args"], runs0["V0"]["iter"]
+    if args0.get("init_from", "scratch") == "scratch":
+        problems.append(f"{first}'s runs trained from scratch: recovery needs a pretrained start (--init-from)")
+    for path, runs in matrices[1:]:
+        args = runs["V0"]["args"]
+        differ = [k for k in SAME_SETUP if args.get(k) != args0.get(k)]
+        if differ:
+            problems.append(f"{path} differs from {first} in {', '.join(differ)}")
+        if runs["V0"]["iter"] != iters0:
+            problems.append(f"{path} trained {runs['V0']['iter']} iterations, {first} {iters0}")
+        if set(runs) != set(runs0):
+            problems.append(f"{path} has steps {', '.join(runs)}, {first} {', '.join(runs0)}")
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+def measure(matrices, n_batches=16, log=print):
+    """Per matrix (one seed of a fine-tune matrix each) and step: losses per batch post hoc
+    (n = 0) and after fine-tuning (n = N), and the costs. Every model is scored on the same
+    held-out batches (drawn with the first matrix's seed); a method's post-hoc loss is
+    measured once per distinct fit (its record, and the calibration settings where it fits)."""
+    paths = [Path(matrices)] if isinstance(matrices, (str, Path)) else [Path(m) for m in matrices]
+    loaded = [(path, matrix_runs(path)) for path in paths]
+    _same_setup(loaded)
+    args = loaded[0][1]["V0"]["args"]
+    iters = loaded[0][1]["V0"]["iter"]
     data = open_data(argparse.Namespace(**{"tokenizer": "gpt2", **args}))
     batches = [data.get_batch("val", args["batch_size"], args["block_size"], args["seed"] + EVAL_SEED_SALT, 0, j)
                for j in range(n_batches)]
-    log(f"[recovery] {len(runs)} runs of {runs['V0']['iter']} iterations; {n_batches} val batches x "
-        f"{args['batch_size']} x {args['block_size']} tokens")
+    log(f"[recovery] {len(loaded)} matrix(es) of {len(loaded[0][1])} runs of {iters} iterations; {n_batches} val "
+        f"batches x {args['batch_size']} x {args['block_size']} tokens")
     pretrained = load_pretrained(args["init_from"])
     pretrained.crop_block_size(args["block_size"])
-    rows = {}
     base0 = batch_losses(pretrained, batches)
-    baseN = batch_losses(model_from_checkpoint(runs["V0"]), batches)
-    for step, ckpt in runs.items():
-        tuned = model_from_checkpoint(ckpt)
-        record = tuned.config.v_cache
-        at0 = batch_losses(post_hoc(pretrained, record, ckpt["args"], data, log), batches)
-        atN = baseN if step == "V0" else batch_losses(tuned, batches)
-        rows[step] = {"record": record, "at0": at0, "atN": atN,
-                      "cost0": [a - b for a, b in zip(at0, base0)], "costN": [a - b for a, b in zip(atN, baseN)]}
-        log(f"[recovery] {step}: loss {statistics.fmean(at0):.4f} post hoc, {statistics.fmean(atN):.4f} after "
-            f"{ckpt['iter']} steps")
-    return {"rows": rows, "iters": runs["V0"]["iter"], "n_batches": n_batches, "base0": base0, "baseN": baseN,
-            "args": args}
+    post_hoc_losses, results = {}, []
+    for path, runs in loaded:
+        baseN = batch_losses(model_from_checkpoint(runs["V0"]), batches)
+        rows = {}
+        for step, ckpt in runs.items():
+            tuned = model_from_checkpoint(ckpt)
+            record = tuned.config.v_cache
+            pretrained.set_v_cache(record)
+            fit = [ckpt["args"][k] for k in CALIBRATION] if pretrained.needs_fit() else None
+            key = json.dumps([record, fit], sort_keys=True)
+            if key not in post_hoc_losses:
+                post_hoc_losses[key] = batch_losses(post_hoc(pretrained, record, ckpt["args"], data, log), batches)
+            at0 = post_hoc_losses[key]
+            atN = baseN if step == "V0" else batch_losses(tuned, batches)
+            rows[step] = {"record": record, "at0": at0, "atN": atN,
+                          "cost0": [a - b for a, b in zip(at0, base0)], "costN": [a - b for a, b in zip(atN, baseN)]}
+            log(f"[recovery] {path} {step}: loss {statistics.fmean(at0):.4f} post hoc, {statistics.fmean(atN):.4f} "
+                f"after {ckpt['iter']} steps")
+        results.append({"dir": str(path), "seed": runs["V0"]["args"]["seed"], "rows": rows, "baseN": baseN})
+    return {"matrices": results, "iters": iters, "n_batches": n_batches, "base0": base0}
 
 
 def _pm(diffs):
@@ -118,33 +167,74 @@ def _pm(diffs):
     return f"{mean:+.4f} +- {se:.4f}", mean, se
 
 
+def recovered_fraction(r):
+    """(text, value or None) of 1 - cost(N)/cost(0) for one step of one matrix."""
+    _, m0, se0 = _pm(r["cost0"])
+    side = verdict(m0, se0)
+    if side == "within noise":
+        return "not resolved: cost(0) within noise", None
+    if side == "lower":
+        return "nothing to recover: the method lowers the loss post hoc", None
+    value = 1 - statistics.fmean(r["costN"]) / m0
+    return f"{value:.2f} +- {recovered_se(r['cost0'], r['costN']):.2f}", value
+
+
+def _over_seeds(values, digits):
+    mean, sd = mean_sd(values)
+    return f"{mean:+.{digits}f} +- {sd:.{digits}f}"
+
+
 def report(result, command):
-    """The recovery table and the paired comparisons between steps, as markdown."""
-    rows, N = result["rows"], result["iters"]
-    base0, baseN = statistics.fmean(result["base0"]), statistics.fmean(result["baseN"])
-    lines = [f"# Recovery through fine-tuning ({result['n_batches']} held-out batches, paired)", "",
+    """The recovery table and the paired comparisons between steps, as markdown: one
+    table for one matrix; with several (seeds), each seed's rows and then mean +- sd over seeds."""
+    matrices, N = result["matrices"], result["iters"]
+    several = len(matrices) > 1
+    base0 = statistics.fmean(result["base0"])
+    tuned = "; ".join((f"seed {m['seed']} " if several else "") + f"{statistics.fmean(m['baseN']):.4f} "
+                      f"(ppl {math.exp(statistics.fmean(m['baseN'])):.2f})" for m in matrices)
+    title = f"{result['n_batches']} held-out batches, paired" + (f"; {len(matrices)} seeds" if several else "")
+    lines = [f"# Recovery through fine-tuning ({title})", "",
              f"Pretrained model: loss {base0:.4f} (ppl {math.exp(base0):.2f}); V0 after {N} fine-tuning steps: "
-             f"{baseN:.4f} (ppl {math.exp(baseN):.2f}).", "",
-             "| step | method | cost(0) post hoc | cost(N) fine-tuned | recovered 1 - cost(N)/cost(0) |",
-             "|---|---|---|---|---|"]
-    for step, r in rows.items():
-        if step == "V0":
-            continue
-        c0, m0, se0 = _pm(r["cost0"])
-        cn, _, _ = _pm(r["costN"])
-        significant = verdict(m0, se0) != "within noise"
-        if significant:
-            mN = statistics.fmean(r["costN"])
-            rec = f"{1 - mN / m0:.2f} +- {recovered_se(r['cost0'], r['costN']):.2f}"
-        else:
-            rec = "not resolved: cost(0) within noise"
-        lines.append(f"| {step} | {describe(r['record'])} | {c0} | {cn} | {rec} |")
+             f"{tuned}.", "",
+             "| step | " + ("seed | " if several else "") + "method | cost(0) post hoc | cost(N) fine-tuned | "
+             "recovered 1 - cost(N)/cost(0) |",
+             "|---|---|---|---|---|" + ("---|" if several else "")]
+    steps = [step for step in matrices[0]["rows"] if step != "V0"]
+    for step in steps:
+        for m in matrices:
+            r = m["rows"][step]
+            seed = f"{m['seed']} | " if several else ""
+            lines.append(f"| {step} | {seed}{describe(r['record'])} | {_pm(r['cost0'])[0]} | {_pm(r['costN'])[0]} | "
+                         f"{recovered_fraction(r)[0]} |")
+    if several:
+        lines += ["", f"Over the {len(matrices)} seeds (mean +- sd of the per-seed figures):", "",
+                  "| step | cost(N) fine-tuned | recovered |", "|---|---|---|"]
+        for step in steps:
+            rows = [m["rows"][step] for m in matrices]
+            recovered = [recovered_fraction(r)[1] for r in rows]
+            rec = ("not resolved: no cost(0) to recover in a seed" if None in recovered
+                   else _over_seeds(recovered, 2).lstrip("+"))
+            lines.append(f"| {step} | {_over_seeds([statistics.fmean(r['costN']) for r in rows], 4)} | {rec} |")
     lines += ["", "Paired differences between steps (losses, same batches; within noise = within 2 SE):", ""]
     for a, b in (("V20", "V19"), ("V20", "V22"), ("V22", "V19")):
-        if a in rows and b in rows:
-            for label, key in (("post hoc", "at0"), (f"after {N} steps", "atN")):
-                mean, se = paired_difference(rows[a][key], rows[b][key])
-                lines.append(f"- {a} - {b}, {label}: {mean:+.4f} +- {se:.4f} ({verdict(mean, se)})")
-    lines += ["", "A single fine-tuning run per step (one seed): the differences after fine-tuning carry the "
-              "batches' noise, not the seed's.", "", f"Regenerate: `{command}`"]
+        if a not in matrices[0]["rows"] or b not in matrices[0]["rows"]:
+            continue
+        for label, key in (("post hoc", "at0"), (f"after {N} steps", "atN")):
+            means = []
+            for m in matrices:
+                mean, se = paired_difference(m["rows"][a][key], m["rows"][b][key])
+                means.append(mean)
+                seed = f" (seed {m['seed']})" if several else ""
+                lines.append(f"- {a} - {b}, {label}{seed}: {mean:+.4f} +- {se:.4f} ({verdict(mean, se)})")
+            if several:
+                lines.append(f"- {a} - {b}, {label}, over the {len(matrices)} seeds: {_over_seeds(means, 4)} "
+                             f"(mean +- sd)")
+    if several:
+        seeds = ", ".join(str(m["seed"]) for m in matrices)
+        lines += ["", f"{len(matrices)} fine-tuning runs per step (seeds {seeds}), every one scored on the same "
+                  "batches: +- is the SE over batches within a seed, the sd over seeds across them."]
+    else:
+        lines += ["", "A single fine-tuning run per step (one seed): the differences after fine-tuning carry the "
+                  "batches' noise, not the seed's."]
+    lines += ["", f"Regenerate: `{command}`"]
     return "\n".join(lines) + "\n"
