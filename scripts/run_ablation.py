@@ -167,8 +167,11 @@ def decide_iterations(ours, extra, args, datasets, steps, plan, out_dir):
     return iters
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def runner_parser():
+    """The runner's own flags; every other flag goes to each step's training. No abbreviations: the
+    trainer's --seed must reach the trainer, not be read as the runner's --seeds."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 allow_abbrev=False)
     ap.add_argument("--config", required=True, help=".config to run")
     ap.add_argument("--force", action="store_true", help="rerun steps that already completed")
     ap.add_argument("--prepare-only", action="store_true", help="only prepare the dataset")
@@ -176,7 +179,11 @@ def main(argv=None):
     ap.add_argument("--seeds", default=None,
                     help="comma-separated seeds: run the whole matrix once per seed into OUT_DIR/seed<N>/<step>/; "
                          "the summary then gives mean +- sd per step")
-    ours, extra = ap.parse_known_args(argv)
+    return ap
+
+
+def main(argv=None):
+    ours, extra = runner_parser().parse_known_args(argv)
     args = parse_with_config(build_parser(), ["--config", ours.config] + extra, step_overrides)
     datasets = [d.strip() for d in args.ablation_datasets.split(",") if d.strip()] or [None]
     for dataset in datasets:

@@ -126,3 +126,12 @@ def test_a_matrix_out_dir_on_the_command_line_is_not_every_runs_out_dir():
 
     cmd = step_command(".config", "V19", Path("runs/x/V19"), "x", ["--out-dir", "runs/x", "--max-iters", "5"], False)
     assert parse_args(cmd[cmd.index("--config") + 2:]).out_dir == "runs/x/V19"
+
+
+def test_the_trainers_seed_is_not_taken_for_the_runners_seeds():
+    from scripts.run_ablation import runner_parser
+
+    ours, extra = runner_parser().parse_known_args(["--config", ".config", "--seed", "2", "--seeds", "3,4"])
+    assert ours.seeds == "3,4" and extra == ["--seed", "2"]
+    ours, extra = runner_parser().parse_known_args(["--config", ".config", "--seed", "2"])
+    assert ours.seeds is None and extra == ["--seed", "2"]
