@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gpt2.lm import CausalLM, attend
-from lib.vcache import FULL, build_method
+from lib.vcache import build_method, full_record
 
 
 @dataclass
@@ -34,7 +34,7 @@ class LlamaConfig:
     tie_embeddings: bool = True
     dropout: float = 0.0
     # the V-cache method of every attention layer: a lib.vcache record
-    v_cache: dict = field(default_factory=lambda: {"select": dict(FULL["select"]), "codec": dict(FULL["codec"])})
+    v_cache: dict = field(default_factory=full_record)
 
     @property
     def head_dim(self):

@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gpt2.lm import CausalLM, attend
-from lib.vcache import FULL, build_method
+from lib.vcache import build_method, full_record
 
 # GPTConfig fields of checkpoints written before GPTConfig.v_cache held the method
 _LEGACY_FIELDS = ("kv_prune", "kv_prune_keep_ratio", "kv_prune_k_min", "kv_prune_recency", "kvsplice_strategy")
@@ -35,7 +35,7 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = True  # GPT-2 uses biases in Linear and LayerNorm
     # the V-cache method of every attention layer: a lib.vcache record
-    v_cache: dict = field(default_factory=lambda: {"select": dict(FULL["select"]), "codec": dict(FULL["codec"])})
+    v_cache: dict = field(default_factory=full_record)
     # Reciprocal MLP (V21)
     rmlp: bool = False
     rmlp_rff: int = 64

@@ -51,6 +51,11 @@ CODECS = {}     # kind -> VCodec subclass
 FULL = {"select": {"kind": "full"}, "codec": {"kind": "none"}}
 
 
+def full_record():
+    """A fresh copy of FULL, the full cache's record (a config's default, safe to change)."""
+    return {part: dict(settings) for part, settings in FULL.items()}
+
+
 def _registrar(registry):
     """A class decorator factory: @register(kind) files the class under kind."""
     def register(kind):

@@ -15,8 +15,8 @@ from gpt2.calibrate import KVSpliceCalibrator
 from gpt2.llama import Llama
 from gpt2.model import GPT
 from gpt2.pretrained import load_pretrained, load_tokenizer
+from lib.vcache import FULL
 
-FULL = {"select": {"kind": "full"}, "codec": {"kind": "none"}}
 PRUNE = {"select": {"kind": "prune", "keep_ratio": 0.5, "k_min": 8, "recency": 4}, "codec": {"kind": "none"}}
 TEXT = ("The rain fell softly on the garden all afternoon. When it stopped, the children ran outside to play, "
         "and their mother called them back in for dinner as the sun went down behind the hills.")

@@ -24,7 +24,7 @@ from gpt2.recall import RecallData, answer_accuracy
 from gpt2.stats import paired_difference, verdict
 from gpt2.train import EVAL_SEED_SALT
 from lib.kvsplice import SplinePCA
-from lib.vcache import FULL
+from lib.vcache import FULL, full_record
 
 
 def install(model, layers):
@@ -207,7 +207,7 @@ def decode_models(config, record, context, geometry):
     on what was learned. method stores V through `geometry` (a SplinePCA);
     control is the same record with plain PCA (the geometry with the identity
     spline): the same V bytes, so the two differ by the spline's work alone."""
-    shape = dict(block_size=context, dropout=0.0, v_cache=copy.deepcopy(FULL))
+    shape = dict(block_size=context, dropout=0.0, v_cache=full_record())
     torch.manual_seed(0)
     plain = GPT(replace(config, **shape)).eval()
     pca = copy.deepcopy(geometry)
