@@ -38,9 +38,8 @@ def induction_batches(n_batches, batch_size, length, low, high, seed):
 @torch.no_grad()
 def induction_scores(model, batches):
     """Per batch, the mean loss and the accuracy (argmax) on the second copy: {"loss": [...], "acc": [...]}."""
-    out = {"loss": [], "acc": []}
+    out, device = {"loss": [], "acc": []}, model.lm_head.weight.device
     for x, y in batches:
-        device = model.lm_head.weight.device
         x, y = x.to(device), y.to(device)
         logits, loss = model(x, y)
         counted = y >= 0
