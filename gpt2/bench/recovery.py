@@ -48,22 +48,24 @@ def batch_losses(model, batches):
 
 
 def matrix_runs(matrix_dir):
-    """{step: (run dir, checkpoint)} of the complete runs of a matrix, V0 first."""
-    runs = {}
+    """{step: last.pt path} of the complete runs of a matrix, V0 first, and the iterations
+    they all trained (read from their summaries: a checkpoint is loaded only when it is scored)."""
+    runs, iters = {}, {}
     for summary_path in sorted(Path(matrix_dir).glob("*/summary.json")):
-        if summary_complete(json.loads(summary_path.read_text())) and (summary_path.parent / "last.pt").is_file():
-            runs[summary_path.parent.name] = load_checkpoint(summary_path.parent / "last.pt")
+        summary = json.loads(summary_path.read_text())
+        if summary_complete(summary) and (summary_path.parent / "last.pt").is_file():
+            runs[summary_path.parent.name] = summary_path.parent / "last.pt"
+            iters[summary_path.parent.name] = summary["iters"]
     if "V0" not in runs:
         raise ValueError(f"{matrix_dir} has no complete V0 run: fine-tuning's control")
-    iters = {step: ckpt["iter"] for step, ckpt in runs.items()}
     if len(set(iters.values())) > 1:
         raise ValueError(f"the runs of {matrix_dir} trained different iteration counts: {iters}")
-    return dict(sorted(runs.items(), key=lambda kv: kv[0] != "V0"))
+    return dict(sorted(runs.items(), key=lambda kv: kv[0] != "V0")), iters["V0"]
 
 
-def post_hoc(pretrained, record, args, data, log):
-    """The pretrained model with `record`'s method, fitted as the run's calibration fits it."""
-    pretrained.set_v_cache(record)
+def post_hoc(pretrained, args, data, log):
+    """Fit the pretrained model's method (put in by set_v_cache) as the run's calibration
+    fits it, when its codec needs a fit."""
     if pretrained.needs_fit():
         cal = KVSpliceCalibrator(pretrained, args["kvsplice_samples"], seed=args["seed"])
         with contextlib.redirect_stdout(io.StringIO()):
@@ -71,8 +73,7 @@ def post_hoc(pretrained, record, args, data, log):
                                        args["seed"] + CALIB_SEED_SALT, 0, j)[0]
                         for j in range(args["kvsplice_max_batches"]))
             cal.fit(args["kvsplice_epochs"], args["kvsplice_lr"], args["kvsplice_shared"], seed=args["seed"])
-        log(f"[recovery] fitted {describe(record)} on the pretrained model")
-    return pretrained
+        log(f"[recovery] fitted {describe(pretrained.config.v_cache)} on the pretrained model")
 
 
 def recovered_se(cost0_diffs, costn_diffs, seed=0):
@@ -89,8 +90,9 @@ def recovered_se(cost0_diffs, costn_diffs, seed=0):
 
 # what every matrix of one recovery must share, so that their costs are of the same thing
 SAME_SETUP = ("init_from", "dataset", "tokenizer", "block_size", "batch_size")
+# what a post-hoc fit depends on beyond the setup
 CALIBRATION = ("seed", "kvsplice_samples", "kvsplice_max_batches", "kvsplice_epochs", "kvsplice_lr",
-               "kvsplice_shared", "batch_size", "block_size")
+               "kvsplice_shared")
 
 
 def matrix_dirs(paths):
@@ -104,18 +106,17 @@ def matrix_dirs(paths):
 
 
 def _same_setup(matrices):
-    """ValueError naming every way the matrices differ in what their costs depend on."""
-    (first, runs0), problems = matrices[0], []
-    args0, iters0 = runs0["V0"]["args"], runs0["V0"]["iter"]
+    """ValueError naming every way the matrices (path, runs, iters, V0's args) differ in what
+    their costs depend on."""
+    (first, runs0, iters0, args0), problems = matrices[0], []
     if args0.get("init_from", "scratch") == "scratch":
         problems.append(f"{first}'s runs trained from scratch: recovery needs a pretrained start (--init-from)")
-    for path, runs in matrices[1:]:
-        args = runs["V0"]["args"]
+    for path, runs, iters, args in matrices[1:]:
         differ = [k for k in SAME_SETUP if args.get(k) != args0.get(k)]
         if differ:
             problems.append(f"{path} differs from {first} in {', '.join(differ)}")
-        if runs["V0"]["iter"] != iters0:
-            problems.append(f"{path} trained {runs['V0']['iter']} iterations, {first} {iters0}")
+        if iters != iters0:
+            problems.append(f"{path} trained {iters} iterations, {first} {iters0}")
         if set(runs) != set(runs0):
             problems.append(f"{path} has steps {', '.join(runs)}, {first} {', '.join(runs0)}")
     if problems:
@@ -126,12 +127,15 @@ def measure(matrices, n_batches=16, log=print):
     """Per matrix (one seed of a fine-tune matrix each) and step: losses per batch post hoc
     (n = 0) and after fine-tuning (n = N), and the costs. Every model is scored on the same
     held-out batches (drawn with the first matrix's seed); a method's post-hoc loss is
-    measured once per distinct fit (its record, and the calibration settings where it fits)."""
+    measured once per distinct fit (its record, and the calibration settings where it fits).
+    One fine-tuned checkpoint is in memory at a time."""
     paths = [Path(matrices)] if isinstance(matrices, (str, Path)) else [Path(m) for m in matrices]
-    loaded = [(path, matrix_runs(path)) for path in paths]
+    loaded = []
+    for path in paths:
+        runs, iters = matrix_runs(path)
+        loaded.append((path, runs, iters, load_checkpoint(runs["V0"])["args"]))
     _same_setup(loaded)
-    args = loaded[0][1]["V0"]["args"]
-    iters = loaded[0][1]["V0"]["iter"]
+    _, _, iters, args = loaded[0]
     data = open_data(argparse.Namespace(**{"tokenizer": "gpt2", **args}))
     batches = [data.get_batch("val", args["batch_size"], args["block_size"], args["seed"] + EVAL_SEED_SALT, 0, j)
                for j in range(n_batches)]
@@ -141,24 +145,29 @@ def measure(matrices, n_batches=16, log=print):
     pretrained.crop_block_size(args["block_size"])
     base0 = batch_losses(pretrained, batches)
     post_hoc_losses, results = {}, []
-    for path, runs in loaded:
-        baseN = batch_losses(model_from_checkpoint(runs["V0"]), batches)
+    for path, runs, _, v0_args in loaded:
         rows = {}
-        for step, ckpt in runs.items():
-            tuned = model_from_checkpoint(ckpt)
+        for step, ckpt_path in runs.items():  # V0 first: the control every cost(N) is against
+            ckpt = load_checkpoint(ckpt_path)
+            step_args, tuned = ckpt["args"], model_from_checkpoint(ckpt)
+            del ckpt
             record = tuned.config.v_cache
+            atN = batch_losses(tuned, batches)
+            del tuned
+            if step == "V0":
+                baseN = atN
             pretrained.set_v_cache(record)
-            fit = [ckpt["args"][k] for k in CALIBRATION] if pretrained.needs_fit() else None
+            fit = [step_args[k] for k in CALIBRATION] if pretrained.needs_fit() else None
             key = json.dumps([record, fit], sort_keys=True)
             if key not in post_hoc_losses:
-                post_hoc_losses[key] = batch_losses(post_hoc(pretrained, record, ckpt["args"], data, log), batches)
+                post_hoc(pretrained, step_args, data, log)
+                post_hoc_losses[key] = batch_losses(pretrained, batches)
             at0 = post_hoc_losses[key]
-            atN = baseN if step == "V0" else batch_losses(tuned, batches)
             rows[step] = {"record": record, "at0": at0, "atN": atN,
                           "cost0": [a - b for a, b in zip(at0, base0)], "costN": [a - b for a, b in zip(atN, baseN)]}
             log(f"[recovery] {path} {step}: loss {statistics.fmean(at0):.4f} post hoc, {statistics.fmean(atN):.4f} "
-                f"after {ckpt['iter']} steps")
-        results.append({"dir": str(path), "seed": runs["V0"]["args"]["seed"], "rows": rows, "baseN": baseN})
+                f"after {iters} steps")
+        results.append({"dir": str(path), "seed": v0_args["seed"], "rows": rows, "baseN": baseN})
     return {"matrices": results, "iters": iters, "n_batches": n_batches, "base0": base0}
 
 
