@@ -21,7 +21,7 @@ help:
 	@echo "  make defconfig-NAME     load defconfigs/NAME; available: $(notdir $(wildcard defconfigs/*))"
 	@echo "  make menuconfig         edit .config in a terminal menu"
 	@echo "  make savedefconfig      write the minimal form of .config to ./defconfig"
-	@echo "  make kconfig            regenerate Kconfig from train_ra_mla.py's flags"
+	@echo "  make kconfig            regenerate Kconfig from the trainer's flags (gpt2/cli.py)"
 	@echo "  make list-steps         print the ablation steps (gpt2/ablations.py)"
 	@echo "Running:"
 	@echo "  make data               prepare the dataset that .config names"

@@ -21,8 +21,6 @@ a few seconds per run. The probe runs without torch.compile and on one
 device; under DDP a run's iteration is timed as one rank's share of it.
 """
 
-import contextlib
-import io
 import json
 import math
 import os
@@ -33,7 +31,7 @@ from pathlib import Path
 import torch
 
 from gpt2.atomic import atomic_write_text
-from gpt2.calibrate import CALIB_SEED_SALT, KVSpliceCalibrator
+from gpt2.calibrate import CALIB_SEED_SALT, fit_codecs, kept_rows, quiet
 from gpt2.cpu import configure_cpu
 from gpt2.data import open_data
 from gpt2.method_flags import method_needs_fit
@@ -128,29 +126,26 @@ def _probe_calibration(model, data, args, device, amp, cache):
            args.kvsplice_epochs, args.kvsplice_shared)
     if cache is not None and key in cache:
         return cache[key]
-    cal = KVSpliceCalibrator(model, args.kvsplice_samples, seed=args.seed)
     rows_per_batch = args.batch_size * args.block_size * model.config.n_head
-    n_batches = min(args.kvsplice_max_batches, math.ceil(cal.cap / rows_per_batch))
+    n_batches = min(args.kvsplice_max_batches, math.ceil(kept_rows(model, args.kvsplice_samples) / rows_per_batch))
     batches = [data.get_batch("train", args.batch_size, args.block_size, args.seed + CALIB_SEED_SALT, 0, j,
                               device)[0] for j in range(n_batches)]
 
-    def fit(epochs):
-        seconds = cal.fit(epochs, args.kvsplice_lr, shared=True, seed=args.seed)["seconds"]
-        return [{n: t.clone() for n, t in codec.state_dict().items()} for codec in model.v_codecs()], seconds
+    def states():
+        return [{n: t.clone() for n, t in codec.state_dict().items()} for codec in model.v_codecs()]
 
-    with contextlib.redirect_stdout(io.StringIO()):  # the calibrator's progress lines
+    with quiet():  # the calibrator's progress lines
         sync(device)
-        t0 = time.perf_counter()
-        cal.collect(batches, amp)
-        sync(device)
-        collect_s = (time.perf_counter() - t0) / n_batches * args.kvsplice_max_batches
-        states, fixed_s = fit(0)
+        cal, stats = fit_codecs(model, batches, args.kvsplice_samples, shared=True, seed=args.seed, autocast=amp,
+                                epochs=0, lr=args.kvsplice_lr)
+        collect_s = stats["collect_seconds"] / n_batches * args.kvsplice_max_batches
+        fitted, fixed_s = states(), stats["seconds"]
         epoch_s = 0.0
         if args.kvsplice_epochs > 0:
-            states, one_epoch_s = fit(1)
-            epoch_s = max(one_epoch_s - fixed_s, 0.0)
+            one_epoch_s = cal.fit(shared=True, seed=args.seed, epochs=1, lr=args.kvsplice_lr)["seconds"]
+            fitted, epoch_s = states(), max(one_epoch_s - fixed_s, 0.0)
     fits = 1 if args.kvsplice_shared else model.config.n_layer
-    result = (collect_s + fits * (fixed_s + args.kvsplice_epochs * epoch_s), states)
+    result = (collect_s + fits * (fixed_s + args.kvsplice_epochs * epoch_s), fitted)
     if cache is not None:
         cache[key] = result
     return result

@@ -13,12 +13,21 @@ fit() calls each layer's codec's own fit step (VCodec.fit) on a CPU copy
 and loads the result into the model's codec: the fitted state is then part
 of the model's state_dict. gpt2/geometry.py saves it as kvsplice.pt.
 
+fit_codecs(model, batches, ...) is the one fit path: collect, then fit.
+Training, the matrix budget's probe, recovery and the timing models call
+it; the post-hoc benchmark collects once (collect) and fits each of its
+codecs from those samples with the same calibrator's fit. Progress goes to the logger `kvsplice` (LOG), printed to stdout as
+`[KVSplice] ...` lines; `quiet()` silences it for a caller that fits many
+times.
+
 The calibrator needs only a model with `config`, `v_projections()` and
 `v_codecs()`; the training loop calls it (gpt2/train.py), never the reverse.
 """
 
 import argparse
+import contextlib
 import copy
+import logging
 import time
 
 import torch
@@ -31,9 +40,45 @@ from gpt2.pretrained import model_from_checkpoint
 CALIB_SEED_SALT = 104729  # calibration batches: seed + this, so they differ from the training batches
 
 
+class _Stdout(logging.Handler):
+    """Prints each record to the sys.stdout of the moment (a redirected or captured one included)."""
+
+    def emit(self, record):
+        print(self.format(record), flush=True)
+
+
+LOG = logging.getLogger("kvsplice")
+LOG.setLevel(logging.INFO)
+LOG.propagate = False
+if not LOG.handlers:
+    _handler = _Stdout()
+    _handler.setFormatter(logging.Formatter("[KVSplice] %(message)s"))
+    LOG.addHandler(_handler)
+
+
+@contextlib.contextmanager
+def quiet():
+    """No [KVSplice] progress lines inside the block (warnings still show)."""
+    level = LOG.level
+    LOG.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        LOG.setLevel(level)
+
+
+MAX_SAMPLES = 120000  # V vectors kept per layer at most (--kvsplice-samples's default)
+
+
+def kept_rows(model, max_samples=MAX_SAMPLES):
+    """V vectors per layer a calibrator keeps: max_samples, or fewer when the codec's fit wants fewer."""
+    want = model.v_codecs()[0].fit_rows()[1]  # every layer holds the same method
+    return max_samples if want is None else min(max_samples, want)
+
+
 class KVSpliceCalibrator:
-    def __init__(self, model, max_samples=120000, seed=0):
-        need, want = model.v_codecs()[0].fit_rows()  # every layer holds the same method
+    def __init__(self, model, max_samples=MAX_SAMPLES, seed=0):
+        need = model.v_codecs()[0].fit_rows()[0]  # every layer holds the same method
         if max_samples < need:
             raise ValueError(f"[KVSplice] max_samples {max_samples} keeps fewer V vectors per layer than the "
                              f"fit of {model.config.v_cache['codec']['kind']} needs ({need}); "
@@ -41,7 +86,7 @@ class KVSpliceCalibrator:
         self.model = model
         self.projections = model.v_projections()
         self.n_layer, self.head_dim = len(self.projections), model.config.head_dim
-        self.cap = max_samples if want is None else min(max_samples, want)
+        self.cap = kept_rows(model, max_samples)
         self.generator = torch.Generator().manual_seed(seed)
         self.samples = [torch.empty(0, self.head_dim) for _ in range(self.n_layer)]
         self.keys = [torch.empty(0) for _ in range(self.n_layer)]
@@ -90,22 +135,23 @@ class KVSpliceCalibrator:
                 with autocast or torch.autocast("cpu", enabled=False):
                     self.model(x)
                 if i % 4 == 0:
-                    print(f"[KVSplice] batch {i}, collected {sum(self.seen):,} vectors "
-                          f"(keeping {sum(s.shape[0] for s in self.samples):,})", flush=True)
+                    LOG.info(f"batch {i}, collected {sum(self.seen):,} vectors "
+                             f"(keeping {sum(s.shape[0] for s in self.samples):,})")
         finally:
             self.remove()
             self.model.train(was_training)
         if self.dropped:
-            print(f"[KVSplice] dropped {self.dropped:,} V vectors with NaN/inf")
+            LOG.warning(f"dropped {self.dropped:,} V vectors with NaN/inf")
         if any(s.shape[0] == 0 for s in self.samples):
             raise ValueError(f"[KVSplice] no finite V vectors collected for some layer "
                              f"(dropped {self.dropped:,} with NaN/inf): cannot fit a geometry")
 
     # ---- fit and save ------------------------------------------------------------
 
-    def fit(self, epochs=8, lr=2e-3, shared=False, seed=0):
+    def fit(self, shared=False, seed=0, **options):
         """Fit every layer's codec (or one on the pooled samples, copied to all
-        layers); returns the fit statistics."""
+        layers) with the fit options (epochs, lr: VCodec.fit takes those it
+        uses, its own defaults for the rest); returns the fit statistics."""
         t0 = time.time()
         codecs = self.model.v_codecs()
         if shared:
@@ -120,7 +166,7 @@ class KVSpliceCalibrator:
         # process holds the other core.
         torch.set_num_threads(1)
         try:
-            stats = [self._fit_one(i, codecs[i], X, epochs, lr, shared, seed) for i, X in enumerate(groups)]
+            stats = [self._fit_one(i, codecs[i], X, shared, seed, options) for i, X in enumerate(groups)]
         finally:
             torch.set_num_threads(threads)
         for codec in codecs[len(groups):]:  # shared: every layer holds the one fit
@@ -128,21 +174,41 @@ class KVSpliceCalibrator:
         return {"layers": stats, "seconds": time.time() - t0, "samples_seen": list(self.seen),
                 "dropped_nonfinite": self.dropped}
 
-    def _fit_one(self, i, codec, X, epochs, lr, shared, seed):
+    def _fit_one(self, i, codec, X, shared, seed, options):
         need = codec.fit_rows()[0]
         if X.shape[0] < need:
             raise ValueError(f"[KVSplice] layer {i}: {X.shape[0]} V vectors, the fit needs at least {need}; "
                              f"raise --kvsplice-max-batches")
         local = copy.deepcopy(codec).cpu()  # fitted where the samples are, then loaded into the model's codec
-        s = local.fit(X, seed=seed + i, epochs=epochs, lr=lr)
+        s = local.fit(X, seed=seed + i, **options)
         codec.load_state_dict(local.state_dict())
         label = "shared" if shared else f"layer {i}"
-        print(f"[KVSplice] {label}: {X.shape[0]:,} vectors, {codec.fit_summary(s)}", flush=True)
+        LOG.info(f"{label}: {X.shape[0]:,} vectors, {codec.fit_summary(s)}")
         return s
 
     def dump_samples(self, path):
         atomic_torch_save({i: s for i, s in enumerate(self.samples)}, path)
-        print(f"[KVSplice] V samples saved to {path}")
+        LOG.info(f"V samples saved to {path}")
+
+
+def collect(model, batches, max_samples=MAX_SAMPLES, seed=0, autocast=None):
+    """A calibrator holding V of every layer collected over `batches` (input ids (B, T)),
+    its `collect_seconds` set: what fit_codecs fits, or a benchmark fits several codecs from."""
+    cal = KVSpliceCalibrator(model, max_samples, seed=seed)
+    t0 = time.time()
+    cal.collect(batches, autocast)
+    cal.collect_seconds = time.time() - t0
+    return cal
+
+
+def fit_codecs(model, batches, max_samples=MAX_SAMPLES, shared=False, seed=0, autocast=None, **options):
+    """The one fit path: collect V of every layer over `batches`, then fit every
+    layer's codec with the fit options (epochs, lr). Returns (the calibrator,
+    holding the samples for a refit or a dump, and the fit statistics with
+    `collect_seconds` added)."""
+    cal = collect(model, batches, max_samples, seed, autocast)
+    stats = cal.fit(shared=shared, seed=seed, **options)
+    return cal, {**stats, "collect_seconds": cal.collect_seconds}
 
 
 def main(argv=None):
@@ -152,7 +218,7 @@ def main(argv=None):
     ap.add_argument("--ckpt", required=True, help="a training checkpoint (best.pt / last.pt)")
     ap.add_argument("--out", required=True, help="where to save the samples (.pt)")
     ap.add_argument("--batches", type=int, default=8, help="forward passes of training batches")
-    ap.add_argument("--samples", type=int, default=120000, help="max V vectors kept per layer")
+    ap.add_argument("--samples", type=int, default=MAX_SAMPLES, help="max V vectors kept per layer")
     ap.add_argument("--batch-size", type=int, default=None, help="default: the run's")
     a = ap.parse_args(argv)
     ckpt = load_checkpoint(a.ckpt)

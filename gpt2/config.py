@@ -79,7 +79,7 @@ def config_defaults(parser, values):
     for symbol, raw in values.items():
         dest = symbol_to_dest(symbol)
         if dest not in actions:
-            raise ConfigError(f"{symbol} has no matching flag --{dest.replace('_', '-')} in train_ra_mla.py")
+            raise ConfigError(f"{symbol} has no matching flag --{dest.replace('_', '-')} in gpt2/cli.py")
         out[dest] = _convert(symbol, raw, actions[dest])
     return out
 

@@ -1,68 +1,105 @@
 """The fitted-codec file, kvsplice.pt: every layer's fitted V codec state, as
 the calibrator saved it, for --kvsplice-load to reuse in another run.
 
-    {"format_version": 2, "codec": the codec's record, "head_dim", "n_layer",
+    {"format_version": 3, "codec": the codec's record, "head_dim", "n_layer",
      "state_dict": [one codec state_dict per layer], "fit_stats"}
 
-Files of format 1 (a KVSplice geometry: one SplinePCA state per layer, or one
-shared) still load into a splinepca or pca codec with their k and knots.
+A KVSplice geometry (a pca or splinepca codec) is saved in the seed's shape
+beside the record: "Hd", "k", "knots", "shared", and "state_dict" as one
+SplinePCA state_dict per layer, so `SplinePCA(d["Hd"], d["k"],
+d["knots"]).load_state_dict(d["state_dict"][i])` reads layer i.
+
+These load as well:
+    format 2   the codec's own state_dicts (geometry.* keys and fit_done)
+    format 1   a geometry: "Hd", "k", "knots", "n_layer", "shared", "state_dict" (a list)
+    the seed's {"Hd", "k", "knots", "state_dict"} with one SplinePCA
+               state_dict: one geometry for every layer
 """
 
 import torch
 
 from gpt2.atomic import atomic_torch_save
+from gpt2.calibrate import LOG
 from lib.vcache import describe, describe_part
 
-FORMAT = 2
-LEGACY_FORMAT = 1
+FORMAT = 3
+READABLE = (1, 2, 3)
+GEOMETRY_CODECS = ("splinepca", "pca")
 _KEYS = ("codec", "head_dim", "n_layer", "state_dict")
-_LEGACY_KEYS = ("Hd", "k", "knots", "n_layer", "shared", "state_dict")
+_GEOMETRY_KEYS = ("Hd", "k", "knots", "state_dict")
+_PREFIX = "geometry."  # a geometry codec's SplinePCA is its `geometry` submodule
 
 
 def fitted_state(model, fit_stats=None):
     """The file's dict for a model whose codecs were fitted."""
-    return {"format_version": FORMAT, "codec": model.config.v_cache["codec"], "head_dim": model.config.head_dim,
-            "n_layer": model.config.n_layer, "fit_stats": fit_stats,
-            "state_dict": [{n: t.detach().cpu() for n, t in codec.state_dict().items()}
-                           for codec in model.v_codecs()]}
+    cfg, codec = model.config, model.config.v_cache["codec"]
+    states = [{n: t.detach().cpu() for n, t in c.state_dict().items()} for c in model.v_codecs()]
+    saved = {"format_version": FORMAT, "codec": codec, "head_dim": cfg.head_dim, "n_layer": cfg.n_layer,
+             "fit_stats": fit_stats, "state_dict": states}
+    if codec["kind"] in GEOMETRY_CODECS:  # the seed's keys: a SplinePCA state_dict per layer
+        saved.update(Hd=cfg.head_dim, k=codec["k"], knots=codec["knots"], shared=False,
+                     state_dict=[{n[len(_PREFIX):]: t for n, t in sd.items() if n.startswith(_PREFIX)}
+                                 for sd in states])
+    return saved
 
 
 def save_fitted(model, path, fit_stats=None):
     atomic_torch_save(fitted_state(model, fit_stats), path)
-    print(f"[KVSplice] Saved to {path}")
+    LOG.info(f"Saved to {path}")
+
+
+def _geometry_states(saved, config, where):
+    """Codec state_dicts per layer from a file in the seed's geometry shape."""
+    missing = [key for key in _GEOMETRY_KEYS if key not in saved]
+    if missing:
+        raise ValueError(f"{where} is not a KVSplice geometry file: missing keys {missing}")
+    codec = config.v_cache["codec"]
+    if codec["kind"] not in GEOMETRY_CODECS:
+        raise ValueError(f"{where} holds a KVSplice geometry, but the model's V codec is "
+                         f"{describe(config.v_cache)}: a splinepca or pca codec loads it")
+    states = saved["state_dict"]
+    if isinstance(states, dict):  # the seed's file: one geometry for every layer
+        states = [states] * config.n_layer
+    elif isinstance(states, list) and saved.get("shared") and len(states) == 1:
+        states = states * config.n_layer
+    found = {"head_dim": saved["Hd"], "k": saved["k"], "knots": saved["knots"],
+             "n_layer": saved.get("n_layer", config.n_layer)}
+    expected = {"head_dim": config.head_dim, "k": codec["k"], "knots": codec["knots"], "n_layer": config.n_layer}
+    if "codec" in saved:
+        found["codec"], expected["codec"] = describe_part(saved["codec"]), describe_part(codec)
+    _check(found, expected, where)
+    if not isinstance(states, list) or len(states) != config.n_layer:
+        raise ValueError(f"{where}: {len(states) if isinstance(states, list) else 'no'} state dicts, "
+                         f"expected {config.n_layer}")
+    return [{**{_PREFIX + n: t for n, t in sd.items()}, "fit_done": torch.tensor(True)} for sd in states]
+
+
+def _check(found, expected, where):
+    for key, value in expected.items():
+        if found[key] != value:
+            raise ValueError(f"{where}: {key} is {found[key]}, but the model needs {key} = {value}")
 
 
 def _layer_states(saved, config, where):
     """One codec state_dict per layer from a file's dict; ValueError naming expected and found."""
-    if not isinstance(saved, dict) or saved.get("format_version") not in (FORMAT, LEGACY_FORMAT):
-        found = saved.get("format_version") if isinstance(saved, dict) else type(saved).__name__
-        raise ValueError(f"{where} is not a fitted V codec file: format_version {found!r}, "
-                         f"expected {FORMAT} (or {LEGACY_FORMAT}, a KVSplice geometry)")
-    legacy = saved["format_version"] == LEGACY_FORMAT
-    missing = [key for key in (_LEGACY_KEYS if legacy else _KEYS) if key not in saved]
+    if not isinstance(saved, dict):
+        raise ValueError(f"{where} is not a fitted V codec file: found a {type(saved).__name__}, expected a dict")
+    version = saved.get("format_version")
+    if "Hd" in saved and (version in (1, FORMAT) or isinstance(saved.get("state_dict"), dict)):
+        return _geometry_states(saved, config, where)
+    if version not in READABLE:
+        raise ValueError(f"{where} is not a fitted V codec file: format_version {version!r}, expected one of "
+                         f"{list(READABLE)} or the seed's KVSplice geometry ({', '.join(_GEOMETRY_KEYS)})")
+    missing = [key for key in _KEYS if key not in saved]
     if missing:
         raise ValueError(f"{where} is not a fitted V codec file: missing keys {missing}")
-    codec = config.v_cache["codec"]
-    if legacy:
-        found = {"head_dim": saved["Hd"], "n_layer": saved["n_layer"], "k": saved["k"], "knots": saved["knots"]}
-        expected = {"head_dim": config.head_dim, "n_layer": config.n_layer,
-                    "k": codec.get("k"), "knots": codec.get("knots")}
-        if codec["kind"] not in ("splinepca", "pca"):
-            raise ValueError(f"{where} holds a KVSplice geometry, but the model's V codec is "
-                             f"{describe(config.v_cache)}: a splinepca or pca codec loads it")
-    else:
-        found = {"head_dim": saved["head_dim"], "n_layer": saved["n_layer"], "codec": describe_part(saved["codec"])}
-        expected = {"head_dim": config.head_dim, "n_layer": config.n_layer, "codec": describe_part(codec)}
-    for key, value in expected.items():
-        if found[key] != value:
-            raise ValueError(f"{where}: {key} is {found[key]}, but the model needs {key} = {value}")
+    _check({"head_dim": saved["head_dim"], "n_layer": saved["n_layer"], "codec": describe_part(saved["codec"])},
+           {"head_dim": config.head_dim, "n_layer": config.n_layer,
+            "codec": describe_part(config.v_cache["codec"])}, where)
     states = saved["state_dict"]
-    n = 1 if legacy and saved["shared"] else config.n_layer
-    if not isinstance(states, list) or len(states) != n:
-        raise ValueError(f"{where}: {len(states) if isinstance(states, list) else 'no'} state dicts, expected {n}")
-    if legacy:
-        states = [{**{"geometry." + name: t for name, t in sd.items()}, "fit_done": torch.tensor(True)}
-                  for sd in states * (config.n_layer // n)]
+    if not isinstance(states, list) or len(states) != config.n_layer:
+        raise ValueError(f"{where}: {len(states) if isinstance(states, list) else 'no'} state dicts, "
+                         f"expected {config.n_layer}")
     return states
 
 

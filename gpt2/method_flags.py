@@ -7,7 +7,7 @@ selector, --kvsplice-enable (or --kvsplice-load) the splinepca codec.
 Either way, a setting the record leaves out comes from the seed's flags:
 prune and random from --kv-prune-keep-ratio, --kv-prune-k-min and
 --kv-prune-recency; pca and splinepca from --kvsplice-k and --kvsplice-knots.
-Those flags' defaults are the methods' own (train_ra_mla.py reads them from
+Those flags' defaults are the methods' own (gpt2/cli.py reads them from
 the classes), so a record that names no setting gets the defaults.
 """
 

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from gpt2.atomic import atomic_torch_save
-from gpt2.calibrate import CALIB_SEED_SALT, KVSpliceCalibrator
+from gpt2.calibrate import CALIB_SEED_SALT, LOG, fit_codecs
 from gpt2.cpu import configure_cpu
 from gpt2.data import TokenData, open_data
 from gpt2.geometry import load_fitted, save_fitted
@@ -175,22 +175,20 @@ def calibrate_model(model, data, args, rt, tracker, step):
     codec = model.config.v_cache["codec"]
     states = None
     if rt.master:
-        print(f"[KVSplice] calibrating at iteration {step}: {args.kvsplice_max_batches} batches, "
-              f"{describe_part(codec)}", flush=True)
+        LOG.info(f"calibrating at iteration {step}: {args.kvsplice_max_batches} batches, {describe_part(codec)}")
         t0 = time.time()
-        cal = KVSpliceCalibrator(model, args.kvsplice_samples, seed=args.seed)
         batches = (data.get_batch("train", args.batch_size, args.block_size, args.seed + CALIB_SEED_SALT,
                                   step, j, rt.device)[0] for j in range(args.kvsplice_max_batches))
-        cal.collect(batches, autocast_context(rt.device, args.dtype)[0])
-        fit_stats = cal.fit(args.kvsplice_epochs, args.kvsplice_lr, args.kvsplice_shared, seed=args.seed)
+        cal, fit_stats = fit_codecs(model, batches, args.kvsplice_samples, args.kvsplice_shared, args.seed,
+                                    autocast_context(rt.device, args.dtype)[0],
+                                    epochs=args.kvsplice_epochs, lr=args.kvsplice_lr)
         save_fitted(model, Path(args.out_dir) / args.kvsplice_save, fit_stats)
         if args.kvsplice_dump_samples:
             cal.dump_samples(args.kvsplice_dump_samples)
         record = {"kvsplice/seconds": time.time() - t0, "kvsplice/fit_seconds": fit_stats["seconds"]}
-        for i, s in enumerate(fit_stats["layers"]):
-            if "pca_val_mse" in s:
-                record[f"kvsplice/layer{i}_pca_val_mse"] = s["pca_val_mse"]
-                record[f"kvsplice/layer{i}_splinepca_val_mse"] = s["spline_val_mse"]
+        for i, s in enumerate(fit_stats["layers"]):  # every numeric statistic of every codec's fit
+            record.update({f"kvsplice/layer{i}_{name}": float(value) for name, value in s.items()
+                           if isinstance(value, (int, float)) and not isinstance(value, bool)})
         tracker.log(record, step=step)
         states = [{n: t.cpu() for n, t in c.state_dict().items()} for c in model.v_codecs()]
     if rt.ddp:
@@ -596,7 +594,7 @@ def v_cache_footprint(model):
     model.train(was_training)
     layer = cache.layers[0]
     return {"elements_per_head": layer.v_elements_per_head(),
-            "bytes_per_head": layer.nbytes()["v"] // layer.v.size(1),  # (B=1, heads of V, n, width)
+            "bytes_per_head": layer.v_bytes_per_head(),
             "baseline_elements_per_head": cfg.block_size * cfg.head_dim}
 
 

@@ -1,26 +1,26 @@
 """The decode caches of the V-cache methods, behind one protocol (LayerCache).
 
-LayerKVCache  keys in full; V encoded, for every token or, with a keep
-              rule, for the kept ones (full, prune, window, random)
-H2OLayerCache heavy-hitter eviction of K and V (Zhang et al. 2023)
-KVCache       one layer cache per attention layer
+FullLayerCache      keys in full, every token's V (the full selector)
+KeepRuleLayerCache  keys in full, the V of the tokens a keep rule keeps
+                    (prune, window, random: lib.kv_pruning.TokenKeep)
+H2OLayerCache       heavy-hitter eviction of K and V (Zhang et al. 2023)
+KVCache             one layer cache per attention layer
 
-One LayerKVCache per attention layer. Keys are kept in full. V is stored as
-v_encode(v) (a KVSplice latent, int8 codes, or V itself) and read back
-through v_decode. With a keep rule (lib.kv_pruning.TokenKeep: V-only
-pruning, a sliding window, a random keep), only the values of kept tokens
-are held, at most rule.budget per (batch, head), and a token is evicted
-for good by the rule in lib/kv_pruning.py: the recency window plus the top
-(budget - W) older tokens by rule.score, final once the token leaves the
-window.
+Every cache stores V through a codec (a VStore; lib.vcache.VCodec is one):
+codec.write(v) is what a row holds (a KVSplice latent, int8 codes, or V
+itself) and codec.read(weights, stored) the attention weights times the
+values those rows hold, in fp32. Keys are kept in full.
 
-A prefill of several tokens ranks the candidates (the held old tokens plus
-the tail: window + new tokens) with lib.kv_pruning.keep_mask per query; a
-one-token step is its incremental form (at most one token changes status).
-Either way the result is the full-sequence rule.forward on
-v_decode(v_encode(v)), up to float rounding (see the caveat in the tests: an
-exact near-tie between two scores may be ordered differently when rounding
-differs).
+The keep-rule cache holds at most rule.budget values per (batch, head),
+and a token is evicted for good by the rule of lib/kv_pruning.py: the
+recency window plus the top (budget - W) older tokens by rule.score, final
+once the token leaves the window. A prefill of several tokens ranks the
+candidates (the held old tokens plus the tail: window + new tokens) with
+lib.kv_pruning.keep_mask per query; a one-token step is its incremental form
+(at most one token changes status). Either way the result is the
+full-sequence rule.forward on the values the codec reads back, up to float
+rounding (see the caveat in the tests: an exact near-tie between two scores
+may be ordered differently when rounding differs).
 
 Grouped-query attention: q has nh heads, k and v nkv (nh a multiple of nkv;
 query head h reads KV head h // g, g = nh // nkv). Keys and V are held per
@@ -28,31 +28,31 @@ KV head, never repeated, and so are a rule's keep decisions (the score of a
 token for a KV head is the mean over its g query heads: lib/kv_pruning.py).
 Each KV head attends for its g query heads at once, as g * T_new query rows
 (lib.kv_pruning.by_kv_head): weights (B, nkv, g * T_new, n) over the held
-values, which is what a codec's v_attend reads whatever the layout.
+values, which is what codec.read reads whatever the layout.
 
 Memory is allocated at the first forward and then only written in place:
     keys           (B, nkv, rows, hs)   rows = capacity (the model's block_size;
                                         past it the buffer doubles)
-    V, no rule     (B, nkv, rows, kdim) row t is token t
-    V, a rule      (B, nkv, budget, kdim) slots, with per slot
+    V, full        (B, nkv, rows, width) row t is token t
+    V, keep rule   (B, nkv, budget, width) slots, with per slot
                    its position         (B, nkv, budget)  heads hold different tokens
                    its score            (B, nkv, budget)  an old token's final score;
                                         a window token's attention received so far
                                         (from the KV head's g query heads)
-The first n = min(t, budget) slots are in use for every (batch, KV head). A
-prefill leaves them in position order; a step puts the new token into the
-next free slot or, once all are in use, into the slot of the token it
-evicts, so the order is lost (attention does not depend on it) and the next
-prefill sorts the candidates first. k, v, v_pos and score are views of the
-rows and slots in use; nbytes() counts those. reset() keeps the buffers.
+The keep-rule cache uses the first n = min(t, budget) slots of every
+(batch, KV head). A prefill leaves them in position order; a step puts the
+new token into the next free slot or, once all are in use, into the slot of
+the token it evicts, so the order is lost (attention does not depend on it)
+and the next prefill sorts the candidates first. k, v, v_pos and score are
+views of the rows and slots in use; nbytes() counts those. reset() keeps the
+buffers.
 
 `step` is the one-token update with fixed shapes: the position is a tensor,
 writes go to the buffers in place (each marked a static address when
 allocated), and with rows=None attention runs over every row of the key
 buffer and every slot, with a mask of those in use. So one compiled graph
 serves every step of a generation, and on CUDA it can be captured once as a
-CUDA graph (GPT.decode_step). forward runs the same step eagerly over the
-rows written so far.
+CUDA graph. forward runs the same step eagerly over the rows written so far.
 """
 
 import math
@@ -61,10 +61,7 @@ import torch
 import torch.nn.functional as F
 
 from lib.kv_pruning import by_kv_head, by_query_head, keep_mask, kv_groups
-
-
-def _identity(v):
-    return v
+from lib.settings import check
 
 
 def static_address(x):
@@ -72,6 +69,20 @@ def static_address(x):
     place across calls (a CUDA graph then neither copies it in nor skips)."""
     torch._dynamo.mark_static_address(x)
     return x
+
+
+class VStore:
+    """How a cache stores V: write(v) -> the rows it holds, read(weights,
+    stored) -> the weighted values in fp32. This one stores V as it is; a V
+    codec (lib.vcache.VCodec) stores it encoded once fitted."""
+
+    def write(self, v):
+        """v (..., hs) -> the stored rows (..., width)."""
+        return v
+
+    def read(self, weights, stored):
+        """weights (..., T, n) fp32 over stored rows (..., n, width) -> (..., T, hs) fp32."""
+        return weights @ stored.float()
 
 
 class LayerCache:
@@ -83,16 +94,16 @@ class LayerCache:
                                  (B, nh, T_new, hs); positions continue from `length`
         cache.length             tokens seen so far
         cache.reset()            forget every token
-        cache.k, cache.v         the held keys (B, nkv, t, hs) and encoded values
+        cache.k, cache.v         the held keys (B, nkv, t, hs) and stored values
                                  (B, nkv, n, width), None while empty
         cache.v_pos, cache.score per held value its position and score (B, nkv, n),
                                  None when every token's value is held in order
         cache.nbytes()           bytes of those tensors: {"k", "v", "index", "total"}
-        cache.v_elements_per_head()
+        cache.v_elements_per_head(), cache.v_bytes_per_head()
 
     A cache with `fixed_shape_step = True` also has step(q, k, v, pos) and
-    advance(): a one-token update whose shapes never change, which
-    GPT.decode_step compiles once (LayerKVCache).
+    advance(): a one-token update whose shapes never change, which a decode
+    loop can compile once (FullLayerCache, KeepRuleLayerCache).
     """
 
     fixed_shape_step = False
@@ -105,6 +116,10 @@ class LayerCache:
         """V elements held per (batch, KV head): n tokens x stored width."""
         return 0 if self.v is None else self.v.size(-2) * self.v.size(-1)
 
+    def v_bytes_per_head(self):
+        """V bytes held per (batch, KV head)."""
+        return 0 if self.v is None else self.v_elements_per_head() * self.v.element_size()
+
     def nbytes(self):
         """Bytes of the tensors actually held: keys, values, and the bookkeeping of selection."""
         def size(*tensors):
@@ -114,82 +129,75 @@ class LayerCache:
         return out
 
 
-class LayerKVCache(LayerCache):
-    """Keys in full, values encoded and (with a keep rule) only for kept tokens."""
+class _KeyRowsCache(LayerCache):
+    """What the full and the keep-rule caches share: every key in a row
+    buffer, and the prefill / fixed-shape step around it. A subclass holds
+    the values: _prefill_values, _step_values, _make_room."""
 
     fixed_shape_step = True
 
-    def __init__(self, rule=None, v_encode=None, v_decode=None, capacity=0, v_attend=None):
-        if (v_encode is None) != (v_decode is None):
-            raise ValueError("v_encode and v_decode come as a pair: got only one of them")
-        self.rule = rule  # a lib.kv_pruning.TokenKeep keep rule, or None: every token's V
+    def __init__(self, codec, capacity=0):
+        self.codec = codec  # a VStore: what a value row holds, and how it is read
         self.capacity = capacity  # tokens the buffers are allocated for at the first forward
-        self.v_encode = v_encode or _identity
-        self.v_decode = v_decode or _identity
-        self.v_attend = v_attend or self._decode_then_weigh  # weights (..., T, n) over stored values -> fp32
-        self._k_rows = self._v_rows = None  # (B, nkv, rows, *): every key (and V without a rule)
-        self._v_slots = self._pos_slots = self._score_slots = None  # (B, nkv, budget[, kdim]): a rule's held V
+        self._k_rows = None  # (B, nkv, rows, hs) every key
         self.reset()
 
     def reset(self):
         """Forget every token. The buffers stay, for the next prefill of the same
         batch: a compiled step keeps reading and writing the same memory."""
-        self.length = 0      # tokens seen
-        self.ordered = True  # held slots in position order
+        self.length = 0  # tokens seen
 
-    # what is held: views of the buffers' rows and slots in use
     @property
     def k(self):
         """(B, nkv, t, hs) every key."""
         return None if self.length == 0 else self._k_rows[:, :, :self.length]
-
-    @property
-    def v(self):
-        """(B, nkv, n, kdim) the encoded values held."""
-        if self.length == 0:
-            return None
-        return self._v_rows[:, :, :self.length] if self.rule is None else self._v_slots[:, :, :self._n_held]
-
-    @property
-    def v_pos(self):
-        """(B, nkv, n) the held values' positions (with a rule)."""
-        return None if self.length == 0 or self.rule is None else self._pos_slots[:, :, :self._n_held]
-
-    @property
-    def score(self):
-        """(B, nkv, n) an old token's final score; a window token's attention received so far
-        (from the KV head's g query heads)."""
-        return None if self.length == 0 or self.rule is None else self._score_slots[:, :, :self._n_held]
-
-    @property
-    def _n_held(self):
-        """Slots in use: every (batch, KV head) holds min(t, budget) tokens."""
-        return min(self.length, self.rule.budget)
 
     def forward(self, q, k, v):
         """q (B, nh, T_new, hs), k, v (B, nkv, T_new, hs) for the new tokens -> y (B, nh, T_new, hs)."""
         kv_groups(q, k, v)
         t0, T = self.length, q.size(-2)
         if T == 1 and t0 > 0:  # a step, over the rows written so far
-            self._k_rows = self._room(self._k_rows, t0, t0 + 1)
-            if self.rule is None:
-                self._v_rows = self._room(self._v_rows, t0, t0 + 1)
+            self._make_room(t0, t0 + 1)
             y = self.step(q, k, v, torch.full((1,), t0, device=q.device), rows=t0 + 1)
             self.advance()
             return y
         with torch.autocast(q.device.type, enabled=False):  # fp32 scores, as in training
-            held = (self.v, self.v_pos, self.score)  # before the length moves on (None while empty)
+            held = self._held()  # before the length moves on
             self._k_rows = self._write(self._k_rows, k, t0)
             self.length = t0 + T
-            v_new = self.v_encode(v)  # (B, nkv, T_new, kdim)
-            if self.rule is not None:
-                return self._attend_pruned(q, v_new, t0, *held)
-            self._v_rows = self._write(self._v_rows, v_new, t0)
-            att = F.softmax(self._logits(q, t0), dim=-1)  # (B, nkv, g * T_new, t)
-            return by_query_head(self.v_attend(att, self.v), T).to(q.dtype)
+            return self._prefill_values(q, self.codec.write(v), t0, held).to(q.dtype)
 
-    def _decode_then_weigh(self, weights, v):
-        return weights @ self.v_decode(v).float()
+    def step(self, q, k, v, pos, rows=None):
+        """One new token per sequence (q (B, nh, 1, hs), k, v (B, nkv, 1, hs))
+        at position `pos`, a (1,) long tensor equal to self.length, after a
+        prefill. Writes the buffers in place and returns y (B, nh, 1, hs); the
+        caller then calls advance(). With rows=None, attention runs over every
+        row of the key buffer with a mask of those written: the shapes never
+        change, so a compiled step is one graph. Otherwise over the first
+        `rows` rows (then at least pos + 1 and within the buffer). Each KV
+        head's g query heads are g query rows (lib.kv_pruning.by_kv_head)."""
+        kv_groups(q, k, v)
+        with torch.autocast(q.device.type, enabled=False):
+            self._k_rows.index_copy_(2, pos, k.to(self._k_rows.dtype))
+            keys = self._k_rows if rows is None else self._k_rows[:, :, :rows]
+            att = by_kv_head(q.float(), k.size(1)) @ keys.float().transpose(-2, -1)
+            att = att * (1.0 / math.sqrt(q.size(-1)))  # (B, nkv, g, rows)
+            if rows is None:
+                att = att.masked_fill(torch.arange(keys.size(-2), device=q.device) > pos, float("-inf"))
+            y = self._step_values(att, self.codec.write(v), pos, rows)  # (B, nkv, g, hs)
+            return by_query_head(y, 1).to(q.dtype)  # (B, nh, 1, hs)
+
+    def advance(self):
+        """After `step`: one more token seen."""
+        self.length += 1
+
+    def _held(self):
+        """What the prefill needs of the values held before it."""
+        return None
+
+    def _make_room(self, t0, t):
+        """Before a step at t0: room for t rows."""
+        self._k_rows = self._room(self._k_rows, t0, t)
 
     def _room(self, rows, t0, t):
         """The buffer `rows` (its first t0 rows written), or a zeroed one of at
@@ -224,33 +232,76 @@ class LayerKVCache(LayerCache):
         """(g * T_new,) the position of each query row of a KV head: row j * T_new + i is t0 + i."""
         return torch.arange(t0, t0 + q.size(-2), device=q.device).repeat(q.size(1) // nkv)
 
-    def step(self, q, k, v, pos, rows=None):
-        """One new token per sequence (q (B, nh, 1, hs), k, v (B, nkv, 1, hs))
-        at position `pos`, a (1,) long tensor equal to self.length, after a
-        prefill. Writes the buffers in place and returns y (B, nh, 1, hs); the
-        caller then calls advance(). With rows=None, attention runs over every
-        row of the key buffer with a mask of those written: the shapes never
-        change, so a compiled step is one graph. Otherwise over the first
-        `rows` rows (then at least pos + 1 and within the buffer). Each KV
-        head's g query heads are g query rows (lib.kv_pruning.by_kv_head)."""
-        kv_groups(q, k, v)
-        with torch.autocast(q.device.type, enabled=False):
-            self._k_rows.index_copy_(2, pos, k.to(self._k_rows.dtype))
-            keys = self._k_rows if rows is None else self._k_rows[:, :, :rows]
-            att = by_kv_head(q.float(), k.size(1)) @ keys.float().transpose(-2, -1)
-            att = att * (1.0 / math.sqrt(q.size(-1)))  # (B, nkv, g, rows)
-            if rows is None:
-                att = att.masked_fill(torch.arange(keys.size(-2), device=q.device) > pos, float("-inf"))
-            v_new = self.v_encode(v)
-            if self.rule is None:
-                self._v_rows.index_copy_(2, pos, v_new.to(self._v_rows.dtype))
-                values = self._v_rows if rows is None else self._v_rows[:, :, :rows]
-                y = self.v_attend(F.softmax(att, dim=-1), values)
-            else:
-                y = self._step_pruned(att, v_new, pos)
-            return by_query_head(y, 1).to(q.dtype)  # (B, nkv, g, hs) -> (B, nh, 1, hs)
 
-    def _step_pruned(self, att, v_new, pos):
+class FullLayerCache(_KeyRowsCache):
+    """Keys in full and every token's V, stored through the codec."""
+
+    def __init__(self, codec, capacity=0):
+        self._v_rows = None  # (B, nkv, rows, width): row t is token t
+        super().__init__(codec, capacity)
+
+    @property
+    def v(self):
+        """(B, nkv, t, width) the stored values."""
+        return None if self.length == 0 else self._v_rows[:, :, :self.length]
+
+    def _make_room(self, t0, t):
+        super()._make_room(t0, t)
+        self._v_rows = self._room(self._v_rows, t0, t)
+
+    def _prefill_values(self, q, v_new, t0, held):
+        self._v_rows = self._write(self._v_rows, v_new, t0)
+        att = F.softmax(self._logits(q, t0), dim=-1)  # (B, nkv, g * T_new, t)
+        return by_query_head(self.codec.read(att, self.v), q.size(-2))
+
+    def _step_values(self, att, v_new, pos, rows):
+        self._v_rows.index_copy_(2, pos, v_new.to(self._v_rows.dtype))
+        values = self._v_rows if rows is None else self._v_rows[:, :, :rows]
+        return self.codec.read(F.softmax(att, dim=-1), values)
+
+
+class KeepRuleLayerCache(_KeyRowsCache):
+    """Keys in full; V, stored through the codec, only for the tokens a keep
+    rule (lib.kv_pruning.TokenKeep) keeps: at most rule.budget per (batch, KV head)."""
+
+    def __init__(self, rule, codec, capacity=0):
+        self.rule = rule
+        self._v_slots = self._pos_slots = self._score_slots = None  # (B, nkv, budget[, width])
+        super().__init__(codec, capacity)
+
+    def reset(self):
+        super().reset()
+        self.ordered = True  # held slots in position order
+
+    @property
+    def v(self):
+        """(B, nkv, n, width) the stored values held."""
+        return None if self.length == 0 else self._v_slots[:, :, :self._n_held]
+
+    @property
+    def v_pos(self):
+        """(B, nkv, n) the held values' positions."""
+        return None if self.length == 0 else self._pos_slots[:, :, :self._n_held]
+
+    @property
+    def score(self):
+        """(B, nkv, n) an old token's final score; a window token's attention received so far
+        (from the KV head's g query heads)."""
+        return None if self.length == 0 else self._score_slots[:, :, :self._n_held]
+
+    @property
+    def _n_held(self):
+        """Slots in use: every (batch, KV head) holds min(t, budget) tokens."""
+        return min(self.length, self.rule.budget)
+
+    def advance(self):
+        self.ordered = self.ordered and self.length < self.rule.budget  # a full cache evicted out of order
+        super().advance()
+
+    def _held(self):
+        return self.v, self.v_pos, self.score
+
+    def _step_values(self, att, v_new, pos, rows):
         """The rule's one-token update: O(budget) reads and O(1) writes.
 
         Position pos-W leaves the window; its score is final (the queries of
@@ -288,21 +339,16 @@ class LayerKVCache(LayerCache):
         in_use = slots <= n  # the new token's slot included
         held_pos = p[..., None, :].expand(-1, -1, g, -1)  # (B, nkv, g, budget): for every query row
         held_att = att.gather(-1, held_pos).masked_fill(~in_use, float("-inf"))  # (B, nkv, g, budget)
-        y = self.v_attend(F.softmax(held_att, dim=-1), self._v_slots)
+        y = self.codec.read(F.softmax(held_att, dim=-1), self._v_slots)
         # the window's tokens (the new one included) receive the group's attention over every key
         probs = F.softmax(att, dim=-1).gather(-1, held_pos).sum(-2)  # (B, nkv, budget)
         score.add_(probs.masked_fill(~in_use | (p <= edge), 0.0))
         self._score_slots.copy_(score)
         return y
 
-    def advance(self):
-        """After `step`: one more token seen."""
-        if self.rule is not None:
-            self.ordered = self.ordered and self.length < self.rule.budget  # a full cache evicted out of order
-        self.length += 1
-
-    def _attend_pruned(self, q, v_new, t0, held_v, held_pos, held_score):
+    def _prefill_values(self, q, v_new, t0, held):
         W, budget = self.rule.recency, self.rule.budget
+        held_v, held_pos, held_score = held
         B, nkv, T = v_new.shape[:3]
         g = q.size(1) // nkv
         t = t0 + T
@@ -319,7 +365,7 @@ class LayerKVCache(LayerCache):
         n_old = held_score.size(-1) - w
 
         # candidates: held old tokens, then the tail (window + new tokens)
-        v_all = torch.cat([held_v, v_new], dim=-2)  # (B, nkv, C, kdim)
+        v_all = torch.cat([held_v, v_new], dim=-2)  # (B, nkv, C, width)
         pos = torch.cat([held_pos, new_pos.expand(B, nkv, T)], dim=-1)  # (B, nkv, C)
         tail_start = t0 - w
         tail_pos = torch.arange(tail_start, t, device=q.device)
@@ -338,7 +384,7 @@ class LayerKVCache(LayerCache):
             held_att = att.gather(-1, pos[..., None, :].expand(B, nkv, g * T, pos.size(-1)))
             held_att = held_att.masked_fill_(~keep, float("-inf"))
         held_att = F.softmax(held_att, dim=-1)
-        y = by_query_head(self.v_attend(held_att, v_all), T).to(q.dtype)
+        y = by_query_head(self.codec.read(held_att, v_all), T)
 
         # keep what the last query kept, in the first n slots; the rest is evicted for good
         held = keep[..., -1, :]  # (B, nkv, C)
@@ -351,11 +397,11 @@ class LayerKVCache(LayerCache):
     def _hold(self, v, pos, score):
         """The held tokens (n of them, in position order) into the first n slots;
         the rest are freed (position 0: a valid index that is masked out)."""
-        B, nkv, n, kdim = v.shape
+        B, nkv, n, width = v.shape
         budget = self.rule.budget
-        if self._v_slots is None or self._v_slots.shape != (B, nkv, budget, kdim) or \
+        if self._v_slots is None or self._v_slots.shape != (B, nkv, budget, width) or \
                 self._v_slots.dtype != v.dtype or self._v_slots.device != v.device:
-            self._v_slots = static_address(v.new_zeros(B, nkv, budget, kdim))
+            self._v_slots = static_address(v.new_zeros(B, nkv, budget, width))
             self._pos_slots = static_address(pos.new_zeros(B, nkv, budget))
             self._score_slots = static_address(score.new_zeros(B, nkv, budget))
         self._v_slots[:, :, :n] = v
@@ -364,23 +410,18 @@ class LayerKVCache(LayerCache):
         self._score_slots[:, :, :n] = score
         self.ordered = True
 
-    def buffers(self):
-        """Every tensor the cache writes in place."""
-        return [x for x in (self._k_rows, self._v_rows, self._v_slots, self._pos_slots, self._score_slots)
-                if x is not None]
-
 
 class H2OLayerCache(LayerCache):
     """H2O decode cache for one layer: K and V of at most `budget` tokens per (batch, KV head).
 
     Held per (batch, KV head), in position order (every row holds the same
     number of tokens, so the tensors stay dense):
-        k      (B, nkv, n, hs)  keys, in the input dtype
-        v      (B, nkv, n, X)   values as v_encode stores them (default: V itself)
-        v_pos  (B, nkv, n)      their positions
-        score  (B, nkv, n)      attention each received from all queries so far:
-                                under grouped-query attention, summed over the
-                                g query heads that share the KV head
+        k      (B, nkv, n, hs)     keys, in the input dtype
+        v      (B, nkv, n, width)  values as codec.write stores them
+        v_pos  (B, nkv, n)         their positions
+        score  (B, nkv, n)         attention each received from all queries so far:
+                                   under grouped-query attention, summed over the
+                                   g query heads that share the KV head
 
     Each new token is appended; if that makes n > budget, the held token
     outside the recency window (position <= t - recency) with the lowest
@@ -390,25 +431,26 @@ class H2OLayerCache(LayerCache):
     attends over budget + 1 and evicts afterwards, a one-token difference.
     Prompts are processed one token at a time. H2O is not consistent with any
     full-sequence forward, so it is only ever evaluated through this cache.
-    v_attend, if given, reads the held values (lib/vcache.py, VCodec.storage).
     """
 
-    def __init__(self, budget, recency, v_encode=None, v_decode=None, v_attend=None):
-        if not 1 <= recency <= budget:
-            raise ValueError(f"need 1 <= recency <= budget, got recency {recency}, budget {budget}")
-        if (v_encode is None) != (v_decode is None):
-            raise ValueError("v_encode and v_decode come as a pair: got only one of them")
+    def __init__(self, budget, recency, codec):
+        check(self.problems(budget, recency))
         self.budget, self.recency = budget, recency
-        self.v_encode = v_encode or (lambda v: v)
-        self.v_decode = v_decode or (lambda v: v)
-        self.v_attend = v_attend or (lambda w, v: w @ self.v_decode(v).float())  # weights over stored values
+        self.codec = codec  # a VStore: what a value row holds, and how it is read
         self.reset()
+
+    @staticmethod
+    def problems(budget, recency):
+        """The settings' problems, one line each ([] when fine)."""
+        if isinstance(budget, int) and isinstance(recency, int) and 1 <= recency <= budget:
+            return []
+        return [f"need ints 1 <= recency <= budget, got recency {recency!r}, budget {budget!r}"]
 
     def reset(self):
         self.length = 0    # tokens seen
         self.k = None      # (B, nkv, n, hs)
-        self.v = None      # (B, nkv, n, hs)
-        self.v_pos = None    # (B, nkv, n) long
+        self.v = None      # (B, nkv, n, width)
+        self.v_pos = None  # (B, nkv, n) long
         self.score = None  # (B, nkv, n) float32
 
     def forward(self, q, k, v):
@@ -425,7 +467,7 @@ class H2OLayerCache(LayerCache):
         self.length = t + 1
         pos = torch.full((B, nkv, 1), t, dtype=torch.long, device=q.device)
         score = torch.zeros(B, nkv, 1, device=q.device)
-        v = self.v_encode(v)
+        v = self.codec.write(v)
         if self.k is None:  # start empty, so no held tensor is a view of the caller's
             self.k, self.v = k[..., :0, :], v[..., :0, :]
             self.v_pos, self.score = pos[..., :0], score[..., :0]
@@ -438,7 +480,7 @@ class H2OLayerCache(LayerCache):
         att = (by_kv_head(q.float(), nkv) @ self.k.float().transpose(-2, -1)) * (1.0 / math.sqrt(hs))
         att = F.softmax(att, dim=-1)  # (B, nkv, g, n): the KV head's g query heads as rows
         self.score = self.score + att.sum(-2)  # the attention the group gave
-        return by_query_head(self.v_attend(att, self.v), 1).to(q.dtype)
+        return by_query_head(self.codec.read(att, self.v), 1).to(q.dtype)
 
     def _evict_one(self, t):
         """Drop, per (batch, KV head), the non-recent held token with the lowest score."""
@@ -453,10 +495,11 @@ class H2OLayerCache(LayerCache):
 
 
 class KVCache:
-    """One LayerKVCache per layer; make_layer(layer_index) builds each."""
+    """One layer cache per layer; make_layer(layer_index) builds each (default:
+    a full cache storing V as it is)."""
 
     def __init__(self, n_layer, make_layer=None):
-        make_layer = make_layer or (lambda i: LayerKVCache())
+        make_layer = make_layer or (lambda i: FullLayerCache(VStore()))
         self.layers = [make_layer(i) for i in range(n_layer)]
 
     def __getitem__(self, i):

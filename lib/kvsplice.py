@@ -32,8 +32,8 @@ Three evaluations of the same spline:
 - the *compiled* path: the reference formula as a chain of selects over the
   knots (`_chain`), with no gather, which torch.compile fuses into one loop
   (a vectorised C++ loop on CPU, one Triton kernel on CUDA). It runs whenever
-  the caller is being compiled (`--compile` training, the decode step of
-  `GPT.generate(compile=True)`), and for compress / decompress of a SplinePCA
+  the caller is being compiled (a compiled training step or decode step),
+  and for compress / decompress of a SplinePCA
   set to `compiled`: then the spline and the PCA projection are one compiled
   kernel each way, shared by every SplinePCA.
 
@@ -43,15 +43,15 @@ stays in the latent.
 """
 
 import math
-import os
-import tempfile
 import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-FORMAT_VERSION = 1
+KNOTS = 7          # spline knots per dimension
+FIT_EPOCHS = 8     # SplinePCA.fit's passes over the samples
+FIT_LR = 2e-3      # and its Adam learning rate
 # the learned spline is kept only if it beats PCA on the held-out split by
 # this relative margin; smaller gains are within noise and not worth keeping
 MIN_RELATIVE_GAIN = 0.005
@@ -306,7 +306,7 @@ class MonotoneSpline(nn.Module):
     all slopes 1 makes the map the identity (as it starts).
     """
 
-    def __init__(self, dim, knots=7, min_slope=1e-2):
+    def __init__(self, dim, knots=KNOTS, min_slope=1e-2):
         super().__init__()
         if not isinstance(dim, int) or dim < 1:
             raise ValueError(f"dim must be a positive int, got {dim!r}")
@@ -540,7 +540,7 @@ def _mse(a, b):
 class SplinePCA(nn.Module):
     """Spline -> PCA_k, decoded by back-projection and the spline's inverse."""
 
-    def __init__(self, dim, k, knots=7):
+    def __init__(self, dim, k, knots=KNOTS):
         super().__init__()
         _check_dim_k(dim, k)
         if not isinstance(knots, int) or knots < 1:
@@ -558,7 +558,7 @@ class SplinePCA(nn.Module):
 
     # ---- fit ---------------------------------------------------------------
 
-    def fit(self, X, epochs=8, lr=2e-3, batch_size=None, seed=0, val_fraction=0.1):
+    def fit(self, X, epochs=FIT_EPOCHS, lr=FIT_LR, batch_size=None, seed=0, val_fraction=0.1):
         """Fit to samples X (N, dim), any float dtype. Returns fit statistics.
 
         Holds out val_fraction of the rows, places knots at quantiles of the
@@ -695,50 +695,3 @@ class SplinePCA(nn.Module):
         with _no_autocast(V.device):
             out = self._chunks(V.reshape(-1, self.dim).float(), rows_roundtrip, self.dim)
         return out.to(V.dtype).reshape(V.shape)
-
-    # ---- persistence -------------------------------------------------------
-
-    def to_dict(self):
-        return {"Hd": self.dim, "k": self.k, "knots": self.n_knots,
-                "state_dict": {n: t.detach().cpu() for n, t in self.state_dict().items()},
-                "format_version": FORMAT_VERSION}
-
-    @classmethod
-    def from_dict(cls, d, where="geometry dict"):
-        if not isinstance(d, dict):
-            raise ValueError(f"{where}: expected a dict, found {type(d).__name__}")
-        missing = [key for key in ("Hd", "k", "knots", "state_dict", "format_version") if key not in d]
-        if missing:
-            raise ValueError(f"{where}: missing keys {missing}")
-        if d["format_version"] != FORMAT_VERSION:
-            raise ValueError(f"{where}: format_version {d['format_version']!r}, expected {FORMAT_VERSION}")
-        mod = cls(d["Hd"], d["k"], d["knots"])
-        check_values(d["state_dict"], where)
-        try:
-            mod.load_state_dict(d["state_dict"])
-        except (RuntimeError, TypeError, AttributeError) as e:
-            raise ValueError(f"{where}: state_dict does not fit Hd={d['Hd']}, k={d['k']}, knots={d['knots']}: {e}") from e
-        return mod
-
-    def save(self, path):
-        """Write to_dict() to path atomically (temp file in the same dir, then rename)."""
-        path = os.fspath(path)
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(self.to_dict(), f)
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
-
-    @classmethod
-    def load(cls, path, map_location="cpu"):
-        path = os.fspath(path)
-        try:
-            d = torch.load(path, map_location=map_location, weights_only=True)
-        except FileNotFoundError:
-            raise
-        except Exception as e:  # truncated / not a torch file
-            raise ValueError(f"{path}: not a readable SplinePCA file ({type(e).__name__}: {e})") from e
-        return cls.from_dict(d, where=path)

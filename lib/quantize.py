@@ -1,9 +1,9 @@
 """KIVI-style per-token V quantization (Liu et al. 2024), the int8 / int4 codecs.
 
 int8 or int4 codes per group of channels, with a float16 scale and zero point
-per group. encode/decode plug into a decode cache (lib/kv_cache.py) as
-v_encode/v_decode, and the scale and zero point travel inside the same uint8
-tensor, so the cache's byte count includes them. Written for clarity over speed.
+per group. encode/decode are the int8 / int4 codecs' (lib/codecs/int.py), and
+the scale and zero point travel inside the same uint8 tensor, so the cache's
+byte count includes them. Written for clarity over speed.
 """
 
 import math
@@ -43,7 +43,7 @@ class VQuantizer:
     overflows.
     """
 
-    def __init__(self, bits, group_size=32, out_dtype=torch.float32):
+    def __init__(self, bits, group_size, out_dtype=torch.float32):
         if bits not in (4, 8):
             raise ValueError(f"bits must be 4 or 8, got {bits}")
         if group_size < 1 or (bits == 4 and group_size % 2):

@@ -16,35 +16,27 @@ with a V codec (how each kept V vector is stored):
     method.record()                     a plain dict that rebuilds it:
                                         build_method(record, block_size, head_dim)
 
-A codec that is fitted (PCA, SplinePCA) owns its fit step and its fitted
-state (its state_dict): method.needs_fit says it still waits for the fit,
-which the calibrator runs on V samples of its layer.
-
-Nothing here knows about models: an attention calls method.attend on its
-q, k, v, whatever the model (a GPT-2 block: gpt2/model.py). A record:
+A record:
 
     {"select": {"kind": "prune", "keep_ratio": 0.382, "k_min": 64, "recency": 64},
      "codec": {"kind": "splinepca", "k": 16, "knots": 7}}
 
-Adding a method is one class registered with @register_selector or
-@register_codec; tests/test_vcache.py then runs it through causality,
-decode == attend, real bytes, the fit and bad input (docs/vcache.md,
-"Adding a method").
+This file holds the registry, the two contracts (TokenSelector, VCodec) and
+their composition; the methods themselves are one file each in
+lib/selectors/ and lib/codecs/, registered with @register_selector or
+@register_codec and found by `import lib` (docs/vcache.md, "Adding a method").
+Nothing here knows about models: an attention calls method.attend on its
+q, k, v, whatever the model.
 """
 
-import inspect
 import math
+import time
 
 import torch
 import torch.nn as nn
 
-from lib.kv_cache import H2OLayerCache, LayerKVCache
-from lib.kv_pruning import K_MIN, KEEP_RATIO, RECENCY, RandomKeep, SlidingWindow, VOnlyPruner, causal_attention
-from lib.kvsplice import SplinePCA, check_values
-from lib.quantize import VQuantizer
+from lib.kv_cache import KeepRuleLayerCache, VStore
 from lib.settings import BadSettings, check
-
-SAMPLES_PER_LATENT_DIM = 2000  # V vectors per latent dim a geometry's fit wants per layer
 
 SELECTORS = {}  # kind -> TokenSelector subclass
 CODECS = {}     # kind -> VCodec subclass
@@ -71,23 +63,56 @@ register_selector = _registrar(SELECTORS)
 register_codec = _registrar(CODECS)
 
 
+def _take_settings(part, settings):
+    """The settings of a selector or codec (`defaults` filled in) as attributes
+    of `part`; BadSettings for a name it does not take or a problem it finds."""
+    unknown = sorted(set(settings) - set(part.defaults))
+    check([f"unknown settings {unknown}; it takes {list(part.defaults)}"] if unknown else [])
+    for name, default in part.defaults.items():
+        setattr(part, name, settings.get(name, default))
+    check(part.problems())
+
+
 # ---- token selectors -------------------------------------------------------------
 
 class TokenSelector:
-    """Which tokens' V each query reads. Subclasses take their settings as
-    keyword arguments (the record's fields) after block_size, and set
-    `exact = False` when decoding only approximates `attend` (say why)."""
+    """Which tokens' V each query reads: the contract of lib/selectors/.
+
+    Settings are stated once, in `defaults` ({name: default}: the record's
+    fields). __init__(block_size, **settings) rejects unknown names, sets
+    each setting as an attribute, checks problems() (BadSettings lists
+    them) and calls setup(), where the selector builds what it needs.
+
+    A subclass implements attend, make_cache and held_tokens (or inherits
+    them from KeepRule), and sets `exact = False` when decoding only
+    approximates `attend` (say why). `example` holds small settings for the
+    tests; `bench_role` says how the benchmark uses it: "method" (alone and
+    with every codec, with the controls), "control" (a control at the
+    methods' budgets), "equal_bytes" (at the V bytes of a method), None (not
+    benchmarked, or the reference itself).
+    """
 
     kind = None
+    defaults = {}
+    example = {}
     exact = True  # decode through make_cache equals attend up to float rounding
-    example = {}  # small settings the method tests use
+    bench_role = None
 
-    def __init__(self, block_size):
+    def __init__(self, block_size, **settings):
         self.block_size = block_size
+        _take_settings(self, settings)
+        self.setup()
+
+    def problems(self):
+        """One line per problem of the settings; [] when they are fine."""
+        return []
+
+    def setup(self):
+        """Build what the selector needs from its settings (a keep rule, ...)."""
 
     def params(self):
         """The record's fields besides "kind"."""
-        return {}
+        return {name: getattr(self, name) for name in self.defaults}
 
     def record(self):
         return {"kind": self.kind, **self.params()}
@@ -98,8 +123,8 @@ class TokenSelector:
         (lib/kv_pruning.py, grouped-query attention)."""
         raise NotImplementedError
 
-    def make_cache(self, **storage):
-        """The layer's decode cache, storing V as the codec's storage() says."""
+    def make_cache(self, codec):
+        """The layer's decode cache (a lib.kv_cache.LayerCache), storing V through `codec`."""
         raise NotImplementedError
 
     def held_tokens(self, T):
@@ -107,143 +132,143 @@ class TokenSelector:
         raise NotImplementedError
 
 
-@register_selector("full")
-class Full(TokenSelector):
-    """Every token's V (V0)."""
-
-    def attend(self, q, k, v, dropout_p=0.0):
-        return causal_attention(q, k, v, dropout_p)
-
-    def make_cache(self, **storage):
-        return LayerKVCache(None, capacity=self.block_size, **storage)
-
-    def held_tokens(self, T):
-        return T
-
-
 class KeepRule(TokenSelector):
-    """A lib.kv_pruning.TokenKeep rule: recency window + top older tokens by a
-    final score; training masks and the cache evicts by the same rule."""
-
-    def __init__(self, block_size, rule):
-        super().__init__(block_size)
-        self.rule = rule
+    """A selector that is a lib.kv_pruning.TokenKeep rule (recency window + top
+    older tokens by a final score), made in setup() as `self.rule`: training
+    masks and the cache evicts by the same rule."""
 
     def attend(self, q, k, v, dropout_p=0.0):
         return self.rule(q, k, v, dropout_p=dropout_p)
 
-    def make_cache(self, **storage):
-        return LayerKVCache(self.rule, capacity=self.block_size, **storage)
+    def make_cache(self, codec):
+        return KeepRuleLayerCache(self.rule, codec, capacity=self.block_size)
 
     def held_tokens(self, T):
         return min(T, self.rule.budget)
 
 
-@register_selector("prune")
-class Prune(KeepRule):
-    """V-only pruning (V19): the window plus the older tokens that received the most attention."""
-
-    example = {"keep_ratio": 0.25, "k_min": 8, "recency": 4}
-
-    def __init__(self, block_size, keep_ratio=KEEP_RATIO, k_min=K_MIN, recency=RECENCY):
-        super().__init__(block_size, VOnlyPruner(keep_ratio, k_min, recency, block_size))
-
-    def params(self):
-        r = self.rule
-        return {"keep_ratio": r.keep_ratio, "k_min": r.k_min, "recency": r.recency}
-
-
-@register_selector("window")
-class Window(KeepRule):
-    """Control: only the last `window` tokens' V (keys in full)."""
-
-    example = {"window": 6}
-
-    def __init__(self, block_size, window=RECENCY):
-        super().__init__(block_size, SlidingWindow(window, block_size))
-
-    def params(self):
-        return {"window": self.rule.recency}
-
-
-@register_selector("random")
-class Random(KeepRule):
-    """Control for pruning: its budget and window, older tokens kept at random."""
-
-    example = {"keep_ratio": 0.25, "k_min": 8, "recency": 4, "seed": 3}
-
-    def __init__(self, block_size, keep_ratio=KEEP_RATIO, k_min=K_MIN, recency=RECENCY, seed=0):
-        super().__init__(block_size, RandomKeep(keep_ratio, k_min, recency, block_size, seed))
-
-    def params(self):
-        r = self.rule
-        return {"keep_ratio": r.keep_ratio, "k_min": r.k_min, "recency": r.recency, "seed": r.seed}
-
-
-@register_selector("h2o")
-class H2O(TokenSelector):
-    """Heavy-hitter eviction of K and V (lib.kv_cache.H2OLayerCache).
-
-    H2O has no full-sequence form: its scores keep changing, so which tokens
-    a query sees depends on every eviction before it. `attend` therefore
-    runs its cache over the sequence token by token (slow, no dropout), and
-    decoding equals it only in that sense: exact = False.
-    """
-
-    exact = False
-    example = {"budget": 10, "recency": 4}
-
-    def __init__(self, block_size, budget=256, recency=128):
-        super().__init__(block_size)
-        H2OLayerCache(budget, recency)  # checks the settings
-        self.budget, self.recency = budget, recency
-
-    def params(self):
-        return {"budget": self.budget, "recency": self.recency}
-
-    def attend(self, q, k, v, dropout_p=0.0):
-        return self.make_cache()(q, k, v)
-
-    def make_cache(self, **storage):
-        return H2OLayerCache(self.budget, self.recency, **storage)
-
-    def held_tokens(self, T):
-        return min(T, self.budget)
-
-
 # ---- V codecs ------------------------------------------------------------------
 
-class VCodec(nn.Module):
-    """How one V vector (head_dim wide) is stored. Subclasses take head_dim,
-    then their settings as keyword arguments (the record's fields), and
-    check them in __init__ (raise BadSettings / ValueError).
+def straight_through(v, stored):
+    """`stored` (V as a codec gives it back) in the forward pass, exactly; in the
+    backward pass the gradient reaches v as if the codec were the identity (the
+    straight-through estimator), so a codec that rounds still trains what makes V."""
+    return stored.detach() + (v - v.detach())
 
-    encode/decode are what the cache calls; roundtrip(v) == decode(encode(v))
-    in v's dtype is what training sees. A Module: fitted state is its own
-    state_dict, so it moves, saves and loads with the model's weights.
 
-    A codec with `needs_fit = True` is fitted from V samples of its layer
-    (fit, called by the calibrator); until then `fitted` is False and it
-    stores V as it is. Its state_dict says whether it was fitted.
+class VCodec(VStore, nn.Module):
+    """How one V vector (head_dim wide) is stored: the contract of lib/codecs/.
+
+    Settings are stated once, in `defaults` ({name: default}: the record's
+    fields). __init__(head_dim, **settings) rejects unknown names, sets each
+    setting as an attribute, checks problems() (BadSettings lists them) and
+    calls setup(), where the codec makes its buffers. params() and record()
+    follow from `defaults`.
+
+    A subclass writes:
+        encode(v)              v (..., head_dim) -> ONE tensor (..., width),
+                               the width fixed by the settings
+        decode(stored)         -> (..., head_dim) float
+        bytes_per_vector(dtype)  bytes of one encoded vector when V arrives in dtype
+    and, with a fit step (`needs_fit = True`):
+        fit_state(samples, seed, **options)  fit the buffers to samples
+                               (N, head_dim) fp32 of its layer's V; returns a
+                               dict of statistics. `options` are those of
+                               `fit_defaults` ({"epochs": 8, "lr": 2e-3}: the
+                               calibrator passes epochs and lr) that it uses
+        fit_rows()             (fewest, most) V vectors the fit needs and wants
+        fit_summary(stats)     one line about a fit
+    Optional hooks: weigh(weights, stored), the codec's own read of stored
+    rows; reconstruct(v), what training sees once fitted, with
+    `straight_through_grad = False` when that reconstruction is
+    differentiable and its true gradient should reach V.
+
+    Written once here, for every codec:
+        write(v)               what the cache stores: encode(v) once fitted, else v
+        read(weights, stored)  weights (..., T, n) fp32 over stored rows
+                               (..., n, width) -> fp32 (..., T, head_dim):
+                               weigh(...) once fitted, else weights @ stored
+        stored_bytes(dtype)    bytes_per_vector(dtype) once fitted, else V's own
+        roundtrip(v)           what training sees: v until fitted; then
+                               straight_through(v, reconstruct(v)) (the
+                               gradient passes as through the identity), or
+                               reconstruct(v) itself
+        fit(samples, seed, **options)  fit_state with fit_defaults filled in
+                               (options it does not use ignored), marks it
+                               fitted; its statistics plus rows and seconds
+
+    A Module: fitted state lives in buffers of fixed shape made in setup()
+    (the calibrator fits a deep copy and copies back only the state_dict),
+    so it moves, saves and loads with the model's weights. A codec with a fit
+    step has a `fit_done` buffer; `fitted` follows it, also after
+    load_state_dict.
+
+    `example` holds small settings for the tests. The benchmark reads
+    `bench_sweep` ({setting: values} it sweeps for the codec alone) and
+    `bench_with_selectors` (the settings it uses composed with a token
+    selector, None to skip that).
     """
 
     kind = None
+    defaults = {}
     example = {}
     needs_fit = False
+    fit_defaults = {}
+    straight_through_grad = True
+    bench_sweep = {}
+    bench_with_selectors = None
 
-    def __init__(self, head_dim):
+    def __init__(self, head_dim, **settings):
         super().__init__()
         self.head_dim = head_dim
+        _take_settings(self, settings)
+        self._fitted = not self.needs_fit  # read on the hot path: no device sync
+        if self.needs_fit:
+            self.register_buffer("fit_done", torch.zeros((), dtype=torch.bool))
+            self.register_load_state_dict_post_hook(_read_fit_flag)
+        self.setup()
 
     @property
     def fitted(self):
-        return True
+        return self._fitted
 
-    def fit(self, samples, seed=0, **options):
-        """Fit to samples (N, head_dim) fp32 of this layer's V; returns a dict of
-        fit statistics. `options` are the calibrator's (epochs, lr): take what
-        you use. Only codecs with needs_fit have one."""
-        raise NotImplementedError(f"{self.kind} has no fit step")
+    def problems(self):
+        """One line per problem of the settings; [] when they are fine."""
+        return []
+
+    def setup(self):
+        """Make the buffers (fixed shapes, from the settings and head_dim)."""
+
+    def params(self):
+        return {name: getattr(self, name) for name in self.defaults}
+
+    def record(self):
+        return {"kind": self.kind, **self.params()}
+
+    # ---- the codec's own ----
+
+    def encode(self, v):
+        raise NotImplementedError
+
+    def decode(self, stored):
+        raise NotImplementedError
+
+    def bytes_per_vector(self, dtype):
+        raise NotImplementedError
+
+    def weigh(self, weights, stored):
+        """weights (..., T, n) fp32 @ the decoded stored rows -> fp32 (..., T, head_dim)."""
+        return weights @ self.decode(stored).float()
+
+    def reconstruct(self, v):
+        """decode(encode(v)) in v's dtype: the V that attention reads."""
+        return self.decode(self.encode(v)).to(v.dtype)
+
+    def fit_state(self, samples, seed, **options):
+        """Fit the buffers to samples; a dict of statistics. A codec without a fit step has nothing to fit."""
+        if self.needs_fit:
+            raise NotImplementedError(f"{self.kind} needs a fit but has no fit_state")
+        return {}
 
     def fit_rows(self):
         """(fewest, most) V vectors per layer the fit needs and wants."""
@@ -253,193 +278,44 @@ class VCodec(nn.Module):
         """One line about a fit, from fit()'s statistics."""
         return ", ".join(f"{n} {v:.4g}" if isinstance(v, float) else f"{n} {v}" for n, v in stats.items())
 
-    def storage(self):
-        """How the cache stores V, as keyword arguments of its constructor:
-        v_encode / v_decode (a pair) and optionally v_attend(weights, stored),
-        weights @ v_decode(stored) in fp32 done the codec's way. {} stores V
-        as it is."""
-        return {"v_encode": self.encode, "v_decode": self.decode}
+    # ---- written once, for every codec ----
 
-    def params(self):
-        return {}
+    def write(self, v):
+        return self.encode(v) if self.fitted else super().write(v)
 
-    def record(self):
-        return {"kind": self.kind, **self.params()}
-
-    def roundtrip(self, v):
-        return self.decode(self.encode(v))
+    def read(self, weights, stored):
+        return self.weigh(weights, stored) if self.fitted else super().read(weights, stored)
 
     def stored_bytes(self, dtype):
         """Bytes of one stored vector when V arrives in `dtype`."""
-        raise NotImplementedError
+        return self.bytes_per_vector(dtype) if self.fitted else self.head_dim * dtype.itemsize
 
+    def roundtrip(self, v):
+        if not self.fitted:
+            return v
+        if self.straight_through_grad:
+            return straight_through(v, self.reconstruct(v))
+        return self.reconstruct(v)
 
-def straight_through(v, stored):
-    """`stored` (V as a codec gives it back) in the forward pass, exactly; in the
-    backward pass the gradient reaches v as if the codec were the identity (the
-    straight-through estimator), so a codec that rounds still trains what makes V."""
-    return stored.detach() + (v - v.detach())
-
-
-class FittedCodec(VCodec):
-    """A VCodec with a fit step: a `fitted` flag in its state_dict, kept in
-    step with the Python attribute that the hot path reads."""
-
-    needs_fit = True
-
-    def __init__(self, head_dim):
-        super().__init__(head_dim)
-        self.register_buffer("fit_done", torch.zeros((), dtype=torch.bool))
-        self._fitted = False
-        self.register_load_state_dict_post_hook(_read_fit_flag)
-
-    @property
-    def fitted(self):
-        return self._fitted
-
-    def mark_fitted(self):
-        self.fit_done.fill_(True)
-        self._fitted = True
+    def fit(self, samples, seed=0, **options):
+        """Fit to samples (N, head_dim) fp32 of this layer's V; returns fit_state's
+        statistics plus "rows" and "seconds"."""
+        if not torch.is_tensor(samples) or samples.dim() != 2 or samples.size(1) != self.head_dim:
+            found = list(samples.shape) if torch.is_tensor(samples) else type(samples).__name__
+            raise ValueError(f"{self.kind} fit: expected samples (N, {self.head_dim}), found {found}")
+        fewest = self.fit_rows()[0]
+        if samples.size(0) < fewest:
+            raise ValueError(f"{self.kind} fit: needs at least {fewest} V vectors, got {samples.size(0)}")
+        t0 = time.perf_counter()
+        stats = self.fit_state(samples, seed, **{n: options.get(n, d) for n, d in self.fit_defaults.items()})
+        if self.needs_fit:
+            self.fit_done.fill_(True)
+            self._fitted = True
+        return {**stats, "rows": samples.size(0), "seconds": time.perf_counter() - t0}
 
 
 def _read_fit_flag(codec, incompatible_keys):
     codec._fitted = bool(codec.fit_done)
-
-
-@register_codec("none")
-class NoCodec(VCodec):
-    """V as it is."""
-
-    def storage(self):
-        return {}
-
-    def roundtrip(self, v):
-        return v
-
-    def stored_bytes(self, dtype):
-        return self.head_dim * torch.empty((), dtype=dtype).element_size()
-
-
-class _Geometry(FittedCodec):
-    """A KVSplice geometry (lib/kvsplice.py): V -> spline -> PCA_k latent.
-
-    Fitted from its layer's V (fit: SplinePCA.fit on the calibrator's
-    samples) and frozen; until then it stores V as it is, so bytes and
-    outputs are those of no codec.
-    """
-
-    spline = True
-    example = {"k": 4, "knots": 3}
-
-    def __init__(self, head_dim, k=16, knots=7):
-        super().__init__(head_dim)
-        problems = []
-        if not isinstance(k, int) or not 1 <= k <= head_dim:
-            problems.append(f"k must be an int in [1, head_dim = {head_dim}], got {k!r}")
-        if not isinstance(knots, int) or knots < 1:
-            problems.append(f"knots must be an int >= 1, got {knots!r}")
-        check(problems)
-        self.k, self.knots = k, knots
-        self.geometry = SplinePCA(head_dim, k, knots).requires_grad_(False)
-        self.register_load_state_dict_pre_hook(_check_geometry_values)
-
-    def params(self):
-        return {"k": self.k, "knots": self.knots}
-
-    def fit(self, samples, seed=0, epochs=8, lr=2e-3, **options):
-        """SplinePCA.fit; plain PCA is the same fit with no epoch, which keeps the identity spline."""
-        stats = self.geometry.fit(samples, epochs=epochs if self.spline else 0, lr=lr, seed=seed)
-        self.geometry.requires_grad_(False)
-        self.mark_fitted()
-        return stats
-
-    def fit_rows(self):
-        return self.k + 1, SAMPLES_PER_LATENT_DIM * self.k
-
-    def set_geometry(self, splinepca):
-        """Use a SplinePCA fitted elsewhere, of the codec's head_dim, k and knots, as the fit."""
-        state = {"geometry." + n: t for n, t in splinepca.state_dict().items()}
-        self.load_state_dict({**state, "fit_done": torch.tensor(True)})
-
-    def fit_summary(self, s):
-        ratio = s["spline_val_mse"] / max(s["pca_val_mse"], 1e-30)
-        return (f"held-out MSE PCA {s['pca_val_mse']:.5f} SplinePCA {s['spline_val_mse']:.5f} (ratio {ratio:.3f}"
-                f"{'' if s['kept_spline'] else ', identity spline kept'}), {s['seconds']:.1f}s")
-
-    def storage(self):
-        if not self.fitted:
-            return {}
-        return {"v_encode": self.encode, "v_decode": self.decode, "v_attend": self.geometry.attend}
-
-    def encode(self, v):
-        return self.geometry.compress(v)
-
-    def decode(self, z):
-        return self.geometry.decompress(z)
-
-    def roundtrip(self, v):
-        return self.geometry.roundtrip(v) if self.fitted else v
-
-    def stored_bytes(self, dtype):
-        width = self.k if self.fitted else self.head_dim
-        return width * torch.empty((), dtype=dtype).element_size()
-
-
-def _check_geometry_values(codec, state_dict, prefix, *args):
-    """Knots, slopes and PCA that would compute NaN are refused before they load."""
-    inner = prefix + "geometry."
-    check_values({n[len(inner):]: t for n, t in state_dict.items() if n.startswith(inner)},
-                 f"{codec.kind} codec state")
-
-
-@register_codec("splinepca")
-class SplinePCACodec(_Geometry):
-    """KVSplice: a learned monotone spline, then PCA to k dims."""
-
-
-@register_codec("pca")
-class PCACodec(_Geometry):
-    """Plain PCA to k dims: KVSplice's fit with the identity spline (0 epochs)."""
-
-    spline = False
-
-
-class _Quantized(VCodec):
-    """KIVI-style per-token V quantization (lib.quantize.VQuantizer): codes
-    plus a float16 scale and zero point per group, all in one uint8 tensor."""
-
-    bits = None
-    example = {"group_size": 8}
-
-    def __init__(self, head_dim, group_size=32):
-        super().__init__(head_dim)
-        self.quant = VQuantizer(self.bits, group_size)
-        check([f"head_dim {head_dim} is not divisible by group_size {group_size}"] if head_dim % group_size else [])
-
-    def params(self):
-        return {"group_size": self.quant.group_size}
-
-    def encode(self, v):
-        return self.quant.encode(v)
-
-    def decode(self, packed):
-        return self.quant.decode(packed)
-
-    def roundtrip(self, v):
-        return straight_through(v, self.quant.decode(self.quant.encode(v)).to(v.dtype))
-
-    def stored_bytes(self, dtype):
-        return self.quant.bytes_per_token(self.head_dim)
-
-
-@register_codec("int8")
-class Int8(_Quantized):
-    bits = 8
-
-
-@register_codec("int4")
-class Int4(_Quantized):
-    bits = 4
 
 
 # ---- the method ------------------------------------------------------------------
@@ -467,7 +343,7 @@ class VCacheMethod(nn.Module):
 
     def make_cache(self):
         """The decode cache of one layer: cache(q, k, v) on the new tokens -> y."""
-        return self.selector.make_cache(**self.codec.storage())
+        return self.selector.make_cache(self.codec)
 
     @property
     def needs_fit(self):
@@ -481,8 +357,7 @@ class VCacheMethod(nn.Module):
 
 def settings_of(cls):
     """{setting: default} of a registered selector or codec: its record's fields."""
-    params = inspect.signature(cls.__init__).parameters
-    return {n: p.default for n, p in params.items() if n not in ("self", "block_size", "head_dim")}
+    return dict(cls.defaults)
 
 
 def _build(registry, what, spec, *args):

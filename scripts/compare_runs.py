@@ -1,46 +1,16 @@
 #!/usr/bin/env python3
-"""Compare ablation runs: a markdown table and a val-loss plot.
+"""Compare ablation runs: a markdown table and a val-loss plot (gpt2/compare_cli.py).
 
     python scripts/compare_runs.py RUN_DIR... [--out DIR]
-
-Reads each run's summary.json and metrics.jsonl (never wandb) and writes
-DIR/summary.md, DIR/summary.json (the same table, and whether the comparison
-is valid) and DIR/val_loss.png. A run whose summary.json says it is
-incomplete (a feature it asked for never engaged) is left out, with a note
-on stderr. Runs of the same step (several seeds)
-are pooled: the table gives mean +- sd of the final val loss over seeds and
-the plot the mean curve. Columns: iterations and tokens trained, final val
-loss, perplexity, difference to V0 and to V19 (mean +- sd of the per-seed
-paired differences when the steps ran the same seeds), recall accuracy
-overall and far (and far vs V0) on recall tasks, V-cache elements and bytes
-per head at block_size (read off a real cache at the end of training),
-training tokens/s. Above the table, the context-use line of the V0
-checkpoint: full cache vs a short window, with its paired standard error;
-without a clear gap the steps cannot be ranked.
-
-Runs that trained different token counts do not compare: a step that trained
-less looks worse for it. Such a comparison is marked INVALID at the top of
-summary.md, its difference columns read "invalid", and summary.json says
-"valid": false with the reason.
 """
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gpt2.compare import INVALID, write_comparison  # noqa: E402
-
-
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("run_dirs", nargs="+")
-    ap.add_argument("--out", default=None, help="where to write (default: parent of the first run)")
-    a = ap.parse_args(argv)
-    text = write_comparison(a.run_dirs, a.out or Path(a.run_dirs[0]).parent)
-    return 1 if INVALID in text else 0
-
+from gpt2.compare_cli import main  # noqa: E402
+from gpt2.entry import run  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(run(main))

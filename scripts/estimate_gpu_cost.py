@@ -1,33 +1,16 @@
 #!/usr/bin/env python3
-"""What the GPU defconfigs cost, on paper; needs no GPU (docs/ra.md, "On a GPU").
+"""What the GPU defconfigs cost, on paper; needs no GPU (gpt2/bench/gpu_cost_cli.py).
 
     python scripts/estimate_gpu_cost.py [--mfu 0.40]
-
-Prints FLOPs per token of each ablation step, the memory of the pruned
-attention and of a whole training micro-step at the GPT-2 124M defconfig's
-shapes (measured on fake tensors of full size, so no compute), the HBM
-traffic pruning adds, and the hours each GPU defconfig takes at the stated
-MFU (gpt2/bench/gpu_cost.py).
 """
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gpt2.bench.gpu_cost import estimate  # noqa: E402
-
-
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--mfu", type=float, default=0.40, help="the model FLOPs utilization assumed")
-    a = ap.parse_args(argv)
-    if not 0 < a.mfu <= 1:
-        ap.error(f"--mfu must be in (0, 1], found {a.mfu}")
-    estimate(a.mfu)
-    return 0
-
+from gpt2.bench.gpu_cost_cli import main  # noqa: E402
+from gpt2.entry import run  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(run(main))

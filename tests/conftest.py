@@ -46,7 +46,7 @@ def tiny_argv(data_dir, out_dir, *extra):
 
 
 def tiny_args(data_dir, out_dir, *extra):
-    from train_ra_mla import parse_args
+    from gpt2.cli import parse_args
 
     return parse_args(tiny_argv(data_dir, out_dir, *extra))
 

@@ -8,8 +8,8 @@ import pytest
 
 from conftest import ROOT
 from gpt2.ablations import STEPS, format_steps, step_overrides
+from gpt2.cli import build_parser, parse_args
 from gpt2.method_flags import method_record
-from train_ra_mla import build_parser, parse_args
 
 
 def test_every_step_overrides_declared_flags_only():
@@ -122,14 +122,14 @@ def test_the_matrix_runs_once_per_recall_dataset_with_accuracy_in_the_summary(tm
 def test_a_matrix_out_dir_on_the_command_line_is_not_every_runs_out_dir():
     """`make train ARGS="--out-dir runs/x"` names the matrix's directory: each
     step still trains into its own OUT_DIR/<step>/, not all into runs/x."""
-    from scripts.run_ablation import step_command
+    from gpt2.ablation_runner import step_command
 
     cmd = step_command(".config", "V19", Path("runs/x/V19"), "x", ["--out-dir", "runs/x", "--max-iters", "5"], False)
     assert parse_args(cmd[cmd.index("--config") + 2:]).out_dir == "runs/x/V19"
 
 
 def test_the_trainers_seed_is_not_taken_for_the_runners_seeds():
-    from scripts.run_ablation import runner_parser
+    from gpt2.ablation_runner import runner_parser
 
     ours, extra = runner_parser().parse_known_args(["--config", ".config", "--seed", "2", "--seeds", "3,4"])
     assert ours.seeds == "3,4" and extra == ["--seed", "2"]

@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from conftest import tiny_args
+from gpt2.bench.kv_bench import collect_v, default_matrix, main, run_benchmark, sections_of, trained_in_changes
 from gpt2.bench.kv_measure import compare_to_reference
+from gpt2.bench.kv_methods import check_preconditions, planned_rows
 from gpt2.bench.kv_report import format_decode, format_table, merge_report
 from gpt2.bench.kv_source import PRETRAINED
 from gpt2.calibrate import CALIB_SEED_SALT, KVSpliceCalibrator
@@ -18,11 +20,18 @@ from gpt2.llama import Llama, LlamaConfig
 from gpt2.model import GPT, GPTConfig
 from gpt2.tokenizer import get_tokenizer
 from gpt2.train import train
-from scripts.bench_kv import collect_v, default_matrix, main, run_benchmark, sections_of, trained_in_changes
+from lib.codecs.none import NoCodec
+from lib.vcache import CODECS
 
-FAMILIES = (["none", "pca", "pca", "splinepca", "splinepca", "int8", "int4"]
+FAMILIES = (["none", "pca", "pca", "splinepca", "splinepca", "fp16", "int8", "int4"]
             + [f"{s}{c}" for s in ("prune", "random") for c in ("", "+pca", "+splinepca", "+int8", "+int4")]
             + ["h2o"] + ["window"] * 5)
+
+
+def lib_rows(rows):
+    """The rows of the library's own codecs: a codec a test module registers (tests/example_codec.py)
+    adds its rows when that module was imported, and leaves these as they are."""
+    return [r for r in rows if CODECS[r["record"]["codec"]["kind"]].__module__.startswith("lib.")]
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +53,7 @@ def bench_run(tiny_data_dir, tmp_path_factory):
 
 def test_every_method_row_and_consistent_numbers(bench_run):
     rows, out_md, out_png, _ = bench_run
+    rows = lib_rows(rows)
     assert [r["family"] for r in rows] == FAMILIES
     by = {(r["family"], r["k"]): r for r in rows}
     ref = by["none", None]
@@ -117,8 +127,8 @@ def test_every_checkpoint_is_checked_before_the_first_measurement(bench_run, tmp
     state["args"]["data_dir"] = str(tmp_path / "gone")
     torch.save(state, tmp_path / "moved.pt")
     measured = []
-    monkeypatch.setattr("scripts.bench_kv.decode_speed", lambda *a, **k: measured.append("decode"))
-    monkeypatch.setattr("scripts.bench_kv.run_benchmark", lambda *a, **k: measured.append("bench"))
+    monkeypatch.setattr("gpt2.bench.kv_bench.decode_speed", lambda *a, **k: measured.append("decode"))
+    monkeypatch.setattr("gpt2.bench.kv_bench.run_benchmark", lambda *a, **k: measured.append("bench"))
     out = tmp_path / "out"
     with pytest.raises(ValueError, match=r"(?s)nothing was measured or written:.*moved.pt: no prepared data "
                                          r"for dataset .* at .*gone"):
@@ -188,10 +198,37 @@ def test_a_method_that_cannot_run_fails_before_the_first_row(tiny_data_dir, tmp_
     with pytest.raises(ValueError, match=r"knots must be an int >= 1, got 0 \(rows: full \+ splinepca\(k=8, "
                                          r"knots=0\), full \+ splinepca\(k=16, knots=0\)\); .*'int8': head_dim 16 "
                                          r"is not divisible by group_size 32 .*; the PCA / SplinePCA fits need at "
-                                         r"least k \+ 1 = 17 V vectors per layer, but 16 are collected"):
+                                         r"least 17 V vectors per layer, but 16 are collected"):
         run_benchmark(tmp_path / "odd.pt", ks=[8], eval_batches=1, batch_size=1, calib_batches=1,
                       decode_repeats=1, log=logged.append)
     assert logged == []
+
+
+class CopyCodec(NoCodec):
+    """V as it is, under a name only this test registers: the benchmark finds it in the registry."""
+
+    kind = "test_copy"
+    bench_with_selectors = {}  # beside every token selector too
+
+
+def test_a_codec_registered_in_a_test_module_is_benchmarked_without_editing_the_benchmark(monkeypatch):
+    """The rows come from the registry and each class's bench settings: a codec
+    registered here runs alone (after the library's codecs) and beside each
+    budget selector, and the library's rows stay as they were."""
+    prune = {"keep_ratio": 0.382, "k_min": 16, "recency": 8}
+    before = planned_rows([8, 16], prune, 7, 1, 64, 32)
+    monkeypatch.setitem(CODECS, CopyCodec.kind, CopyCodec)
+    after = planned_rows([8, 16], prune, 7, 1, 64, 32)
+    new = [(name, record) for name, record in after if (name, record) not in before]
+    copy_codec = {"kind": "test_copy"}
+    assert new == [("test_copy V", {"select": {"kind": "full"}, "codec": copy_codec}),
+                   ("prune 24/64 + test_copy", {"select": {"kind": "prune", **prune}, "codec": copy_codec}),
+                   ("random 24/64 + test_copy", {"select": {"kind": "random", **prune, "seed": 1},
+                                                 "codec": copy_codec})]
+    assert [row for row in after if row not in new] == before
+    names = [name for name, _ in after]
+    assert names.index("test_copy V") == names.index("prune 24/64") - 1  # the last codec alone
+    check_preconditions([8, 16], 32, 64, prune, 1000, 7)  # it builds, with every other row
 
 
 def test_geometries_are_fitted_on_v_of_the_model_without_its_own_method(tiny_data_dir):
@@ -215,7 +252,8 @@ def test_geometries_are_fitted_on_v_of_the_model_without_its_own_method(tiny_dat
 
     own, unpruned = v_samples(copy.deepcopy(model)), v_samples(plain)
     assert torch.equal(own[0], unpruned[0]) and not torch.allclose(own[1], unpruned[1])
-    collected, _ = collect_v(model, data, 2, 2, 8, 3, 120000, 5, log=lambda msg: None)
+    collected, _ = collect_v(model, data, 2, 2, {"kind": "splinepca", "k": 8, "knots": 3}, 120000, 5,
+                             log=lambda msg: None)
     assert all(torch.equal(a, b) for a, b in zip(collected.samples, unpruned))
 
 
@@ -336,6 +374,7 @@ def test_smollm2_table_has_every_row_and_both_quality_measures_per_kv_head(tiny_
     rows = main(["--ckpt", "smollm2", "--data-dir", str(tiny_data_dir), "--out-md", str(out_md),
                  "--out-png", str(tmp_path / "kv_pareto.png"), "--threads", "1"])["smollm2"]
     assert loads == ["smollm2"]
+    rows = lib_rows(rows)
     assert [r["family"] for r in rows] == PRETRAINED_FAMILIES
     assert [r["k"] for r in rows if r["family"] in ("pca", "splinepca")] == [16, 32, 16, 32]
     by = {(r["family"], r["k"]): r for r in rows}
@@ -410,8 +449,8 @@ def test_smollm2_bad_input_is_a_clear_error_before_anything_is_written(tiny_smol
                                                 r"checkpoints or smollm2\)"):
         main(["--ckpt", "smollm3", *outs])
     # head_dim 32 cannot hold k = 64 (build_method's own check, before the model loads)
-    with pytest.raises(ValueError, match=r"smollm2: v_cache codec .splinepca.: k must be an int in "
-                                         r"\[1, head_dim = 32\], got 64"):
+    with pytest.raises(ValueError, match=r"smollm2: v_cache codec .pca.: k must be an int in \[1, head_dim = 32\], "
+                                         r"got 64 .*; v_cache codec .splinepca.: k must be an int"):
         main(["--ckpt", "smollm2", "--data-dir", str(tiny_data_dir), "--ks", "16,64", *outs])
     # the real source without its package: gpt2.pretrained's message, naming the install
     monkeypatch.setitem(PRETRAINED, "smollm2", replace(PRETRAINED["smollm2"], tokenizer="smollm2"))

@@ -7,9 +7,9 @@ from types import SimpleNamespace
 import pytest
 
 from conftest import tiny_args
+from gpt2 import ablation_runner as run_ablation
 from gpt2 import budget
 from gpt2.budget import Pace, fewest_iterations, iterations_for_budget, probe_pace
-from scripts import run_ablation
 from test_ablations import tiny_config
 
 

@@ -4,19 +4,19 @@ import math
 import pytest
 import torch
 
+import toy_methods  # noqa: F401  (registers centred_int8, a codec with a fit step that is not a geometry)
 from conftest import fail_at, losses_by_iter, tiny_args, tiny_argv
-from gpt2.calibrate import KVSpliceCalibrator
+from gpt2.calibrate import KVSpliceCalibrator, fit_codecs
 from gpt2.geometry import load_fitted
 from gpt2.model import GPT, GPTConfig
 from gpt2.train import train, v_cache_footprint
 from lib.kv_pruning import importance_scores, keep_mask
 
 
-def fit_codecs(model, batches=3, T=32):
+def calibrate(model, batches=3, T=32):
     """Calibrate the model's codecs in place; returns the fit statistics."""
-    cal = KVSpliceCalibrator(model, max_samples=4000)
-    cal.collect(torch.randint(0, model.config.vocab_size, (2, T)) for _ in range(batches))
-    return cal.fit(epochs=2)
+    return fit_codecs(model, (torch.randint(0, model.config.vocab_size, (2, T)) for _ in range(batches)),
+                      max_samples=4000, epochs=2)[1]
 
 
 def v_cache(prune=False, k_min=8, recency=4, codec="splinepca", k=4):
@@ -88,7 +88,7 @@ def test_prune_then_compress_equals_compress_then_prune():
     all, then select), the one the model runs: every token is kept while in its
     own recency window, so every value is read by some query."""
     model = tiny_model(v_cache=v_cache(prune=True)).eval()
-    fit_codecs(model)
+    calibrate(model)
     attn = model.transformer.h[0].attn
     rule, geo = attn.vcache.selector.rule, attn.vcache.codec.geometry
     q, k, v = (torch.randn(2, 2, 64, 16) for _ in range(3))
@@ -104,7 +104,7 @@ def test_prune_then_compress_equals_compress_then_prune():
 
 def test_geometry_is_frozen_and_gradients_reach_the_model():
     model = tiny_model()
-    fit_codecs(model)
+    calibrate(model)
     geo = model.transformer.h[0].attn.vcache.codec.geometry
     assert all(not p.requires_grad for p in geo.parameters())
     _, loss = model(torch.randint(0, 50, (2, 16)), torch.randint(0, 50, (2, 16)))
@@ -144,8 +144,10 @@ def test_calibrated_training_run_end_to_end(tiny_data_dir, tmp_path, capsys):
     assert out.index("iter 10/20") < out.index("[KVSplice] calibrating") < out.index("iter 11/20")
     model = GPT.from_checkpoint(run / "last.pt")  # the fitted codec comes with the checkpoint's weights
     assert model.transformer.h[0].attn.vcache.codec.fitted and not model.needs_fit()
-    saved = torch.load(run / "kvsplice.pt")["state_dict"][0]
-    live = model.transformer.h[0].attn.vcache.codec.state_dict()
+    saved = torch.load(run / "kvsplice.pt")
+    assert {"Hd", "k", "knots", "state_dict"} <= set(saved) and (saved["Hd"], saved["k"], saved["knots"]) == (32, 16, 7)
+    live = model.transformer.h[0].attn.vcache.codec.geometry.state_dict()  # the seed's SplinePCA state per layer
+    saved = saved["state_dict"][0]
     assert saved.keys() == live.keys() and all(torch.equal(saved[n], live[n]) for n in saved)  # frozen
     out = model.eval().generate(torch.zeros(1, 1, dtype=torch.long), 30)
     assert out.shape == (1, 31)
@@ -169,16 +171,17 @@ def test_kvsplice_load_checks_the_model(tmp_path):
     from gpt2.geometry import save_fitted
 
     model = tiny_model()
-    fit_codecs(model)
+    calibrate(model)
     path = tmp_path / "kvsplice.pt"
     save_fitted(model, path)
     with pytest.raises(ValueError, match="head_dim is 16, but the model needs head_dim = 32"):
         load_fitted(path, tiny_model(n_head=1))
     with pytest.raises(ValueError, match="n_layer is 2, but the model needs n_layer = 3"):
         load_fitted(path, tiny_model(n_layer=3))
-    with pytest.raises(ValueError, match=r"codec is splinepca\(k=4, knots=5\), but the model needs "
-                                         r"codec = splinepca\(k=8, knots=5\)"):
+    with pytest.raises(ValueError, match="k is 4, but the model needs k = 8"):
         load_fitted(path, tiny_model(v_cache=v_cache(k=8)))
+    with pytest.raises(ValueError, match="holds a KVSplice geometry, but the model's V codec is full \\+ int4"):
+        load_fitted(path, tiny_model(v_cache={"select": {"kind": "full"}, "codec": {"kind": "int4", "group_size": 8}}))
     fresh = tiny_model()
     load_fitted(path, fresh)
     assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values()))
@@ -190,9 +193,62 @@ def test_kvsplice_load_checks_the_model(tmp_path):
         load_fitted(path, model)
 
 
+def _codec_states(model):
+    return [{n: t.clone() for n, t in codec.state_dict().items()} for codec in model.v_codecs()]
+
+
+def test_the_seeds_geometry_file_and_every_earlier_format_load(tmp_path):
+    """kvsplice.pt in the seed's shape ({Hd, k, knots, state_dict}: one SplinePCA for
+    every layer), format 1 (a SplinePCA per layer, `shared`) and format 2 (the codecs'
+    own state_dicts) load into a splinepca codec as the file saved today does."""
+    from lib.kvsplice import SplinePCA
+
+    model = tiny_model()
+    calibrate(model)
+    geometries = [codec.geometry.state_dict() for codec in model.v_codecs()]
+    seed = SplinePCA(16, 4, 5)
+    seed.load_state_dict(geometries[1])
+    files = {
+        "seed": ({"Hd": 16, "k": 4, "knots": 5, "state_dict": seed.state_dict(), "format_version": 1},
+                 [geometries[1]] * 2),
+        "format1": ({"format_version": 1, "Hd": 16, "k": 4, "knots": 5, "n_layer": 2, "shared": False,
+                     "state_dict": geometries}, geometries),
+        "format1-shared": ({"format_version": 1, "Hd": 16, "k": 4, "knots": 5, "n_layer": 2, "shared": True,
+                            "state_dict": geometries[:1]}, [geometries[0]] * 2),
+        "format2": ({"format_version": 2, "codec": model.config.v_cache["codec"], "head_dim": 16, "n_layer": 2,
+                     "fit_stats": None, "state_dict": _codec_states(model)}, geometries),
+    }
+    for name, (saved, expected) in files.items():
+        torch.save(saved, tmp_path / f"{name}.pt")
+        fresh = tiny_model()
+        assert fresh.needs_fit()
+        load_fitted(tmp_path / f"{name}.pt", fresh)
+        assert not fresh.needs_fit(), name
+        for codec, want in zip(fresh.v_codecs(), expected):
+            got = codec.geometry.state_dict()
+            assert got.keys() == want.keys() and all(torch.equal(got[n], want[n]) for n in want), name
+    with pytest.raises(ValueError, match="k is 4, but the model needs k = 8"):
+        load_fitted(tmp_path / "seed.pt", tiny_model(v_cache=v_cache(k=8)))
+
+
+def test_a_non_geometry_codec_file_has_the_record_and_the_codec_states(tmp_path):
+    from gpt2.geometry import save_fitted
+
+    record = {"select": {"kind": "full"}, "codec": {"kind": "centred_int8"}}
+    model = tiny_model(v_cache=record)
+    calibrate(model)
+    save_fitted(model, tmp_path / "kvsplice.pt")
+    saved = torch.load(tmp_path / "kvsplice.pt")
+    assert saved["codec"] == {"kind": "centred_int8"} and "Hd" not in saved
+    fresh = tiny_model(v_cache=record)
+    load_fitted(tmp_path / "kvsplice.pt", fresh)
+    assert not fresh.needs_fit()
+    assert all(torch.equal(a[n], b[n]) for a, b in zip(_codec_states(fresh), _codec_states(model)) for n in a)
+
+
 def test_dump_samples_of_a_trained_checkpoint_feeds_the_validation_script(tiny_data_dir, tmp_path):
     from gpt2.calibrate import main
-    from scripts.kvsplice_validate import validate_tensor
+    from gpt2.bench.kvsplice_validate import validate_tensor
 
     train(tiny_args(tiny_data_dir, tmp_path / "run", "--max-iters", "4"))
     out = tmp_path / "v.pt"
@@ -215,9 +271,8 @@ def test_kvsplice_load_replaces_calibration(tiny_data_dir, tmp_path, capsys):
     model = GPT.from_checkpoint(tmp_path / "second" / "last.pt")
     saved = torch.load(geometry)
     assert all(torch.equal(a[n], t) for a, codec in zip(saved["state_dict"], model.v_codecs())
-               for n, t in codec.state_dict().items())
-    with pytest.raises(ValueError, match=r"codec is splinepca\(k=8, knots=7\), but the model needs codec = "
-                                         r"splinepca\(k=16, knots=7\)"):
+               for n, t in codec.geometry.state_dict().items())
+    with pytest.raises(ValueError, match="k is 8, but the model needs k = 16"):
         train(tiny_args(tiny_data_dir, tmp_path / "third", "--kvsplice-k", "16", "--kvsplice-load", str(geometry)))
     assert not (tmp_path / "third" / "last.pt").exists()
 
@@ -227,10 +282,10 @@ def test_a_v20_run_whose_calibration_never_ran_is_incomplete_and_not_counted(tin
     trained without KVSplice. It exits non-zero, says why, and its summary.json
     is marked incomplete, so comparisons, the benchmark and the ablation runner
     do not count it as V20."""
-    from scripts.bench_kv import trained_in_changes
-    from scripts.compare_runs import write_comparison
-    from scripts.run_ablation import completed
-    from train_ra_mla import main
+    from gpt2.bench.kv_bench import trained_in_changes
+    from gpt2.compare import write_comparison
+    from gpt2.ablation_runner import completed
+    from gpt2.cli import main
 
     matrix = tmp_path / "matrix"
     train(tiny_args(tiny_data_dir, matrix / "V0", "--max-iters", "4", "--ablation-step", "V0"))
@@ -290,7 +345,7 @@ def test_a_v20_run_under_bf16_autocast_on_cpu(tiny_data_dir, tmp_path):
 
 def test_cropping_the_context_keeps_the_geometry_and_rescales_the_budget():
     model = tiny_model(v_cache=v_cache(prune=True, k_min=8, recency=4))
-    fit_codecs(model)
+    calibrate(model)
     geometry = model.transformer.h[0].attn.vcache.codec.state_dict()
     assert model.transformer.h[0].attn.vcache.selector.rule.budget == 24  # int(64 x 0.382)
     model.crop_block_size(32)

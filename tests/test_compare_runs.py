@@ -4,7 +4,7 @@ iterations and tokens per step, and no comparison of runs that trained unequal t
 import json
 
 from gpt2.compare import INVALID, context_use_line, load_run, summary_table, write_comparison
-from scripts.compare_runs import main
+from gpt2.compare_cli import main
 
 
 def fake_run(root, seed, step, loss, acc=None, far=None, iters=100):

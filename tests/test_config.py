@@ -3,8 +3,8 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT
+from gpt2.cli import build_parser, parse_args
 from gpt2.config import ConfigError, config_defaults, config_to_argv, read_config
-from train_ra_mla import build_parser, parse_args
 
 
 def write(tmp_path, text):
@@ -78,7 +78,7 @@ def test_config_to_argv_round_trips(tmp_path):
 
 
 def test_kconfig_is_generated_from_the_flags():
-    from scripts.gen_kconfig import kconfig_text
+    from gpt2.kconfig_gen import kconfig_text
 
     assert (ROOT / "Kconfig").read_text() == kconfig_text(), "Kconfig is stale: run `make kconfig`"
 

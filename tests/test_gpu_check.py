@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from conftest import ROOT
+from gpt2.bench import gpu_check
 from gpt2.model import GPT
 from lib.kv_cache import KVCache
-from scripts import gpu_check
 
 TINY = ["--device", "cpu", "--n-layer", "2", "--n-head", "2", "--n-embd", "64", "--block-size", "64",
         "--vocab", "96", "--batch-size", "2", "--kv-prune-k-min", "16", "--kv-prune-recency", "8",

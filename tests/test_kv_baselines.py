@@ -3,7 +3,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import qkv
-from lib.kv_cache import H2OLayerCache, LayerKVCache
+from lib.codecs.int import Int4, Int8
+from lib.kv_cache import FullLayerCache, H2OLayerCache, KeepRuleLayerCache, VStore
 from lib.kv_pruning import VOnlyPruner
 from lib.quantize import VQuantizer
 
@@ -31,7 +32,7 @@ def stored_scale(quant, packed, hs):
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("kind", ["normal", "heavy", "offset"])
 def test_round_trip_error_is_at_most_half_a_step(bits, kind):
-    quant = VQuantizer(bits)
+    quant = VQuantizer(bits, 32)
     v = sample(kind, (2, 3, 50, 64), seed=bits)
     packed = quant.encode(v)
     err = (quant.decode(packed) - v).abs()
@@ -43,14 +44,14 @@ def test_round_trip_error_is_at_most_half_a_step(bits, kind):
 @pytest.mark.parametrize("bits,max_rel_mse", [(8, 1e-4), (4, 1e-2)])
 def test_relative_mse_on_normal_data(bits, max_rel_mse):
     v = sample("normal", (4, 12, 64, 64), seed=1)
-    quant = VQuantizer(bits)
+    quant = VQuantizer(bits, 32)
     rel_mse = ((quant.decode(quant.encode(v)) - v) ** 2).mean() / (v ** 2).mean()
     assert rel_mse < max_rel_mse
 
 
 @pytest.mark.parametrize("bits", [8, 4])
 def test_constant_input_is_exact(bits):
-    quant = VQuantizer(bits)
+    quant = VQuantizer(bits, 32)
     v = torch.tensor([0.0, 1.5, -3.25, 1024.0]).repeat_interleave(32).view(2, 64)
     out = quant.decode(quant.encode(v))
     assert not torch.isnan(out).any()
@@ -62,7 +63,7 @@ def test_constant_input_is_exact(bits):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_input_and_output(dtype):
     v = sample("normal", (2, 5, 64), seed=2).to(dtype)
-    quant = VQuantizer(8, out_dtype=dtype)
+    quant = VQuantizer(8, 32, out_dtype=dtype)
     packed = quant.encode(v)
     assert packed.dtype == torch.uint8 and packed.shape == (2, 5, 72)
     out = quant.decode(packed)
@@ -72,20 +73,20 @@ def test_low_precision_input_and_output(dtype):
 
 def test_bad_arguments_fail_loudly():
     with pytest.raises(ValueError, match="bits"):
-        VQuantizer(3)
+        VQuantizer(3, 32)
     with pytest.raises(ValueError, match="divisible"):
-        VQuantizer(8).encode(torch.randn(2, 48))
+        VQuantizer(8, 32).encode(torch.randn(2, 48))
     with pytest.raises(ValueError, match="divisible"):
         VQuantizer(4, group_size=32).bytes_per_token(40)
     with pytest.raises(ValueError, match="uint8"):
-        VQuantizer(8).decode(torch.randn(2, 72))
+        VQuantizer(8, 32).decode(torch.randn(2, 72))
     with pytest.raises(ValueError, match="packed last dim"):
-        VQuantizer(8).decode(torch.zeros(2, 71, dtype=torch.uint8))
+        VQuantizer(8, 32).decode(torch.zeros(2, 71, dtype=torch.uint8))
 
 
 @pytest.mark.parametrize("bits,nbytes", [(8, 72), (4, 40)])
 def test_bytes_include_scale_and_zero_point(bits, nbytes):
-    quant = VQuantizer(bits)
+    quant = VQuantizer(bits, 32)
     assert quant.bytes_per_token(64) == nbytes
     assert quant.encode(torch.randn(1, 2, 3, 64)).shape == (1, 2, 3, nbytes)
     assert VQuantizer(bits, group_size=64).bytes_per_token(64) == 64 * bits // 8 + 4
@@ -93,14 +94,13 @@ def test_bytes_include_scale_and_zero_point(bits, nbytes):
 
 def test_cache_counts_quantized_bytes():
     q, k, v = qkv(1, 1, 1024, 64, seed=3)
-    int8, int4 = VQuantizer(8), VQuantizer(4)
-    cache = LayerKVCache(v_encode=int8.encode, v_decode=int8.decode)
+    cache = FullLayerCache(Int8(64))
     cache(q, k, v)
     assert cache.nbytes()["v"] == 1024 * 72
     assert cache.nbytes()["k"] == 1024 * 64 * 4
     pruner = VOnlyPruner(block_size=1024)
     assert pruner.budget == 391
-    cache = LayerKVCache(pruner, int4.encode, int4.decode)
+    cache = KeepRuleLayerCache(pruner, Int4(64))
     cache(q[:, :, :1000], k[:, :, :1000], v[:, :, :1000])
     for t in range(1000, 1024):  # decode steps evict through the uint8 tensor
         cache(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1])
@@ -111,11 +111,11 @@ def test_cache_counts_quantized_bytes():
 @pytest.mark.parametrize("bits", [8, 4])
 def test_quantized_cache_is_close_to_the_plain_cache(bits):
     q, k, v = qkv(2, 3, 96, 64, seed=4)
-    quant = VQuantizer(bits)
+    quant = VQuantizer(bits, 32)
     # outputs are convex combinations of values, each off by at most its scale / 2
     tol = 0.01 if bits == 8 else stored_scale(quant, quant.encode(v), 64).max().item() / 2 + 1e-5
-    plain = LayerKVCache()(q, k, v)
-    cache = LayerKVCache(v_encode=quant.encode, v_decode=quant.decode)
+    plain = FullLayerCache(VStore())(q, k, v)
+    cache = FullLayerCache({8: Int8, 4: Int4}[bits](64))
     ys = [cache(q[:, :, :40], k[:, :, :40], v[:, :, :40])]
     ys += [cache(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1]) for t in range(40, 96)]
     y = torch.cat(ys, dim=-2)
@@ -131,7 +131,7 @@ def test_quantized_cache_is_close_to_the_plain_cache(bits):
 @pytest.mark.parametrize("chunks", [(1,), (7, 1), (64,)])
 def test_h2o_with_enough_budget_is_plain_attention(chunks):
     q, k, v = qkv(2, 3, 64, 16, seed=5, scale=1.5)
-    cache = H2OLayerCache(budget=64, recency=8)
+    cache = H2OLayerCache(budget=64, recency=8, codec=VStore())
     ys, t = [], 0
     for size in list(chunks) + [1] * 64:
         if t >= 64:
@@ -150,7 +150,7 @@ def test_h2o_evicts_k_and_v_for_good(H_Q):
     B, H, T, hs, budget, W = 2, 3, 120, 16, 24, 6
     q, k, v = qkv(B, H_Q, T, hs, seed=6, scale=2.0)
     k, v = k[:, :H], v[:, :H]
-    cache = H2OLayerCache(budget, W)
+    cache = H2OLayerCache(budget, W, codec=VStore())
     evicted = torch.zeros(B, H, T, dtype=torch.bool)
     ys = []
     for t in range(T):
@@ -183,14 +183,14 @@ def test_h2o_keeps_the_heavy_hitter():
     q, k, v = qkv(B, H, T, hs, seed=7, scale=0.3)
     q[..., 0] = 5.0
     k[..., 0, 0] = 5.0
-    cache = H2OLayerCache(budget=10, recency=4)
+    cache = H2OLayerCache(budget=10, recency=4, codec=VStore())
     cache(q, k, v)
     assert 0 in cache.v_pos.flatten().tolist()
 
 
 def test_h2o_score_is_the_accumulated_attention():
     q, k, v = qkv(1, 2, 12, 8, seed=8)
-    cache = H2OLayerCache(budget=12, recency=1)  # nothing evicted
+    cache = H2OLayerCache(budget=12, recency=1, codec=VStore())  # nothing evicted
     cache(q, k, v)
     probs = F.softmax((q @ k.transpose(-2, -1)) / 8 ** 0.5
                       + torch.full((12, 12), float("-inf")).triu(1), dim=-1)
@@ -203,7 +203,7 @@ def test_h2o_score_of_a_kv_head_is_the_attention_its_group_gave():
     summed over them; those heads read the same held tokens."""
     q, _, _ = qkv(1, 4, 12, 8, seed=8)
     _, k, v = qkv(1, 2, 12, 8, seed=9)
-    cache = H2OLayerCache(budget=12, recency=1)  # nothing evicted
+    cache = H2OLayerCache(budget=12, recency=1, codec=VStore())  # nothing evicted
     y = cache(q, k, v)
     probs = F.softmax((q @ k.repeat_interleave(2, dim=1).transpose(-2, -1)) / 8 ** 0.5
                       + torch.full((12, 12), float("-inf")).triu(1), dim=-1)  # (1, 4, 12, 12)
@@ -213,11 +213,11 @@ def test_h2o_score_of_a_kv_head_is_the_attention_its_group_gave():
 
 
 def test_h2o_reset_and_bad_arguments():
-    cache = H2OLayerCache(budget=4, recency=2)
+    cache = H2OLayerCache(budget=4, recency=2, codec=VStore())
     cache(*qkv(1, 1, 9, 8))
     cache.reset()
     assert cache.length == 0 and cache.nbytes()["total"] == 0 and cache.v_elements_per_head() == 0
     with pytest.raises(ValueError, match="recency"):
-        H2OLayerCache(budget=4, recency=5)
+        H2OLayerCache(budget=4, recency=5, codec=VStore())
     with pytest.raises(ValueError, match="recency"):
-        H2OLayerCache(budget=4, recency=0)
+        H2OLayerCache(budget=4, recency=0, codec=VStore())

@@ -4,16 +4,40 @@ import torch.nn.functional as F
 from torch._dynamo.utils import counters
 
 from conftest import qkv
-from lib.kv_cache import KVCache, LayerKVCache
+from lib.kv_cache import FullLayerCache, KeepRuleLayerCache, KVCache, VStore
 from lib.kv_pruning import VOnlyPruner, importance_scores, keep_mask
+from lib.vcache import VCodec
 
 
-
-def projection(hs, kdim, seed=0):
+class Projection(VCodec):
     """A fixed random orthonormal projection hs -> kdim and back (a stand-in for KVSplice)."""
-    g = torch.Generator().manual_seed(seed)
-    basis, _ = torch.linalg.qr(torch.randn(hs, kdim, generator=g))  # (hs, kdim)
-    return (lambda v: v @ basis), (lambda z: z @ basis.T)
+
+    defaults = {"kdim": 6}
+
+    def setup(self):
+        g = torch.Generator().manual_seed(0)
+        self.register_buffer("basis", torch.linalg.qr(torch.randn(self.head_dim, self.kdim, generator=g))[0])
+
+    def encode(self, v):
+        return v @ self.basis  # (..., kdim)
+
+    def decode(self, stored):
+        return stored @ self.basis.T
+
+    def bytes_per_vector(self, dtype):
+        return self.kdim * dtype.itemsize
+
+
+def layer_cache(pruner=None, codec=None, capacity=0):
+    """The keep-rule cache of `pruner`, or the full cache without one; V as it is without a codec."""
+    codec = codec or VStore()
+    return KeepRuleLayerCache(pruner, codec, capacity) if pruner else FullLayerCache(codec, capacity)
+
+
+def buffers(cache):
+    """Every tensor the cache writes in place."""
+    names = ("_k_rows", "_v_rows", "_v_slots", "_pos_slots", "_score_slots")
+    return [x for x in (getattr(cache, name, None) for name in names) if x is not None]
 
 
 def decode(cache, q, k, v, chunks):
@@ -38,7 +62,7 @@ def test_steps_write_keys_in_place_into_one_buffer(capacity, buffers):
     """With a capacity, the first forward allocates the buffer and every step
     writes one row of it; without, it doubles when full (5, 10, 20, 40, 80, 160 rows)."""
     q, k, v = qkv(1, 2, 96, 8, seed=6)
-    cache = LayerKVCache(None, capacity=capacity)
+    cache = FullLayerCache(VStore(), capacity=capacity)
     cache(q[:, :, :5], k[:, :, :5], v[:, :, :5])
     views = [cache.k]  # kept alive, so a freed buffer's address cannot come back as a new one's
     for t in range(5, 96):
@@ -62,25 +86,25 @@ def test_fixed_shape_steps_equal_the_full_sequence_and_keep_their_buffers(pruned
     B, T, hs = 2, 96, 16
     q, k, v = qkv(B, H, T, hs, seed=7, scale=1.5)
     k, v = k[:, :H_KV], v[:, :H_KV]
-    encode, decode_v = projection(hs, 6)
-    v_seen = decode_v(encode(v))
+    codec = Projection(hs)
+    v_seen = codec.decode(codec.encode(v))
     pruner = small_pruner() if pruned else None
     full = pruner(q, k, v_seen) if pruned else \
         F.scaled_dot_product_attention(q, k, v_seen, is_causal=True, enable_gqa=True)
-    cache = LayerKVCache(pruner, encode, decode_v, capacity=128)
+    cache = layer_cache(pruner, codec, capacity=128)
     ys = [cache(q[:, :, :5], k[:, :, :5], v[:, :, :5])]
-    memory = [x.data_ptr() for x in cache.buffers()]
-    assert cache.buffers()[0].shape == (B, H_KV, 128, hs)
+    memory = [x.data_ptr() for x in buffers(cache)]
+    assert buffers(cache)[0].shape == (B, H_KV, 128, hs)
     for t in range(5, T):
         ys.append(cache.step(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], torch.tensor([t])))
         cache.advance()
     assert torch.allclose(torch.cat(ys, dim=-2), full, atol=1e-5, rtol=0)
-    assert [x.data_ptr() for x in cache.buffers()] == memory
+    assert [x.data_ptr() for x in buffers(cache)] == memory
     assert cache.length == T and cache.v_elements_per_head() == (pruner.budget if pruned else T) * 6
     cache.reset()
     assert cache.length == 0 and cache.nbytes()["total"] == 0
     assert torch.allclose(decode(cache, q, k, v, (60,)), full, atol=1e-5, rtol=0)
-    assert [x.data_ptr() for x in cache.buffers()] == memory
+    assert [x.data_ptr() for x in buffers(cache)] == memory
 
 
 def test_a_compiled_step_under_grouped_query_attention_is_one_graph():
@@ -95,7 +119,7 @@ def test_a_compiled_step_under_grouped_query_attention_is_one_graph():
         torch._dynamo.reset()
         counters.clear()
         full = pruner(q, k, v) if pruner else F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        cache = LayerKVCache(pruner, capacity=T)
+        cache = layer_cache(pruner, capacity=T)
         step = torch.compile(cache.step, dynamic=False, fullgraph=True)
         ys = [cache(q[:, :, :5], k[:, :, :5], v[:, :, :5])]
         for t in range(5, T):
@@ -110,7 +134,7 @@ def test_held_tokens_are_the_full_rules_keep_set_per_head():
     tokens the full-sequence rule keeps for the last query."""
     pruner = small_pruner()
     q, k, v = qkv(1, 4, 96, 16, seed=2, scale=1.5)
-    cache = LayerKVCache(pruner)
+    cache = layer_cache(pruner)
     decode(cache, q[:, :, :95], k[:, :, :95], v[:, :, :95], (10,))
     att = (q[:, :, :95] @ k[:, :, :95].transpose(-2, -1) / 4).masked_fill(~torch.ones(95, 95, dtype=torch.bool).tril(), float("-inf"))
     scores = importance_scores(F.softmax(att, dim=-1), pruner.recency)
@@ -123,7 +147,7 @@ def test_held_tokens_are_the_full_rules_keep_set_per_head():
 
 def test_a_prefill_after_steps_restores_position_order():
     q, k, v = qkv(1, 4, 96, 16, seed=2, scale=1.5)
-    cache = LayerKVCache(small_pruner())
+    cache = layer_cache(small_pruner())
     decode(cache, q[:, :, :90], k[:, :, :90], v[:, :, :90], (10,))
     cache(q[:, :, 90:], k[:, :, 90:], v[:, :, 90:])  # a 6-token prefill
     pos = cache.v_pos[0]
@@ -134,7 +158,7 @@ def test_a_prefill_after_steps_restores_position_order():
 
 def test_bf16_cache_runs_and_stays_finite():
     q, k, v = (x.bfloat16() for x in qkv(1, 2, 64, 16, seed=3))
-    cache = LayerKVCache(small_pruner())
+    cache = layer_cache(small_pruner())
     y = decode(cache, q, k, v, (4,))
     assert y.dtype == torch.bfloat16 and torch.isfinite(y.float()).all()
     assert cache.nbytes()["v"] == 2 * 48 * 16 * 2
@@ -144,11 +168,11 @@ def test_bf16_cache_runs_and_stays_finite():
                          [(False, None, 65_536), (True, None, 25_024), (True, 16, 6_256)])
 def test_nbytes_at_1024(pruned, kdim, v_elements):
     q, k, v = qkv(1, 1, 1024, 64, seed=4)
-    encode, decode_v = projection(64, kdim) if kdim else (None, None)
-    cache = LayerKVCache(VOnlyPruner() if pruned else None, encode, decode_v)
+    cache = layer_cache(VOnlyPruner() if pruned else None, Projection(64, kdim=kdim) if kdim else None)
     cache(q[:, :, :1000], k[:, :, :1000], v[:, :, :1000])  # chunked prefill
     cache(q[:, :, 1000:], k[:, :, 1000:], v[:, :, 1000:])
     assert cache.v_elements_per_head() == v_elements
+    assert cache.v_bytes_per_head() == v_elements * 4
     sizes = cache.nbytes()
     assert sizes["k"] == 1024 * 64 * 4
     assert sizes["v"] == v_elements * 4
@@ -158,7 +182,7 @@ def test_nbytes_at_1024(pruned, kdim, v_elements):
 
 
 def test_kv_cache_container():
-    cache = KVCache(2, lambda i: LayerKVCache(small_pruner() if i else None))
+    cache = KVCache(2, lambda i: layer_cache(small_pruner() if i else None))
     assert len(cache) == 2 and cache.length == 0
     q, k, v = qkv(1, 2, 60, 8, seed=5)
     for layer in cache.layers:
@@ -171,6 +195,9 @@ def test_kv_cache_container():
     assert cache.length == 0 and cache.nbytes()["total"] == 0
 
 
-def test_unpaired_codec_fails_loudly():
-    with pytest.raises(ValueError, match="pair"):
-        LayerKVCache(v_encode=lambda v: v)
+def test_the_default_layer_holds_every_tokens_v_as_it_is():
+    cache = KVCache(1)
+    q, k, v = qkv(1, 2, 10, 8, seed=5)
+    y = cache[0](q, k, v)
+    assert torch.equal(cache[0].v, v) and cache[0].v_bytes_per_head() == 10 * 8 * 4
+    assert torch.allclose(y, F.scaled_dot_product_attention(q, k, v, is_causal=True), atol=1e-6, rtol=0)

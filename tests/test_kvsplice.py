@@ -1,7 +1,6 @@
-"""lib/kvsplice.py: the spline, PCA, SplinePCA fit / compress / save / load."""
+"""lib/kvsplice.py: the spline, PCA, SplinePCA fit / compress / state_dict."""
 
 import math
-import os
 import subprocess
 import sys
 
@@ -10,8 +9,9 @@ import torch
 
 from conftest import ROOT
 from gpt2.bench.synthetic import synthetic_v, warped_v
-from lib.kvsplice import _KNOT_GRID, FORMAT_VERSION, MIN_RELATIVE_GAIN, PCA, MonotoneSpline, SplinePCA
-from scripts.kvsplice_validate import validate_tensor
+from lib.codecs.geometry import SplinePCACodec
+from lib.kvsplice import _KNOT_GRID, MIN_RELATIVE_GAIN, PCA, MonotoneSpline, SplinePCA, check_values
+from gpt2.bench.kvsplice_validate import validate_tensor
 
 
 def bent_spline(dim=8, knots=7, seed=0, spread=1.0, off_grid=False):
@@ -155,20 +155,14 @@ def test_fit_accepts_low_precision_samples_and_works_in_fp32():
     assert torch.equal(a.roundtrip(X), b.roundtrip(X))
 
 
-def test_save_load_round_trip(fitted, tmp_path):
+def test_state_dict_round_trip(fitted, tmp_path):
+    """The state_dict is the whole fit: saved and loaded into a fresh SplinePCA
+    (load_state_dict rebuilds the lookup tables), it computes the same."""
     m, X = fitted
-    path = tmp_path / "geo.pt"
-    m.save(path)
-    assert os.listdir(tmp_path) == ["geo.pt"]  # no temp file left behind
-    raw = torch.load(path, weights_only=True)
-    assert set(raw) == {"Hd", "k", "knots", "state_dict", "format_version"}
-    assert (raw["Hd"], raw["k"], raw["knots"], raw["format_version"]) == (16, 4, 7, FORMAT_VERSION)
-    for other in (SplinePCA.load(path), SplinePCA.from_dict(m.to_dict())):
-        assert torch.equal(other.compress(X), m.compress(X))
-        assert torch.equal(other.roundtrip(X), m.roundtrip(X))
-    # a plain load_state_dict rebuilds the lookup tables too
+    torch.save(m.state_dict(), tmp_path / "geo.pt")
     fresh = SplinePCA(16, 4)
-    fresh.load_state_dict(m.state_dict())
+    fresh.load_state_dict(torch.load(tmp_path / "geo.pt", weights_only=True))
+    assert torch.equal(fresh.compress(X), m.compress(X))
     assert torch.equal(fresh.roundtrip(X), m.roundtrip(X))
 
 
@@ -210,28 +204,17 @@ def test_bad_sizes_raise(make):
         make()
 
 
-def test_bad_files_raise_naming_the_path(fitted, tmp_path):
+def test_a_state_dict_of_other_sizes_is_refused(fitted):
     m, _ = fitted
-    good = m.to_dict()
-    cases = {"missing.pt": ({k: v for k, v in good.items() if k != "state_dict"}, "missing keys \\['state_dict'\\]"),
-             "version.pt": ({**good, "format_version": 99}, "format_version 99, expected 1"),
-             "shape.pt": ({**good, "k": 5}, "does not fit")}
-    for name, (d, msg) in cases.items():
-        torch.save(d, tmp_path / name)
-        with pytest.raises(ValueError, match=f"{name}.*{msg}"):
-            SplinePCA.load(tmp_path / name)
-    m.save(tmp_path / "ok.pt")
-    data = (tmp_path / "ok.pt").read_bytes()
-    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
-    with pytest.raises(ValueError, match="cut.pt: not a readable SplinePCA file"):
-        SplinePCA.load(tmp_path / "cut.pt")
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        SplinePCA(16, 5).load_state_dict(m.state_dict())
 
 
-def _with(d, name, edit):
-    """A copy of the to_dict() d whose state_dict entry `name` went through edit."""
-    sd = {n: t.clone() for n, t in d["state_dict"].items()}
+def _with(state_dict, name, edit):
+    """A copy of state_dict whose entry `name` went through edit."""
+    sd = {n: t.clone() for n, t in state_dict.items()}
     edit(sd[name])
-    return {**d, "state_dict": sd}
+    return sd
 
 
 @pytest.mark.parametrize("name, edit, message", [
@@ -243,11 +226,18 @@ def _with(d, name, edit):
     ("pca.components", lambda t: t[0, 0].fill_(float("inf")), "pca.components is not finite"),
 ])
 def test_values_that_would_compute_nan_are_rejected(fitted, name, edit, message):
+    """check_values names the problem; a geometry codec refuses such a state before it loads."""
     m, X = fitted
-    with pytest.raises(ValueError, match=r"geometry dict: .*" + message):
-        SplinePCA.from_dict(_with(m.to_dict(), name, edit))
+    with pytest.raises(ValueError, match=r"geometry state: .*" + message):
+        check_values(_with(m.state_dict(), name, edit), "geometry state")
+    codec = SplinePCACodec(16, k=4)
+    state = {"geometry." + n: t for n, t in _with(m.state_dict(), name, edit).items()}
+    with pytest.raises(ValueError, match=r"splinepca codec state: .*" + message):
+        codec.load_state_dict({**state, "fit_done": torch.tensor(True)})
+    assert not codec.fitted
     # repeated knots (tied quantiles, a constant dimension) are what fit produces: accepted
-    tied = SplinePCA.from_dict(_with(m.to_dict(), "spline.knot_x", lambda t: t[3].fill_(0.5)))
+    tied = SplinePCA(16, 4)
+    tied.load_state_dict(_with(m.state_dict(), "spline.knot_x", lambda t: t[3].fill_(0.5)))
     assert torch.isfinite(tied.roundtrip(X)).all()
 
 

@@ -1,5 +1,6 @@
 """The import graph: no circle, lib/ imports torch alone and never gpt2/ (gpt2 builds on lib),
-and scripts/ holds entry points: no script imports another."""
+and scripts/ holds entry points: no script imports another, nothing imports an entry point
+(train_ra_mla.py, scripts/), and each script is a few lines that call a gpt2 module."""
 
 import ast
 from pathlib import Path
@@ -75,6 +76,35 @@ def test_no_script_imports_scripts():
     assert len(scripts) > 5
     offenders = {p.name: sorted(d for d in imports(p) if d.split(".")[0] == "scripts") for p in scripts}
     assert not any(offenders.values()), {name: deps for name, deps in offenders.items() if deps}
+
+
+ENTRY_POINTS = ("train_ra_mla", "scripts")
+SCRIPT_MAX_LINES = 40
+
+
+def test_nothing_imports_an_entry_point():
+    """The CLI's parser is gpt2/cli.py and each script's logic a gpt2 module: library code
+    and tests import those, never train_ra_mla.py or a script (tests run scripts as
+    subprocesses)."""
+    paths = [p for folder in ("gpt2", "lib", "tests", "scripts") for p in sorted((ROOT / folder).rglob("*.py"))]
+    assert len(paths) > 50
+    offenders = {str(p.relative_to(ROOT)): sorted(d for d in imports(p) if d.split(".")[0] in ENTRY_POINTS)
+                 for p in paths}
+    assert not any(offenders.values()), {path: deps for path, deps in offenders.items() if deps}
+
+
+def test_every_script_is_an_entry_point_only():
+    """A script is its usage, the sys.path line that runs it from the repository root,
+    an import of a gpt2 module's main and the call: its logic lives in gpt2/."""
+    scripts = sorted((ROOT / "scripts").glob("*.py"))
+    too_long = {p.name: n for p in scripts if (n := len(p.read_text().splitlines())) > SCRIPT_MAX_LINES}
+    assert not too_long, f"scripts over {SCRIPT_MAX_LINES} lines (move the logic into gpt2/): {too_long}"
+    for p in scripts:
+        tree = ast.parse(p.read_text())
+        defined = [n.name for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.ClassDef))]
+        assert not defined, f"{p.name} defines {defined}: an entry point imports its main from gpt2/"
+        assert ast.get_docstring(tree), f"{p.name} has no docstring (its usage)"
+        assert any(d.startswith("gpt2.") for d in imports(p)), f"{p.name} calls no gpt2 module"
 
 
 def test_the_cycle_finder_finds_cycles():

@@ -237,7 +237,7 @@ def test_a_pretrained_llama_fine_tunes_through_the_projects_loop(smollm2_tokens,
 
 def test_a_pretrained_llama_is_refused_with_gpt2_tokens_or_the_r_mlp(tiny_data_dir, tmp_path, capsys):
     from conftest import tiny_argv
-    from train_ra_mla import main
+    from gpt2.cli import main
 
     source = tiny_llama_dir(tmp_path / "llama")
     assert main(tiny_argv(tiny_data_dir, tmp_path / "run", "--init-from", str(source), "--rmlp")) == 2
@@ -250,7 +250,7 @@ def test_bad_sources_and_methods_fail_before_anything_is_written(tiny_data_dir, 
     """A folder that is not a causal LM, and a method a pretrained model's heads cannot
     hold, are one clear error each (exit 2), with no run directory."""
     from conftest import tiny_argv
-    from train_ra_mla import main
+    from gpt2.cli import main
 
     (tmp_path / "notes").mkdir()
     assert main(tiny_argv(tiny_data_dir, tmp_path / "a", "--init-from", str(tmp_path / "notes"))) == 2

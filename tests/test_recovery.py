@@ -107,7 +107,7 @@ def test_the_recovered_fraction_and_its_bootstrap_error():
 
 
 def test_a_matrix_without_its_control_is_refused(matrix, tmp_path):
-    from scripts.recovery import main
+    from gpt2.bench.recovery_cli import main
 
     (tmp_path / "V20").mkdir()
     assert main(["--matrix", str(tmp_path)]) == 2
@@ -116,7 +116,7 @@ def test_a_matrix_without_its_control_is_refused(matrix, tmp_path):
 
 
 def test_several_matrices_need_an_out_path_and_every_problem_is_named(matrix, tmp_path, capsys):
-    from scripts.recovery import main
+    from gpt2.bench.recovery_cli import main
 
     with pytest.raises(SystemExit) as e:
         main(["--matrix", str(matrix), str(tmp_path / "nowhere"), "--batches", "1"])

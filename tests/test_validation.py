@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from conftest import ROOT, tiny_argv
-from train_ra_mla import main
+from gpt2.cli import main
 
 KV = ("--kvsplice-enable", "--kvsplice-k", "4")  # head_dim is 32 in the tiny model
 

@@ -4,22 +4,27 @@ its real cache holds == the bytes it declares, a fit that moves with the
 state_dict, and clear errors on bad settings. Each check runs under
 multi-head attention and under grouped-query attention (k, v at fewer heads
 than q). A method registered anywhere before collection is checked too: the
-toys of tests/toy_methods.py are registered in that file and touch nothing
-else."""
+toys of tests/toy_methods.py (and the example codec it imports) are
+registered in the test files and touch nothing else of the project."""
 
 import json
 import math
+import os
+import re
+import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import toy_methods  # noqa: F401  (registers the toys)
-from conftest import tiny_args
+from conftest import ROOT, tiny_args
 from gpt2.model import GPT
 from gpt2.train import train
 from lib.kv_pruning import importance_scores, keep_mask
-from lib.vcache import CODECS, SELECTORS, KeepRule, build_method
+from lib.vcache import CODECS, SELECTORS, KeepRule, build_method, settings_of
 
 BLOCK, HS, B = 40, 16, 2
 LAYOUTS = pytest.mark.parametrize("nh, nkv", [(3, 3), (6, 2)], ids=["mha", "gqa"])  # query heads, KV heads
@@ -198,12 +203,11 @@ def test_every_codec_passes_gradients_to_v(kind):
     its cache decodes."""
     method = make_method("full", kind)
     v = (torch.randn(2, 3, 8, HS) * 1.5).requires_grad_(True)
-    out = method.codec.roundtrip(v)
+    codec = method.codec
+    out = codec.roundtrip(v)
     out.pow(2).sum().backward()
     assert v.grad is not None and v.grad.abs().sum() > 0
-    storage = method.codec.storage()
-    if storage:
-        assert torch.equal(out.detach(), storage["v_decode"](storage["v_encode"](v.detach())).to(v.dtype))
+    assert torch.equal(out.detach(), codec.decode(codec.encode(v.detach())).to(v.dtype))
 
 
 @pytest.mark.parametrize("kind", list(CODECS))
@@ -217,7 +221,7 @@ def test_bad_codec_settings_are_clear_errors(kind):
 
 
 def test_malformed_records_name_the_problem():
-    with pytest.raises(ValueError, match="unknown kind 'nope'; known: full, prune"):
+    with pytest.raises(ValueError, match="unknown kind 'nope'; known: full, h2o, prune"):
         build_method({"select": {"kind": "nope"}, "codec": {"kind": "none"}}, BLOCK, HS)
     with pytest.raises(ValueError, match="expected {'select': ..., 'codec': ...}"):
         build_method({"select": {"kind": "full"}}, BLOCK, HS)
@@ -262,16 +266,137 @@ def test_any_method_trains_in_by_one_flag_and_generates_through_its_cache(tiny_d
     assert method.v_bytes(52) < 52 * 32 * 4  # the method stores fewer V bytes than fp32 V
 
 
-def test_a_codec_with_a_fit_step_carries_its_state_in_the_state_dict():
-    """Fitted, the toy codec's state loads into a fresh one, which is then fitted
-    and encodes alike; an unfitted state loads as unfitted."""
-    record = {"select": {"kind": "full"}, "codec": {"kind": "centred_int8"}}
-    fitted, fresh, unfitted = (build_method(record, BLOCK, HS) for _ in range(3))
-    fitted.codec.fit(fit_samples())
+@pytest.mark.parametrize("kind", list(CODECS))
+def test_a_codecs_fitted_state_moves_with_the_state_dict(kind):
+    """Fitted, a codec's state loads into a fresh one, which then attends and
+    decodes alike; a codec with a fit step that loads an unfitted state is
+    unfitted again."""
+    fitted = make_method("full", kind)
+    record = fitted.record()
+    fresh, unfitted = (build_method(record, BLOCK, HS) for _ in range(2))
     fresh.load_state_dict(fitted.state_dict())
-    assert fresh.codec.fitted and not fresh.needs_fit and unfitted.needs_fit
+    assert fresh.codec.fitted and not fresh.needs_fit
     q, k, v = qkv(seed=3)
     assert torch.equal(fresh.attend(q, k, v), fitted.attend(q, k, v))
-    assert not torch.equal(fresh.attend(q, k, v), unfitted.attend(q, k, v))
-    fresh.load_state_dict(unfitted.state_dict())
-    assert fresh.needs_fit
+    assert torch.equal(decode(fresh, q, k, v)[0], decode(fitted, q, k, v)[0])
+    if CODECS[kind].needs_fit:
+        assert unfitted.needs_fit and fitted.state_dict()["codec.fit_done"]
+        assert not torch.equal(fresh.attend(q, k, v), unfitted.attend(q, k, v))
+        fresh.load_state_dict(unfitted.state_dict())
+        assert fresh.needs_fit and not fresh.codec.fitted
+
+
+# ---- the contract's base behaviour, the same for every codec and selector -------
+
+@pytest.mark.parametrize("kind", list(CODECS))
+def test_every_codec_keeps_the_contract_of_its_base(kind):
+    """Settings stated once (defaults -> params, record); until fitted, V is
+    stored and read as it is; the fit fills in its defaults, ignores options
+    it does not use and reports rows and seconds; once fitted, a write is one
+    tensor of the declared bytes per vector."""
+    cls = CODECS[kind]
+    codec = cls(HS, **cls.example)
+    assert settings_of(cls) == cls.defaults and set(cls.example) <= set(cls.defaults)
+    assert codec.params() == {**cls.defaults, **cls.example}
+    assert codec.record() == {"kind": kind, **codec.params()}
+    assert cls(64).params() == cls.defaults  # head_dim 64: every default fits
+    with pytest.raises(ValueError, match=r"unknown settings \['bogus'\]"):
+        cls(HS, bogus=1)
+    v = torch.randn(2, 3, 5, HS) * 1.5
+    w = torch.softmax(torch.randn(2, 3, 4, 5), dim=-1)
+    assert codec.fitted != cls.needs_fit
+    if cls.needs_fit:  # unfitted: V as it is, in every face
+        assert codec.write(v) is v and codec.roundtrip(v) is v
+        assert torch.equal(codec.read(w, v), w @ v)
+        assert codec.stored_bytes(torch.float32) == HS * 4 and codec.stored_bytes(torch.bfloat16) == HS * 2
+        assert not codec.fit_done
+    stats = codec.fit(fit_samples(), seed=1, epochs=1, lr=1e-3, unused_option=7)
+    assert stats["rows"] == 2000 and isinstance(stats["seconds"], float) and stats["seconds"] >= 0
+    assert codec.fitted and codec.fit_summary(stats)
+    stored = codec.write(v)
+    assert torch.is_tensor(stored) and stored.shape[:-1] == v.shape[:-1]
+    assert stored.shape[-1] * stored.element_size() == codec.stored_bytes(v.dtype)
+    assert torch.allclose(codec.read(w, stored), w @ codec.decode(stored).float(), atol=1e-5, rtol=0)
+    assert set(cls.bench_sweep) <= set(cls.defaults)
+    assert all(isinstance(values, tuple) for values in cls.bench_sweep.values())
+    assert cls.bench_with_selectors is None or set(cls.bench_with_selectors) <= set(cls.defaults)
+
+
+@pytest.mark.parametrize("kind", list(SELECTORS))
+def test_every_selector_states_its_settings_once(kind):
+    cls = SELECTORS[kind]
+    selector = cls(BLOCK, **cls.example)
+    assert settings_of(cls) == cls.defaults and set(cls.example) <= set(cls.defaults)
+    assert selector.record() == {"kind": kind, **cls.defaults, **cls.example}
+    assert cls.bench_role in ("method", "control", "equal_bytes", None)
+
+
+def test_a_codec_without_a_fit_step_is_fitted_from_the_start():
+    codec = CODECS["int8"](HS, group_size=8)
+    assert codec.fitted and "fit_done" not in codec.state_dict()
+    assert set(codec.fit(fit_samples())) == {"rows", "seconds"}
+
+
+# ---- the documented example codec, and "a new codec is one new file" --------------
+
+EXAMPLE = ROOT / "tests" / "example_codec.py"
+
+
+def test_the_documented_example_is_the_tested_one():
+    """docs/vcache.md shows tests/example_codec.py verbatim, under "Adding a method"."""
+    doc = (ROOT / "docs" / "vcache.md").read_text()
+    section = doc[doc.index("## Adding a method"):]
+    block = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    assert block == EXAMPLE.read_text()
+
+
+ONE_FILE_CHECK = """
+import json
+import sys
+
+import torch
+
+import lib.vcache
+from gpt2.bench.kv_methods import planned_rows
+from gpt2.cli import parse_args
+from gpt2.model import GPT
+from gpt2.train import train
+from lib.vcache import build_method
+
+root, data_dir = sys.argv[1:]
+assert lib.vcache.__file__.startswith(root), lib.vcache.__file__
+record = {"select": {"kind": "full"}, "codec": {"kind": "centred_int8"}}
+summary = train(parse_args(["--data-dir", data_dir, "--dataset", "shakespeare", "--out-dir", root + "/run",
+                            "--n-layer", "2", "--n-head", "2", "--n-embd", "64", "--block-size", "64",
+                            "--batch-size", "4", "--warmup-iters", "2", "--max-iters", "6", "--eval-interval", "3",
+                            "--eval-iters", "1", "--tracker", "none", "--device", "cpu",
+                            "--kvsplice-calib-iter", "2", "--kvsplice-max-batches", "2",
+                            "--v-cache", json.dumps(record)]))
+assert summary["complete"] and summary["v_cache_method"] == record
+model = GPT.from_checkpoint(root + "/run/last.pt").eval()  # the fitted state comes with the weights
+assert not model.needs_fit()
+prompt = torch.randint(0, model.config.vocab_size, (1, 8), generator=torch.Generator().manual_seed(0))
+cache = model.make_cache()
+out = model.generate(prompt, 24, top_k=1, cache=cache)
+with torch.no_grad():
+    full, _ = model(out[:, :-1])
+assert torch.equal(full[:, 7:].argmax(-1), out[:, 8:])  # decoding through its cache equals the full forward
+assert cache.nbytes()["v"] == 2 * 2 * model.transformer.h[0].attn.vcache.v_bytes(cache.length) == 2 * 2 * cache.length * 32, (cache.nbytes(), cache.length)
+rows = planned_rows([8], {"keep_ratio": 0.25, "k_min": 8, "recency": 4}, 7, 1, 64, 32)
+assert ("centred_int8 V", record) in rows, rows
+print("ok")
+"""
+
+
+def test_a_new_codec_is_one_new_file(tmp_path, tiny_data_dir):
+    """The documented example codec dropped into a copy of the tree's lib/codecs/,
+    nothing else changed: training takes it by --v-cache (fitted at the
+    calibration iteration), the checkpoint rebuilds it fitted, generate decodes
+    through its cache, and the benchmark lists it."""
+    for part in ("lib", "gpt2"):
+        shutil.copytree(ROOT / part, tmp_path / part, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(EXAMPLE, tmp_path / "lib" / "codecs" / "centred_int8.py")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    r = subprocess.run([sys.executable, "-c", ONE_FILE_CHECK, str(tmp_path), str(tiny_data_dir)], cwd=tmp_path,
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout[-2000:] + r.stderr[-4000:]

@@ -12,10 +12,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from gpt2.bench.train_steps import step_config
+from gpt2.cli import parse_args
 from gpt2.model import GPT
 from gpt2.tokenizer import N_VOCAB
 from gpt2.train import GPU_PEAK_FLOPS
-from train_ra_mla import parse_args
 
 ROOT = Path(__file__).resolve().parents[2]
 GPT2_124M = ROOT / "defconfigs" / "gpt2-124m-finewebedu"

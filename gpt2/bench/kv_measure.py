@@ -195,7 +195,7 @@ def timing_geometry(head_dim, k, seed=0):
     """A SplinePCA fitted on warped V-like samples (gpt2/bench/synthetic.py),
     so that its spline is not the identity: decode timings then include the
     spline's arithmetic, whatever a given checkpoint's fit kept."""
-    geometry = SplinePCA(head_dim, k, knots=7)
+    geometry = SplinePCA(head_dim, k)
     if not geometry.fit(warped_v(20000, head_dim, seed=seed), epochs=2, seed=seed)["kept_spline"]:
         raise RuntimeError("the timing geometry kept the identity spline: decode timings would skip the spline")
     return geometry

@@ -19,8 +19,6 @@ batches: each seed's rows, then the mean +- sd over seeds.
 """
 
 import argparse
-import contextlib
-import io
 import json
 import math
 import random
@@ -29,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from gpt2.calibrate import CALIB_SEED_SALT, KVSpliceCalibrator
+from gpt2.calibrate import CALIB_SEED_SALT, fit_codecs, quiet
 from gpt2.data import open_data
 from gpt2.lm import load_checkpoint
 from gpt2.pretrained import load_pretrained, model_from_checkpoint
@@ -67,12 +65,11 @@ def post_hoc(pretrained, args, data, log):
     """Fit the pretrained model's method (put in by set_v_cache) as the run's calibration
     fits it, when its codec needs a fit."""
     if pretrained.needs_fit():
-        cal = KVSpliceCalibrator(pretrained, args["kvsplice_samples"], seed=args["seed"])
-        with contextlib.redirect_stdout(io.StringIO()):
-            cal.collect(data.get_batch("train", args["batch_size"], args["block_size"],
-                                       args["seed"] + CALIB_SEED_SALT, 0, j)[0]
-                        for j in range(args["kvsplice_max_batches"]))
-            cal.fit(args["kvsplice_epochs"], args["kvsplice_lr"], args["kvsplice_shared"], seed=args["seed"])
+        batches = (data.get_batch("train", args["batch_size"], args["block_size"], args["seed"] + CALIB_SEED_SALT,
+                                  0, j)[0] for j in range(args["kvsplice_max_batches"]))
+        with quiet():
+            fit_codecs(pretrained, batches, args["kvsplice_samples"], args["kvsplice_shared"], args["seed"],
+                       epochs=args["kvsplice_epochs"], lr=args["kvsplice_lr"])
         log(f"[recovery] fitted {describe(pretrained.config.v_cache)} on the pretrained model")
 
 

@@ -1,13 +1,10 @@
 """Models of an ablation step at set shapes, as the timing scripts build them."""
 
-import contextlib
-import io
-
 import torch
 
-from gpt2.calibrate import KVSpliceCalibrator
+from gpt2.calibrate import fit_codecs, quiet
+from gpt2.cli import parse_args
 from gpt2.train import model_config_from_args
-from train_ra_mla import parse_args
 
 QUICKSTART = ("--n-layer", "4", "--n-head", "4", "--n-embd", "256", "--block-size", "256",
               "--kv-prune-k-min", "32", "--kv-prune-recency", "32")
@@ -28,11 +25,10 @@ def with_geometry(model, batch, warp=True, seed=0):
     spline's size and the timing includes them.
     """
     device = model.lm_head.weight.device
-    cal = KVSpliceCalibrator(model, max_samples=20000)
-    with contextlib.redirect_stdout(io.StringIO()):  # its per-layer lines would report the identity spline
-        cal.collect(torch.randint(0, model.config.vocab_size, (batch, model.config.block_size), device=device)
-                    for _ in range(2))
-        cal.fit(epochs=0 if warp else 1)
+    batches = (torch.randint(0, model.config.vocab_size, (batch, model.config.block_size), device=device)
+               for _ in range(2))
+    with quiet():  # its per-layer lines would report the identity spline
+        fit_codecs(model, batches, max_samples=20000, epochs=0 if warp else 1)
     if warp:
         gen = torch.Generator().manual_seed(seed)
         for codec in model.v_codecs():
