@@ -1,9 +1,10 @@
-"""KIVI-style per-token V quantization (Liu et al. 2024), the int8 / int4 codecs.
+"""KIVI-style per-token V quantization (Liu et al. 2024), the int-b codecs.
 
-int8 or int4 codes per group of channels, with a float16 scale and zero point
-per group. encode/decode are the int8 / int4 codecs' (lib/codecs/int.py), and
-the scale and zero point travel inside the same uint8 tensor, so the cache's
-byte count includes them. Written for clarity over speed.
+b-bit codes (b = 2, 3, 4 or 8) per group of channels, packed into bytes,
+with a float16 scale and zero point per group. encode/decode are the int
+codecs' (lib/codecs/int.py), and the scale and zero point travel inside the
+same uint8 tensor, so the cache's byte count includes them. Written for
+clarity over speed.
 """
 
 import math
@@ -23,6 +24,39 @@ def _round_up_fp16(x):
     return torch.where(h.float() < x, torch.nextafter(h, torch.full_like(h, math.inf)), h)
 
 
+BITS = (2, 3, 4, 8)  # the code widths pack_codes stores
+
+
+def codes_per_block(bits):
+    """Codes that fill whole bytes: 8 / gcd(bits, 8) (2 bits: 4 codes in 1 byte, 3 bits: 8 in 3)."""
+    return 8 // math.gcd(bits, 8)
+
+
+def pack_codes(codes, bits):
+    """b-bit codes uint8 (..., n), n a multiple of codes_per_block(bits) -> uint8
+    (..., n * bits / 8): each block of codes as one little-endian bit string,
+    code i at bit i * bits (4 bits: two codes per byte, low nibble first)."""
+    if bits == 8:
+        return codes
+    m = codes_per_block(bits)
+    blocks = codes.reshape(*codes.shape[:-1], -1, m).to(torch.int32)  # at most 24 bits a block
+    value = (blocks << (torch.arange(m, device=codes.device) * bits)).sum(-1)
+    shifts = torch.arange(bits * m // 8, device=codes.device) * 8
+    return ((value[..., None] >> shifts) & 0xFF).to(torch.uint8).flatten(-2)
+
+
+def unpack_codes(packed, bits):
+    """pack_codes' inverse: uint8 (..., n * bits / 8) -> codes uint8 (..., n)."""
+    if bits == 8:
+        return packed
+    m = codes_per_block(bits)
+    n_bytes = bits * m // 8
+    blocks = packed.reshape(*packed.shape[:-1], -1, n_bytes).to(torch.int32)
+    value = (blocks << (torch.arange(n_bytes, device=packed.device) * 8)).sum(-1)
+    codes = (value[..., None] >> (torch.arange(m, device=packed.device) * bits)) & (2 ** bits - 1)
+    return codes.to(torch.uint8).flatten(-2)
+
+
 class VQuantizer:
     """Asymmetric per-token, per-group quantization of V into one uint8 tensor.
 
@@ -31,7 +65,7 @@ class VQuantizer:
     codes = round((v - zero) / scale) in [0, 2^bits - 1]. Layout of the
     packed last dim, per token:
 
-        codes (hs * bits / 8 bytes; int4: two codes per byte, low nibble first)
+        codes (hs * bits / 8 bytes, packed by pack_codes)
         scales (hs / group_size float16, as bytes)
         zeros  (hs / group_size float16, as bytes)
 
@@ -44,11 +78,13 @@ class VQuantizer:
     """
 
     def __init__(self, bits, group_size, out_dtype=torch.float32):
-        if bits not in (4, 8):
-            raise ValueError(f"bits must be 4 or 8, got {bits}")
-        if group_size < 1 or (bits == 4 and group_size % 2):
-            raise ValueError(
-                f"group_size must be a positive integer (even for 4 bits), got {group_size}")
+        if bits not in BITS:
+            raise ValueError(f"bits must be one of {', '.join(map(str, BITS))}, got {bits!r}")
+        m = codes_per_block(bits)
+        if not isinstance(group_size, int) or group_size < 1 or group_size % m:
+            raise ValueError(f"group_size must be a positive integer" + (f" (a multiple of {m} for {bits} bits, "
+                             f"whose codes fill whole bytes in blocks of {m})" if m > 1 else "")
+                             + f", got {group_size!r}")
         self.bits, self.group_size, self.out_dtype = bits, group_size, out_dtype
         self.levels = 2 ** bits - 1
 
@@ -76,9 +112,7 @@ class VQuantizer:
         z, s = zero.float()[..., None], scale.float()[..., None]
         # a constant group stored exactly has scale 0: its codes are all 0
         codes = torch.where(s > 0, (x - z) / torch.where(s > 0, s, 1.0), 0.0)
-        codes = codes.round().clamp(0, self.levels).to(torch.uint8).reshape(*lead, hs)
-        if self.bits == 4:
-            codes = codes[..., 0::2] | (codes[..., 1::2] << 4)  # (..., hs / 2)
+        codes = pack_codes(codes.round().clamp(0, self.levels).to(torch.uint8).reshape(*lead, hs), self.bits)
         return torch.cat([codes, scale.view(torch.uint8), zero.view(torch.uint8)], dim=-1)
 
     def decode(self, packed):
@@ -92,9 +126,7 @@ class VQuantizer:
         if hs == 0 or hs * per != X * 8 * self.group_size:
             raise ValueError(f"packed last dim {X} does not match any head_dim for {self!r}")
         n_code, G = hs * self.bits // 8, hs // self.group_size
-        codes = packed[..., :n_code]
-        if self.bits == 4:
-            codes = torch.stack([codes & 0x0F, codes >> 4], dim=-1).flatten(-2)  # (..., hs)
+        codes = unpack_codes(packed[..., :n_code], self.bits)  # (..., hs)
         scale = packed[..., n_code:n_code + 2 * G].contiguous().view(torch.float16)  # (..., G)
         zero = packed[..., n_code + 2 * G:].contiguous().view(torch.float16)
         lead = packed.shape[:-1]

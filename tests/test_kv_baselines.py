@@ -6,7 +6,7 @@ from conftest import qkv
 from lib.codecs.int import Int4, Int8
 from lib.kv_cache import FullLayerCache, H2OLayerCache, KeepRuleLayerCache, VStore
 from lib.kv_pruning import VOnlyPruner
-from lib.quantize import VQuantizer
+from lib.quantize import BITS, VQuantizer, codes_per_block, pack_codes, unpack_codes
 
 
 
@@ -29,7 +29,24 @@ def stored_scale(quant, packed, hs):
     return scale.repeat_interleave(quant.group_size, dim=-1)
 
 
-@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("bits", BITS)
+def test_codes_pack_into_bits_per_code_and_unpack_exactly(bits):
+    codes = torch.randint(0, 2 ** bits, (3, 5, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(bits))
+    packed = pack_codes(codes, bits)
+    assert packed.dtype == torch.uint8 and packed.shape == (3, 5, 64 * bits // 8)
+    assert torch.equal(unpack_codes(packed, bits), codes)
+    assert 8 % codes_per_block(bits) == 0 and codes_per_block(bits) * bits % 8 == 0
+
+
+def test_int4_keeps_its_layout_two_codes_a_byte_low_nibble_first():
+    codes = torch.randint(0, 16, (4, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(pack_codes(codes, 4), codes[..., 0::2] | (codes[..., 1::2] << 4))
+    assert torch.equal(pack_codes(torch.tensor([[5, 6, 7, 1, 2, 3, 4, 0]], dtype=torch.uint8), 3),
+                       torch.tensor([[5 | 6 << 3 | (7 & 3) << 6, 7 >> 2 | 1 << 1 | 2 << 4 | (3 & 1) << 7,
+                                      3 >> 1 | 4 << 2 | 0 << 5]], dtype=torch.uint8))
+
+
+@pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("kind", ["normal", "heavy", "offset"])
 def test_round_trip_error_is_at_most_half_a_step(bits, kind):
     quant = VQuantizer(bits, 32)
@@ -41,7 +58,7 @@ def test_round_trip_error_is_at_most_half_a_step(bits, kind):
     assert (err <= bound).all(), (err - bound).max()
 
 
-@pytest.mark.parametrize("bits,max_rel_mse", [(8, 1e-4), (4, 1e-2)])
+@pytest.mark.parametrize("bits,max_rel_mse", [(8, 1e-4), (4, 1e-2), (3, 4e-2), (2, 0.2)])
 def test_relative_mse_on_normal_data(bits, max_rel_mse):
     v = sample("normal", (4, 12, 64, 64), seed=1)
     quant = VQuantizer(bits, 32)
@@ -49,7 +66,7 @@ def test_relative_mse_on_normal_data(bits, max_rel_mse):
     assert rel_mse < max_rel_mse
 
 
-@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("bits", BITS)
 def test_constant_input_is_exact(bits):
     quant = VQuantizer(bits, 32)
     v = torch.tensor([0.0, 1.5, -3.25, 1024.0]).repeat_interleave(32).view(2, 64)
@@ -72,8 +89,10 @@ def test_low_precision_input_and_output(dtype):
 
 
 def test_bad_arguments_fail_loudly():
-    with pytest.raises(ValueError, match="bits"):
-        VQuantizer(3, 32)
+    with pytest.raises(ValueError, match="bits must be one of 2, 3, 4, 8, got 5"):
+        VQuantizer(5, 32)
+    with pytest.raises(ValueError, match="a multiple of 8 for 3 bits"):
+        VQuantizer(3, 12)
     with pytest.raises(ValueError, match="divisible"):
         VQuantizer(8, 32).encode(torch.randn(2, 48))
     with pytest.raises(ValueError, match="divisible"):
@@ -84,7 +103,7 @@ def test_bad_arguments_fail_loudly():
         VQuantizer(8, 32).decode(torch.zeros(2, 71, dtype=torch.uint8))
 
 
-@pytest.mark.parametrize("bits,nbytes", [(8, 72), (4, 40)])
+@pytest.mark.parametrize("bits,nbytes", [(8, 72), (4, 40), (3, 32), (2, 24)])
 def test_bytes_include_scale_and_zero_point(bits, nbytes):
     quant = VQuantizer(bits, 32)
     assert quant.bytes_per_token(64) == nbytes

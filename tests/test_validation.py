@@ -71,6 +71,10 @@ BAD = [
     (("--dataset", "mqar", "--recall-pairs", "40"), "--recall-pairs 40 exceeds the 32 keys of --recall-vocab"),
     (("--dataset", "mqar", "--recall-pair-tokens", "3"), "--recall-pair-tokens must be 1 or 2, got 3"),
     (("--dataset", "recall", "--recall-vocab", "2"), "--recall-vocab must be >= 4, got 2"),
+    (("--v-cache", '{"select": {"kind": "full"}, "codec": {"kind": "int", "bits": 5}}'),
+     "--v-cache: v_cache codec 'int': bits must be one of 2, 3, 4, 8, got 5"),
+    (("--v-cache", '{"select": {"kind": "full"}, "codec": {"kind": "int", "bits": 2, "group_size": 24}}'),
+     "--v-cache: v_cache codec 'int': head_dim 32 is not divisible by group_size 24"),
 ]
 
 

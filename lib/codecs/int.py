@@ -1,4 +1,5 @@
-"""KIVI-style per-token V quantization (lib/quantize.py): int8 and int4."""
+"""KIVI-style per-token V quantization (lib/quantize.py): int-b for b = 2, 3,
+4 or 8 (`int`, bits a setting), and int8 and int4 as kinds of their own."""
 
 from lib.quantize import VQuantizer
 from lib.vcache import VCodec, register_codec
@@ -42,3 +43,15 @@ class Int8(_Quantized):
 @register_codec("int4")
 class Int4(_Quantized):
     bits = 4
+
+
+@register_codec("int")
+class IntB(_Quantized):
+    """b-bit codes, b a setting: `{"kind": "int", "bits": 2}` stores 64 * 2 / 8
+    = 16 bytes of codes per 64-dim vector, plus 4 bytes of scale and zero point
+    per group (24 bytes in groups of 32)."""
+
+    defaults = {"bits": 4, "group_size": 32}
+    example = {"bits": 3, "group_size": 8}
+    bench_sweep = {"bits": (2, 3)}  # int4 and int8 have rows of their own
+    bench_with_selectors = None
