@@ -409,4 +409,6 @@ def describe_part(spec):
 
 
 def _fmt(v):
+    if isinstance(v, dict) and "kind" in v:  # a part inside a part: a rotation's inner codec
+        return describe_part(v)
     return f"{v:.3f}" if isinstance(v, float) and not math.isinf(v) else str(v)

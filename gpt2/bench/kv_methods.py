@@ -97,10 +97,12 @@ def prune_settings(ckpt):
 
 def bench_codecs():
     """The codecs after the reference (none): those that sweep a setting, by
-    name, then the others in the order they registered."""
+    their rows' name (PCA, SplinePCA, then the lower-case kinds), then the
+    others in the order they registered."""
     order = list(CODECS)
     codecs = [cls for kind, cls in CODECS.items() if kind != FULL["codec"]["kind"]]
-    return sorted(codecs, key=lambda cls: (0, cls.kind, 0) if cls.bench_sweep else (1, "", order.index(cls.kind)))
+    return sorted(codecs, key=lambda cls: (0, LABELS.get(cls.kind, cls.kind), 0) if cls.bench_sweep
+                  else (1, "", order.index(cls.kind)))
 
 
 def codec_record(cls, settings, fixed):
@@ -123,7 +125,8 @@ def codec_label(cls, settings, alone):
     """'PCA k=8' or 'int8 V (g32)' alone, 'PCA k=16' or 'int8' beside a
     selector: the swept settings always, the others alone only."""
     name = LABELS.get(cls.kind, cls.kind)
-    swept = [f"{n}={settings[n]}" for n in cls.bench_sweep if n in settings]
+    swept = [f"{n}={describe_part(settings[n]) if isinstance(settings[n], dict) else settings[n]}"
+             for n in cls.bench_sweep if n in settings]
     if swept:
         return " ".join([name, *swept])
     if not alone:
