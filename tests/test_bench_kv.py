@@ -23,7 +23,8 @@ from gpt2.train import train
 from lib.codecs.none import NoCodec
 from lib.vcache import CODECS
 
-FAMILIES = (["none", "pca", "pca", "splinepca", "splinepca", "int", "int", "rotated", "rotated", "fp16", "int8", "int4"]
+FAMILIES = (["none", "pca", "pca", "splinepca", "splinepca", "int", "int", "rotated", "rotated", "turbo", "turbo",
+             "fp16", "int8", "int4"]
             + [f"{s}{c}" for s in ("prune", "random") for c in ("", "+pca", "+splinepca", "+int8", "+int4")]
             + ["h2o"] + ["window"] * 5)
 
@@ -77,7 +78,7 @@ def test_every_method_row_and_consistent_numbers(bench_run):
         assert r["ppl_change_pct"] == pytest.approx(100 * (r["ppl"] / ref["ppl"] - 1))
         assert r["loss_diff"] == pytest.approx(r["val_loss"] - ref["val_loss"])
         assert r["decode_tok_s"] > 0
-        assert (r["calib_s"] > 0) == (r["k"] is not None)
+        assert (r["calib_s"] > 0) == CODECS[r["record"]["codec"]["kind"]].needs_fit  # fitted codecs only
         assert r["trained_in_pct"] is None  # the matrix dir holds only V0
     assert ref["verdict"] == "reference" and ref["loss_diff_se"] == 0
     assert all(math.isfinite(by["splinepca", k]["val_loss"]) for k in (8, 16))
