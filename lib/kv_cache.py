@@ -132,7 +132,8 @@ class LayerCache:
 class _KeyRowsCache(LayerCache):
     """What the full and the keep-rule caches share: every key in a row
     buffer, and the prefill / fixed-shape step around it. A subclass holds
-    the values: _prefill_values, _step_values, _make_room."""
+    the values: _prefill_values and _step_values (given the new tokens' V as
+    it came, to store through the codec), _make_room."""
 
     fixed_shape_step = True
 
@@ -165,7 +166,7 @@ class _KeyRowsCache(LayerCache):
             held = self._held()  # before the length moves on
             self._k_rows = self._write(self._k_rows, k, t0)
             self.length = t0 + T
-            return self._prefill_values(q, self.codec.write(v), t0, held).to(q.dtype)
+            return self._prefill_values(q, v, t0, held).to(q.dtype)
 
     def step(self, q, k, v, pos, rows=None):
         """One new token per sequence (q (B, nh, 1, hs), k, v (B, nkv, 1, hs))
@@ -184,7 +185,7 @@ class _KeyRowsCache(LayerCache):
             att = att * (1.0 / math.sqrt(q.size(-1)))  # (B, nkv, g, rows)
             if rows is None:
                 att = att.masked_fill(torch.arange(keys.size(-2), device=q.device) > pos, float("-inf"))
-            y = self._step_values(att, self.codec.write(v), pos, rows)  # (B, nkv, g, hs)
+            y = self._step_values(att, v, pos, rows)  # (B, nkv, g, hs)
             return by_query_head(y, 1).to(q.dtype)  # (B, nh, 1, hs)
 
     def advance(self):
@@ -249,13 +250,13 @@ class FullLayerCache(_KeyRowsCache):
         super()._make_room(t0, t)
         self._v_rows = self._room(self._v_rows, t0, t)
 
-    def _prefill_values(self, q, v_new, t0, held):
-        self._v_rows = self._write(self._v_rows, v_new, t0)
+    def _prefill_values(self, q, v, t0, held):
+        self._v_rows = self._write(self._v_rows, self.codec.write(v), t0)
         att = F.softmax(self._logits(q, t0), dim=-1)  # (B, nkv, g * T_new, t)
         return by_query_head(self.codec.read(att, self.v), q.size(-2))
 
-    def _step_values(self, att, v_new, pos, rows):
-        self._v_rows.index_copy_(2, pos, v_new.to(self._v_rows.dtype))
+    def _step_values(self, att, v, pos, rows):
+        self._v_rows.index_copy_(2, pos, self.codec.write(v).to(self._v_rows.dtype))
         values = self._v_rows if rows is None else self._v_rows[:, :, :rows]
         return self.codec.read(F.softmax(att, dim=-1), values)
 
@@ -301,7 +302,7 @@ class KeepRuleLayerCache(_KeyRowsCache):
     def _held(self):
         return self.v, self.v_pos, self.score
 
-    def _step_values(self, att, v_new, pos, rows):
+    def _step_values(self, att, v, pos, rows):
         """The rule's one-token update: O(budget) reads and O(1) writes.
 
         Position pos-W leaves the window; its score is final (the queries of
@@ -333,6 +334,7 @@ class KeepRuleLayerCache(_KeyRowsCache):
         B, nkv = p.shape[:2]
         heads = (torch.arange(B, device=p.device)[:, None], torch.arange(nkv, device=p.device))
         # in place, O(1) writes (index_put_, unlike scatter_, a compiled step also does in place)
+        v_new = self.codec.write(v)
         self._v_slots.index_put_((*heads, slot[..., 0]), v_new[..., 0, :].to(self._v_slots.dtype))
         p.index_put_((*heads, slot[..., 0]), pos)
         score = score.scatter(-1, slot, 0.0)
@@ -346,7 +348,8 @@ class KeepRuleLayerCache(_KeyRowsCache):
         self._score_slots.copy_(score)
         return y
 
-    def _prefill_values(self, q, v_new, t0, held):
+    def _prefill_values(self, q, v, t0, held):
+        v_new = self.codec.write(v)
         W, budget = self.rule.recency, self.rule.budget
         held_v, held_pos, held_score = held
         B, nkv, T = v_new.shape[:3]

@@ -39,7 +39,7 @@ def pack_codes(codes, bits):
     if bits == 8:
         return codes
     m = codes_per_block(bits)
-    blocks = codes.reshape(*codes.shape[:-1], -1, m).to(torch.int32)  # at most 24 bits a block
+    blocks = codes.reshape(*codes.shape[:-1], codes.size(-1) // m, m).to(torch.int32)  # at most 24 bits a block
     value = (blocks << (torch.arange(m, device=codes.device) * bits)).sum(-1)
     shifts = torch.arange(bits * m // 8, device=codes.device) * 8
     return ((value[..., None] >> shifts) & 0xFF).to(torch.uint8).flatten(-2)
@@ -51,7 +51,7 @@ def unpack_codes(packed, bits):
         return packed
     m = codes_per_block(bits)
     n_bytes = bits * m // 8
-    blocks = packed.reshape(*packed.shape[:-1], -1, n_bytes).to(torch.int32)
+    blocks = packed.reshape(*packed.shape[:-1], packed.size(-1) // n_bytes, n_bytes).to(torch.int32)
     value = (blocks << (torch.arange(n_bytes, device=packed.device) * 8)).sum(-1)
     codes = (value[..., None] >> (torch.arange(m, device=packed.device) * bits)) & (2 ** bits - 1)
     return codes.to(torch.uint8).flatten(-2)

@@ -84,7 +84,9 @@ class TokenSelector:
     them) and calls setup(), where the selector builds what it needs.
 
     A subclass implements attend, make_cache and held_tokens (or inherits
-    them from KeepRule), and sets `exact = False` when decoding only
+    them from KeepRule); one that reads some tokens' V exact and the rest
+    through the codec also overrides attend_through and v_bytes (sinks.py).
+    It sets `exact = False` when decoding only
     approximates `attend` (say why). `example` holds small settings for the
     tests; `bench_role` says how the benchmark uses it: "method" (alone and
     with every codec, with the controls), "control" (a control at the
@@ -130,6 +132,15 @@ class TokenSelector:
     def held_tokens(self, T):
         """Tokens whose V the cache holds per (batch, head of V) after T tokens."""
         raise NotImplementedError
+
+    def attend_through(self, codec, q, k, v, dropout_p=0.0):
+        """attend on V as the codec stores it: attend(q, k, codec.roundtrip(v)). A
+        selector that reads some tokens' V exact (sinks.py) reads both."""
+        return self.attend(q, k, codec.roundtrip(v), dropout_p)
+
+    def v_bytes(self, T, codec, dtype):
+        """V bytes its cache holds per (batch, head of V) after T tokens: held_tokens(T) vectors through the codec."""
+        return self.held_tokens(T) * codec.stored_bytes(dtype)
 
 
 class KeepRule(TokenSelector):
@@ -339,7 +350,7 @@ class VCacheMethod(nn.Module):
 
     def attend(self, q, k, v, dropout_p=0.0):
         """Full-sequence causal attention: q (B, nh, T, hs), k, v (B, nkv, T, hs) -> (B, nh, T, hs)."""
-        return self.selector.attend(q, k, self.codec.roundtrip(v), dropout_p)
+        return self.selector.attend_through(self.codec, q, k, v, dropout_p)
 
     def make_cache(self):
         """The decode cache of one layer: cache(q, k, v) on the new tokens -> y."""
@@ -352,7 +363,7 @@ class VCacheMethod(nn.Module):
 
     def v_bytes(self, T, dtype=torch.float32):
         """V bytes the cache holds per (batch, head of V) after T tokens of V in `dtype`."""
-        return self.selector.held_tokens(T) * self.codec.stored_bytes(dtype)
+        return self.selector.v_bytes(T, self.codec, dtype)
 
 
 def settings_of(cls):

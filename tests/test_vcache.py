@@ -94,7 +94,8 @@ def test_decode_through_the_cache_equals_attend(select, codec, chunks, nh, nkv):
     full = method.attend(q, k, v)
     y, cache = decode(method, q, k, v, chunks)
     assert torch.allclose(y, full, atol=1e-5, rtol=0), (y - full).abs().max()
-    if select != "full" or codec != "none":  # the method changes attention: the check has teeth
+    # the method changes attention (it drops tokens, or stores V otherwise): the check has teeth
+    if method.selector.held_tokens(BLOCK) < BLOCK or codec != "none":
         plain = build_method({"select": {"kind": "full"}, "codec": {"kind": "none"}}, BLOCK, HS).attend(q, k, v)
         assert (full - plain).abs().max() > 1e-4
 
