@@ -38,6 +38,18 @@ def hadamard(n):
     return H / math.sqrt(n)
 
 
+def rotation_problems(rotation, seed, head_dim):
+    """The problems of a rotation's settings (one line each), for any codec that rotates."""
+    problems = []
+    if rotation not in ROTATIONS:
+        problems.append(f"rotation must be one of {', '.join(ROTATIONS)}, got {rotation!r}")
+    elif rotation == "hadamard" and head_dim & (head_dim - 1):
+        problems.append(f"rotation 'hadamard' needs a power-of-two head_dim, got {head_dim}: use rotation 'orthogonal'")
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        problems.append(f"seed must be an int >= 0, got {seed!r}")
+    return problems
+
+
 def rotation_matrix(kind, n, seed):
     """A seeded (n, n) orthogonal matrix, float32: Hadamard with random row signs, or random orthogonal."""
     g = torch.Generator().manual_seed(seed)
@@ -57,14 +69,7 @@ class Rotated(VCodec):
     bench_sweep = {"inner": ({"kind": "int", "bits": 2}, {"kind": "int", "bits": 3})}
 
     def problems(self):
-        problems = []
-        if self.rotation not in ROTATIONS:
-            problems.append(f"rotation must be one of {', '.join(ROTATIONS)}, got {self.rotation!r}")
-        elif self.rotation == "hadamard" and self.head_dim & (self.head_dim - 1):
-            problems.append(f"rotation 'hadamard' needs a power-of-two head_dim, got {self.head_dim}: "
-                            f"use rotation 'orthogonal'")
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
-            problems.append(f"seed must be an int >= 0, got {self.seed!r}")
+        problems = rotation_problems(self.rotation, self.seed, self.head_dim)
         try:
             self._inner_codec()
         except BadSettings as e:

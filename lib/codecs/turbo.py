@@ -15,7 +15,7 @@ after the weighted sum.
 
 import torch
 
-from lib.codecs.rotated import ROTATIONS, rotation_matrix
+from lib.codecs.rotated import rotation_matrix, rotation_problems
 from lib.quantize import BITS, codes_per_block, pack_codes, unpack_codes
 from lib.vcache import VCodec, register_codec
 
@@ -45,14 +45,7 @@ class Turbo(VCodec):
         elif self.head_dim % codes_per_block(self.bits):
             problems.append(f"head_dim {self.head_dim} is not a multiple of {codes_per_block(self.bits)}, "
                             f"the codes that fill whole bytes at {self.bits} bits")
-        if self.rotation not in ROTATIONS:
-            problems.append(f"rotation must be one of {', '.join(ROTATIONS)}, got {self.rotation!r}")
-        elif self.rotation == "hadamard" and self.head_dim & (self.head_dim - 1):
-            problems.append(f"rotation 'hadamard' needs a power-of-two head_dim, got {self.head_dim}: "
-                            f"use rotation 'orthogonal'")
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
-            problems.append(f"seed must be an int >= 0, got {self.seed!r}")
-        return problems
+        return problems + rotation_problems(self.rotation, self.seed, self.head_dim)
 
     def setup(self):
         self.register_buffer("rotation_matrix", rotation_matrix(self.rotation, self.head_dim, self.seed))
