@@ -20,27 +20,28 @@ import torch
 
 from gpt2.atomic import atomic_torch_save
 from gpt2.calibrate import LOG
+from lib.codecs.geometry import GeometryCodec
 from lib.vcache import describe, describe_part
 
 FORMAT = 3
 READABLE = (1, 2, 3)
-GEOMETRY_CODECS = ("splinepca", "pca")
 _KEYS = ("codec", "head_dim", "n_layer", "state_dict")
 _GEOMETRY_KEYS = ("Hd", "k", "knots", "state_dict")
-_PREFIX = "geometry."  # a geometry codec's SplinePCA is its `geometry` submodule
 
 
 def fitted_state(model, fit_stats=None):
     """The file's dict for a model whose codecs were fitted."""
-    cfg, codec = model.config, model.config.v_cache["codec"]
-    states = [{n: t.detach().cpu() for n, t in c.state_dict().items()} for c in model.v_codecs()]
-    saved = {"format_version": FORMAT, "codec": codec, "head_dim": cfg.head_dim, "n_layer": cfg.n_layer,
-             "fit_stats": fit_stats, "state_dict": states}
-    if codec["kind"] in GEOMETRY_CODECS:  # the seed's keys: a SplinePCA state_dict per layer
-        saved.update(Hd=cfg.head_dim, k=codec["k"], knots=codec["knots"], shared=False,
-                     state_dict=[{n[len(_PREFIX):]: t for n, t in sd.items() if n.startswith(_PREFIX)}
-                                 for sd in states])
+    cfg, record, codecs = model.config, model.config.v_cache["codec"], model.v_codecs()
+    saved = {"format_version": FORMAT, "codec": record, "head_dim": cfg.head_dim, "n_layer": cfg.n_layer,
+             "fit_stats": fit_stats, "state_dict": [_cpu(c.state_dict()) for c in codecs]}
+    if isinstance(codecs[0], GeometryCodec):  # the seed's keys: a SplinePCA state_dict per layer
+        saved.update(Hd=cfg.head_dim, k=record["k"], knots=record["knots"], shared=False,
+                     state_dict=[_cpu(c.geometry.state_dict()) for c in codecs])
     return saved
+
+
+def _cpu(state):
+    return {n: t.detach().cpu() for n, t in state.items()}
 
 
 def save_fitted(model, path, fit_stats=None):
@@ -48,13 +49,13 @@ def save_fitted(model, path, fit_stats=None):
     LOG.info(f"Saved to {path}")
 
 
-def _geometry_states(saved, config, where):
-    """Codec state_dicts per layer from a file in the seed's geometry shape."""
+def _geometry_states(saved, model, where):
+    """One SplinePCA state_dict per layer from a file in the seed's geometry shape."""
     missing = [key for key in _GEOMETRY_KEYS if key not in saved]
     if missing:
         raise ValueError(f"{where} is not a KVSplice geometry file: missing keys {missing}")
-    codec = config.v_cache["codec"]
-    if codec["kind"] not in GEOMETRY_CODECS:
+    config, codec = model.config, model.config.v_cache["codec"]
+    if not isinstance(model.v_codecs()[0], GeometryCodec):
         raise ValueError(f"{where} holds a KVSplice geometry, but the model's V codec is "
                          f"{describe(config.v_cache)}: a splinepca or pca codec loads it")
     states = saved["state_dict"]
@@ -68,10 +69,14 @@ def _geometry_states(saved, config, where):
     if "codec" in saved:
         found["codec"], expected["codec"] = describe_part(saved["codec"]), describe_part(codec)
     _check(found, expected, where)
-    if not isinstance(states, list) or len(states) != config.n_layer:
+    return _per_layer(states, config.n_layer, where)
+
+
+def _per_layer(states, n_layer, where):
+    if not isinstance(states, list) or len(states) != n_layer:
         raise ValueError(f"{where}: {len(states) if isinstance(states, list) else 'no'} state dicts, "
-                         f"expected {config.n_layer}")
-    return [{**{_PREFIX + n: t for n, t in sd.items()}, "fit_done": torch.tensor(True)} for sd in states]
+                         f"expected {n_layer}")
+    return states
 
 
 def _check(found, expected, where):
@@ -80,13 +85,9 @@ def _check(found, expected, where):
             raise ValueError(f"{where}: {key} is {found[key]}, but the model needs {key} = {value}")
 
 
-def _layer_states(saved, config, where):
-    """One codec state_dict per layer from a file's dict; ValueError naming expected and found."""
-    if not isinstance(saved, dict):
-        raise ValueError(f"{where} is not a fitted V codec file: found a {type(saved).__name__}, expected a dict")
+def _codec_states(saved, config, where):
+    """One codec state_dict per layer from a file of the codecs' own states (format 2 or 3)."""
     version = saved.get("format_version")
-    if "Hd" in saved and (version in (1, FORMAT) or isinstance(saved.get("state_dict"), dict)):
-        return _geometry_states(saved, config, where)
     if version not in READABLE:
         raise ValueError(f"{where} is not a fitted V codec file: format_version {version!r}, expected one of "
                          f"{list(READABLE)} or the seed's KVSplice geometry ({', '.join(_GEOMETRY_KEYS)})")
@@ -96,11 +97,7 @@ def _layer_states(saved, config, where):
     _check({"head_dim": saved["head_dim"], "n_layer": saved["n_layer"], "codec": describe_part(saved["codec"])},
            {"head_dim": config.head_dim, "n_layer": config.n_layer,
             "codec": describe_part(config.v_cache["codec"])}, where)
-    states = saved["state_dict"]
-    if not isinstance(states, list) or len(states) != config.n_layer:
-        raise ValueError(f"{where}: {len(states) if isinstance(states, list) else 'no'} state dicts, "
-                         f"expected {config.n_layer}")
-    return states
+    return _per_layer(saved["state_dict"], config.n_layer, where)
 
 
 def load_fitted(path, model):
@@ -111,8 +108,18 @@ def load_fitted(path, model):
         raise FileNotFoundError(f"fitted V codec file {path} not found") from None
     except Exception as e:
         raise ValueError(f"{path}: not a readable KVSplice geometry file ({type(e).__name__}: {e})") from None
-    for i, (codec, state) in enumerate(zip(model.v_codecs(), _layer_states(saved, model.config, str(path)))):
+    where = str(path)
+    if not isinstance(saved, dict):
+        raise ValueError(f"{where} is not a fitted V codec file: found a {type(saved).__name__}, expected a dict")
+    # the seed's shape: format 1 or 3 with Hd, or the seed's one SplinePCA state_dict
+    geometry = "Hd" in saved and (saved.get("format_version") in (1, FORMAT)
+                                  or isinstance(saved.get("state_dict"), dict))
+    states = _geometry_states(saved, model, where) if geometry else _codec_states(saved, model.config, where)
+    for i, (codec, state) in enumerate(zip(model.v_codecs(), states)):
         try:
-            codec.load_state_dict(state)
+            if geometry:
+                codec.load_geometry(state)
+            else:
+                codec.load_state_dict(state)
         except (RuntimeError, ValueError) as e:
             raise ValueError(f"{path}: layer {i}'s state does not fit the model's codec: {e}") from None

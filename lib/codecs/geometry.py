@@ -8,7 +8,7 @@ from lib.vcache import VCodec, register_codec
 SAMPLES_PER_LATENT_DIM = 2000  # V vectors per latent dim a geometry's fit wants per layer
 
 
-class _Geometry(VCodec):
+class GeometryCodec(VCodec):
     """A KVSplice geometry, k latent dims per V vector.
 
     Fitted from its layer's V (SplinePCA.fit on the calibrator's samples) and
@@ -53,8 +53,12 @@ class _Geometry(VCodec):
 
     def set_geometry(self, splinepca):
         """Use a SplinePCA fitted elsewhere, of the codec's head_dim, k and knots, as the fit."""
-        state = {"geometry." + n: t for n, t in splinepca.state_dict().items()}
-        self.load_state_dict({**state, "fit_done": torch.tensor(True)})
+        self.load_geometry(splinepca.state_dict())
+
+    def load_geometry(self, state):
+        """Load a SplinePCA's state_dict (the seed's kvsplice.pt holds one per layer) as the fit;
+        its values are checked first, as any state this codec loads."""
+        self.load_state_dict({**{"geometry." + n: t for n, t in state.items()}, "fit_done": torch.tensor(True)})
 
     def encode(self, v):
         return self.geometry.compress(v)
@@ -80,12 +84,12 @@ def _check_geometry_values(codec, state_dict, prefix, *args):
 
 
 @register_codec("splinepca")
-class SplinePCACodec(_Geometry):
+class SplinePCACodec(GeometryCodec):
     """KVSplice: a learned monotone spline, then PCA to k dims."""
 
 
 @register_codec("pca")
-class PCACodec(_Geometry):
+class PCACodec(GeometryCodec):
     """Plain PCA to k dims: KVSplice's fit with the identity spline (0 epochs)."""
 
     spline = False
