@@ -27,6 +27,11 @@ def _round_up_fp16(x):
 BITS = (2, 3, 4, 8)  # the code widths pack_codes stores
 
 
+def bits_problem(bits):
+    """The problem of a code width that pack_codes does not store."""
+    return f"bits must be one of {', '.join(map(str, BITS))}, got {bits!r}"
+
+
 def codes_per_block(bits):
     """Codes that fill whole bytes: 8 / gcd(bits, 8) (2 bits: 4 codes in 1 byte, 3 bits: 8 in 3)."""
     return 8 // math.gcd(bits, 8)
@@ -79,12 +84,11 @@ class VQuantizer:
 
     def __init__(self, bits, group_size, out_dtype=torch.float32):
         if bits not in BITS:
-            raise ValueError(f"bits must be one of {', '.join(map(str, BITS))}, got {bits!r}")
+            raise ValueError(bits_problem(bits))
         m = codes_per_block(bits)
         if not isinstance(group_size, int) or group_size < 1 or group_size % m:
-            raise ValueError(f"group_size must be a positive integer" + (f" (a multiple of {m} for {bits} bits, "
-                             f"whose codes fill whole bytes in blocks of {m})" if m > 1 else "")
-                             + f", got {group_size!r}")
+            whole_bytes = f" (a multiple of {m} for {bits} bits, whose codes fill whole bytes in blocks of {m})"
+            raise ValueError(f"group_size must be a positive integer{whole_bytes if m > 1 else ''}, got {group_size!r}")
         self.bits, self.group_size, self.out_dtype = bits, group_size, out_dtype
         self.levels = 2 ** bits - 1
 

@@ -16,7 +16,7 @@ after the weighted sum.
 import torch
 
 from lib.codecs.rotated import rotation_matrix, rotation_problems
-from lib.quantize import BITS, codes_per_block, pack_codes, unpack_codes
+from lib.quantize import BITS, bits_problem, codes_per_block, pack_codes, unpack_codes
 from lib.vcache import VCodec, register_codec
 
 CLIPS = torch.linspace(0.5, 5.0, 91)  # the clips the fit tries, in units of the vector's RMS
@@ -41,7 +41,7 @@ class Turbo(VCodec):
     def problems(self):
         problems = []
         if self.bits not in BITS:
-            problems.append(f"bits must be one of {', '.join(map(str, BITS))}, got {self.bits!r}")
+            problems.append(bits_problem(self.bits))
         elif self.head_dim % codes_per_block(self.bits):
             problems.append(f"head_dim {self.head_dim} is not a multiple of {codes_per_block(self.bits)}, "
                             f"the codes that fill whole bytes at {self.bits} bits")
