@@ -137,3 +137,39 @@ class VQuantizer:
         x = codes.float().reshape(*lead, G, self.group_size)
         x = x * scale.float()[..., None] + zero.float()[..., None]
         return x.reshape(*lead, hs).to(self.out_dtype)
+
+
+def width_layout(widths):
+    """Per coordinate code widths (n,) ints in 0..8 -> (source, shift): bit p of
+    the packed string is bit shift[p] of coordinate source[p] (coordinates in
+    order, each code's bits low first)."""
+    widths = torch.as_tensor(widths, dtype=torch.long)
+    source = torch.repeat_interleave(torch.arange(widths.numel()), widths)
+    start = torch.cumsum(widths, 0) - widths
+    shift = torch.arange(source.numel()) - start[source]
+    return source, shift
+
+
+def pack_widths(codes, source, shift):
+    """Codes uint8 (..., n), coordinate i at its own width (width_layout) ->
+    uint8 (..., ceil(total / 8)): one little-endian bit string."""
+    bits = (codes.long()[..., source] >> shift) & 1
+    pad = -bits.size(-1) % 8
+    if pad:
+        bits = torch.cat([bits, bits.new_zeros(*bits.shape[:-1], pad)], dim=-1)
+    weights = 2 ** torch.arange(8, device=codes.device)
+    return (bits.unflatten(-1, (-1, 8)) * weights).sum(-1).to(torch.uint8)
+
+
+def unpack_widths(packed, unpack_matrix):
+    """pack_widths' inverse: uint8 (..., bytes) -> codes float (..., n).
+    unpack_matrix (total, n) float: 2^shift[p] at [p, source[p]] (width_unpack_matrix)."""
+    bits = (packed[..., None] >> torch.arange(8, device=packed.device)) & 1
+    return bits.flatten(-2)[..., :unpack_matrix.size(0)].float() @ unpack_matrix
+
+
+def width_unpack_matrix(source, shift, n):
+    """(total, n) float32: the matrix unpack_widths multiplies the bits by."""
+    out = torch.zeros(source.numel(), n)
+    out[torch.arange(source.numel()), source] = (2.0 ** shift).float()
+    return out

@@ -23,8 +23,8 @@ from gpt2.train import train
 from lib.codecs.none import NoCodec
 from lib.vcache import CODECS
 
-FAMILIES = (["none", "pca", "pca", "splinepca", "splinepca", "int", "int", "rotated", "rotated", "turbo", "turbo",
-             "fp16", "int8", "int4"]
+FAMILIES = (["none", "pca", "pca", "splinepca", "splinepca", "int", "int", "rotated", "rotated", "transform",
+             "transform", "turbo", "turbo", "fp16", "int8", "int4"]
             + [f"{s}{c}" for s in ("prune", "random") for c in ("", "+pca", "+splinepca", "+int8", "+int4")]
             + ["h2o"] + ["window"] * 5)
 
