@@ -1,0 +1,76 @@
+"""gpt2/bench/frontier.py: the V-cache frontier's grid (every row within its
+budget, every byte counted), and the command end to end on a tiny stand-in for
+SmolLM2 (tests/test_bench_kv.py's), with bad input refused before anything runs."""
+
+import json
+
+import pytest
+import torch
+
+from gpt2.bench import frontier
+from lib.vcache import build_method
+from test_bench_kv import tiny_llama_config, tiny_smollm2  # noqa: F401  (a fixture)
+
+
+@pytest.mark.parametrize("hd", [64, 32])
+def test_every_planned_row_fits_its_budget_and_builds(hd):
+    rows = frontier.plan([512, 2048], hd, 2048)
+    assert rows[0].family == "full V"
+    samples = torch.randn(600, hd, generator=torch.Generator().manual_seed(0))
+    for row in rows:
+        method = build_method(row.record, 2048, hd)
+        if row.family == "full V":
+            continue
+        if method.needs_fit:  # bytes are a fitted codec's
+            method.codec.fit(samples, epochs=0)
+        bytes_per_vector = method.v_bytes(row.context, torch.bfloat16) / row.context
+        assert bytes_per_vector <= row.bits * hd / 8, row.name
+        if row.family not in frontier.CONTROLS:  # within one byte of it, or a coarse family's nearest
+            assert bytes_per_vector > row.bits * hd / 8 - (hd // 8 + 1), row.name
+    families = {(r.context, r.bits, r.name) for r in rows}
+    assert (512, 2, "int") not in families  # int2 in groups of 64 is 20 bytes: 2 bits holds no int
+    if hd == 64:
+        assert {(512, 2.5, "int"), (512, 2.5, "turbo + sinks + window"), (512, 4, "PCA k=16"),
+                (2048, 2, "kvtc + sinks + window"), (512, 2.5, "window 80 tok")} <= families
+    # exact tokens are paid for: the same budget, fewer bits for the codec
+    by = {(r.context, r.bits, r.name): r.record["codec"] for r in rows}
+    assert by[512, 3, "turbo"]["bits"] > by[512, 3, "turbo + sinks"]["bits"] > by[512, 3, "turbo + sinks + window"]["bits"]
+
+
+def test_the_frontier_runs_end_to_end_and_names_the_best_row_at_each_budget(tiny_smollm2, tiny_data_dir, tmp_path,
+                                                                            monkeypatch):
+    import gpt2.bench.kv_source as source
+    monkeypatch.setattr(frontier, "load_pretrained", source.load_pretrained)  # the fixture's tiny Llama
+    out, png = tmp_path / "out", tmp_path / "frontier.png"
+    results = frontier.main(["--contexts", "32,64", "--unit", "32", "--eval-tokens", "128", "--calib-batches", "4",
+                             "--induction-batches", "2", "--fit-epochs", "1", "--data-dir", str(tiny_data_dir),
+                             "--out-dir", str(out), "--plot", str(png)])
+    assert png.is_file() and (out / "frontier.md").is_file()
+    saved = json.loads((out / "frontier.json").read_text())
+    assert saved["rows"] == json.loads(json.dumps(results))
+    for T, units in ((32, 4), (64, 4)):  # 128 tokens: 4 sequences of 32, 2 of 64 in halves
+        rows = [r for r in results if r["context"] == T]
+        ref = next(r for r in rows if r["family"] == "full V")
+        assert ref["ppl_change_pct"] == 0 and len(ref["units"]) == units and len(ref["induction_per_batch"]) == 2
+        for bits in {r["bits"] for r in rows if r is not ref}:
+            group = [r for r in rows if r["bits"] == bits and r is not ref]
+            best = [r for r in group if r["vs_best_verdict"] == "best"]
+            assert len(best) == 1 and best[0]["loss"] == min(r["loss"] for r in group)
+            assert all(r["vs_best"] >= 0 and r["bytes"] <= bits * 32 / 8 for r in group)
+    text = (out / "frontier.md").read_text()
+    assert "Best at each budget" in text and "Goal (<= 20 bytes" in text and "### Context 64" in text
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--contexts", "500"], "--contexts: each must be a multiple of --unit 512 up to 8192, got [500]"),
+    (["--contexts", "a,b"], "--contexts must be comma-separated ints, got 'a,b'"),
+    (["--eval-tokens", "1"], "--eval-tokens must be >= 2"),
+    (["--contexts", "1024", "--eval-tokens", "512"], "--eval-tokens 512 is shorter than a context"),
+])
+def test_bad_input_is_one_clear_error_before_anything_runs(argv, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        frontier.main(argv + ["--out-dir", str(tmp_path / "out")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
