@@ -13,7 +13,7 @@ ARGS      ?=
 CKPT      ?= runs/cpu-quickstart/V0/best.pt
 
 .DEFAULT_GOAL := help
-.PHONY: help venv defconfig menuconfig savedefconfig kconfig list-steps data train test bench bench-train bench-kvsplice clean
+.PHONY: help venv defconfig menuconfig savedefconfig kconfig list-steps data train test bench bench-train bench-kvsplice frontier clean
 
 help:
 	@echo "Set-up and configuration:"
@@ -36,6 +36,7 @@ help:
 	@echo "                          sections of checkpoints not named are kept)"
 	@echo "  make bench-train        training throughput of the CPU quick-start model"
 	@echo "  make bench-kvsplice     KVSplice fit time and compress/decompress throughput"
+	@echo "  make frontier           the V-cache frontier on SmolLM2 at 2-4 bits per dimension (15 min)"
 	@echo "  make clean              remove .venv, data/ and runs/"
 
 $(STAMP): requirements.txt requirements-nodeps.txt
@@ -89,6 +90,9 @@ bench-train: $(STAMP)
 
 bench-kvsplice: $(STAMP)
 	$(PY) scripts/bench_kvsplice.py
+
+frontier: $(STAMP)
+	$(PY) scripts/frontier.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) data runs

@@ -23,6 +23,14 @@ STEPS = {
     "V22": ("V19 + int4 V in groups of 32: 40 bytes per kept V vector against V20's 64-byte fp32 "
             "latent (does quantization beat the geometry at fewer bytes?)",
             {"v_cache": '{"select": {"kind": "prune"}, "codec": {"kind": "int4"}}'}),
+    "V23": ("int2 V in groups of 32 on every token: 24 bytes per 64-dim V vector, no exact token "
+            "(the 2-bit control: how much of plain int2's cost does training recover?)",
+            {"v_cache": '{"select": {"kind": "full"}, "codec": {"kind": "int", "bits": 2, "group_size": 32}}'}),
+    "V24": ("the frontier's best at <= 20 bytes: the first 4 tokens and each query's last 8 exact, the rest "
+            "through the fitted PCA basis with 1.5 bits a coordinate allocated by variance and an fp16 scale "
+            "(19.3 bytes per 64-dim V vector at context 256)",
+            {"v_cache": '{"select": {"kind": "sinks", "sinks": 4, "window": 8}, "codec": {"kind": "transform", '
+                        '"basis": "pca", "allocate": "variance", "bits": 1.5}}'}),
 }
 
 

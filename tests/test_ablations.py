@@ -32,11 +32,11 @@ def test_step_table_lookup():
 
 
 def test_unknown_step_lists_the_known_ones():
-    with pytest.raises(KeyError, match="known steps: V0, V19, V20, V21, V22"):
+    with pytest.raises(KeyError, match="known steps: V0, V19, V20, V21, V22, V23, V24"):
         step_overrides("V99")
     r = subprocess.run([sys.executable, str(ROOT / "train_ra_mla.py"), "--ablation-step", "V99"],
                        capture_output=True, text=True, cwd=ROOT)
-    assert r.returncode == 2 and "known steps: V0, V19, V20, V21, V22" in r.stderr
+    assert r.returncode == 2 and "known steps: V0, V19, V20, V21, V22, V23, V24" in r.stderr
 
 
 def test_list_steps_prints_the_table():
@@ -49,6 +49,9 @@ def test_list_steps_prints_the_table():
                "V20": "prune(keep_ratio=0.382, k_min=64, recency=64) + splinepca(k=16, knots=7)"}
     methods["V21"] = methods["V20"]
     methods["V22"] = "prune(keep_ratio=0.382, k_min=64, recency=64) + int4(group_size=32)"
+    methods["V23"] = "full + int(bits=2, group_size=32)"
+    methods["V24"] = ("sinks(sinks=4, window=8) + transform(basis=pca, bits=1.500, allocate=variance, spline=False, "
+                      "spline_k=16, knots=7, seed=0)")
     assert r.stdout.strip() == format_steps(methods.get)
     assert "   V cache: prune(keep_ratio=0.382, k_min=64, recency=64)\n" in r.stdout
 

@@ -12,6 +12,10 @@ from lib.vcache import build_method
 from test_bench_kv import tiny_llama_config, tiny_smollm2  # noqa: F401  (a fixture)
 
 
+def by_name(rows):
+    return {(r.context, r.bits, r.name): r.record["codec"] for r in rows}
+
+
 @pytest.mark.parametrize("hd", [64, 32])
 def test_every_planned_row_fits_its_budget_and_builds(hd):
     rows = frontier.plan([512, 2048], hd, 2048)
@@ -32,8 +36,14 @@ def test_every_planned_row_fits_its_budget_and_builds(hd):
     if hd == 64:
         assert {(512, 2.5, "int"), (512, 2.5, "turbo + sinks + window"), (512, 4, "PCA k=16"),
                 (2048, 2, "kvtc + sinks + window"), (512, 2.5, "window 80 tok")} <= families
+    chosen = frontier.plan([256], hd, 2048, families=["kvtc"], budgets=[2.5])
+    assert [r.name for r in chosen] == ["full V", f"window {int(2.5 * hd / 8 * 256 // (2 * hd))} tok",
+                                        f"random {int(2.5 * hd / 8 * 256 // (2 * hd))} tok",
+                                        "kvtc", "kvtc + sinks", "kvtc + sinks + window"]
+    if hd == 64:  # of two int codecs at 32 bytes, int3 in groups of 32 (not int2 in groups of 16)
+        assert by_name(rows)[512, 4, "int"] == {"kind": "int", "bits": 3, "group_size": 32}
     # exact tokens are paid for: the same budget, fewer bits for the codec
-    by = {(r.context, r.bits, r.name): r.record["codec"] for r in rows}
+    by = by_name(rows)
     assert by[512, 3, "turbo"]["bits"] > by[512, 3, "turbo + sinks"]["bits"] > by[512, 3, "turbo + sinks + window"]["bits"]
 
 
@@ -59,6 +69,10 @@ def test_the_frontier_runs_end_to_end_and_names_the_best_row_at_each_budget(tiny
             assert all(r["vs_best"] >= 0 and r["bytes"] <= bits * 32 / 8 for r in group)
     text = (out / "frontier.md").read_text()
     assert "Best at each budget" in text and "Goal (<= 20 bytes" in text and "### Context 64" in text
+    # a grid with no fitted codec collects no V
+    ints = frontier.main(["--contexts", "32", "--unit", "32", "--eval-tokens", "64", "--families", "int",
+                          "--budgets", "4", "--data-dir", str(tiny_data_dir), "--out-dir", str(out), "--plot", str(png)])
+    assert [r["method"] for r in ints] == ["full V", "window 8 tok", "random 8 tok", "int"]
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -66,6 +80,9 @@ def test_the_frontier_runs_end_to_end_and_names_the_best_row_at_each_budget(tiny
     (["--contexts", "a,b"], "--contexts must be comma-separated ints, got 'a,b'"),
     (["--eval-tokens", "1"], "--eval-tokens must be >= 2"),
     (["--contexts", "1024", "--eval-tokens", "512"], "--eval-tokens 512 is shorter than a context"),
+    (["--families", "kvtc,zip"], "--families: unknown ['zip']; known: int, rotated int, turbo"),
+    (["--budgets", "2,x"], "--budgets must be comma-separated numbers, got '2,x'"),
+    (["--budgets", "0"], "--budgets: each must be in (0, 16) bits per dimension, got [0.0]"),
 ])
 def test_bad_input_is_one_clear_error_before_anything_runs(argv, message, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:

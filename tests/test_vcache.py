@@ -238,7 +238,8 @@ END_TO_END = [
     {"select": {"kind": "prune", "keep_ratio": 0.382, "k_min": 8, "recency": 4}, "codec": {"kind": "int4"}},
     {"select": {"kind": "full"}, "codec": {"kind": "pca", "k": 16}},
     {"select": {"kind": "even_first", "window": 3, "older": 5}, "codec": {"kind": "centred_int8"}},
-    {"select": {"kind": "sinks", "sinks": 2, "window": 6}, "codec": {"kind": "int", "bits": 2, "group_size": 16}},
+    {"select": {"kind": "sinks", "sinks": 2, "window": 6},
+     "codec": {"kind": "transform", "basis": "pca", "allocate": "variance", "bits": 1.5}},
 ]
 
 

@@ -53,7 +53,7 @@ from gpt2.bench.kv_measure import eval_data, install, v_bytes_per_token, v_heads
 from gpt2.bench.kv_methods import fit_codec
 from gpt2.bench.kv_report import machine_description
 from gpt2.bench.kv_source import PRETRAINED, open_source
-from gpt2.calibrate import CALIB_SEED_SALT, collect, quiet
+from gpt2.calibrate import CALIB_SEED_SALT, MAX_SAMPLES, collect, quiet
 from gpt2.cli import GEOMETRY_FIT
 from gpt2.cpu import configure_cpu
 from gpt2.entry import ArgumentParser
@@ -80,14 +80,15 @@ BUDGETS = {512: BITS_PER_DIM, 2048: (2, 2.5)}  # per context; another context ta
 
 
 def int_codec(nbytes, hd):
-    """The int-b record with the most bytes <= nbytes (bits 2, 3, 4, 8; groups dividing hd), or None."""
+    """The int-b record with the most bytes <= nbytes (bits 2, 3, 4, 8; groups dividing hd), or
+    None; of two at the same bytes, the one with more bits (int3 in groups of 32, not int2 in 16)."""
     best = None
     for bits in (2, 3, 4, 8):
         for group in sorted({g for g in (hd, 64, 32, 16) if hd % g == 0}, reverse=True):
             size = hd * bits // 8 + 4 * hd // group
-            if size <= nbytes and (best is None or size > best[0]):
-                best = (size, {"kind": "int", "bits": bits, "group_size": group})
-    return None if best is None else best[1]
+            if size <= nbytes and (best is None or (size, bits) > best[:2]):
+                best = (size, bits, {"kind": "int", "bits": bits, "group_size": group})
+    return None if best is None else best[2]
 
 
 def transform_codec(nbytes, hd, **settings):
@@ -151,13 +152,14 @@ def exact_tokens(select, context):
     return 0 if select["kind"] == "full" else min(context, select["sinks"] + select["window"])
 
 
-def plan(contexts, hd, block_size):
+def plan(contexts, hd, block_size, families=None, budgets=None):
     """[Row] of the grid, records only: the reference, the controls, every family at every
-    budget it fits (the model's block_size sizes random keep's budget)."""
+    budget it fits (the model's block_size sizes random keep's budget). `families` and
+    `budgets` (bits per dimension), when given, replace the grid's."""
     rows = []
     for T in contexts:
         rows.append(Row(T, 16, "full V", "", FULL))
-        for bits in BUDGETS.get(T, BITS_PER_DIM):
+        for bits in budgets or BUDGETS.get(T, BITS_PER_DIM):
             budget = bits * hd / 8
             n = int(budget * T // (hd * EXACT_BYTES))  # tokens of exact V the budget holds
             rows.append(Row(T, bits, "window", "window",
@@ -166,6 +168,8 @@ def plan(contexts, hd, block_size):
                             {"select": {"kind": "random", "keep_ratio": n / block_size, "k_min": n, "recency": max(1, n // 4),
                                         "seed": 0}, "codec": FULL["codec"]}))
             for family, variants in GRID.get(T, GRID[512]).items():
+                if families is not None and family not in families:
+                    continue
                 for exact in variants:
                     select = exact_select(exact, T)
                     e = exact_tokens(select, T)
@@ -176,9 +180,9 @@ def plan(contexts, hd, block_size):
 
 
 def fit_all(model, cal, rows, epochs, lr, seed, log):
-    """{json of a codec record: per-layer states}, every distinct fitted codec of the rows
-    fitted once from the same samples; the spline rows share one spline fit."""
-    fits, warps = {}, None
+    """({json of a codec record: per-layer states}, notes for the report): every distinct
+    fitted codec of the rows fitted once from the same samples; the spline rows share one spline fit."""
+    fits, warps, notes = {}, None, []
     for row in rows:
         codec = row.record["codec"]
         key = json.dumps(codec, sort_keys=True)
@@ -191,11 +195,16 @@ def fit_all(model, cal, rows, epochs, lr, seed, log):
                 c.fit(cal.samples[i], seed=seed + i, warp=warps[i])
             fits[key] = [{n: t.clone() for n, t in c.state_dict().items()} for c in model.v_codecs()]
         else:
-            fits[key], _, _ = fit_codec(cal, codec, epochs, lr, seed)
+            fits[key], _, layers = fit_codec(cal, codec, epochs, lr, seed)
             if codec.get("spline"):
                 warps = [{n[len("warp."):]: t for n, t in s.items() if n.startswith("warp.")} for s in fits[key]]
+                kept = sum(s["kept_spline"] for s in layers)
+                notes.append(f"The spline rows share one spline per layer, fitted as SplinePCA k="
+                             f"{codec.get('spline_k', 16)} for {epochs} epochs: it beat plain PCA on held-out V in "
+                             f"{kept} of {len(layers)} layers; the others keep the identity spline.")
+                log(f"[frontier] {notes[-1]}")
         log(f"[frontier] fit {key}: {time.perf_counter() - t0:.1f}s")
-    return fits
+    return fits, notes
 
 
 @torch.no_grad()
@@ -333,6 +342,9 @@ def parse_args(argv):
     ap = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--contexts", default="512,2048", help="comma-separated contexts (multiples of --unit)")
     ap.add_argument("--unit", type=int, default=UNIT, help=f"tokens per paired unit (default {UNIT})")
+    ap.add_argument("--families", help=f"comma-separated families to run instead of the grid's: "
+                                        f"{', '.join(FAMILIES)} (the reference and controls always run)")
+    ap.add_argument("--budgets", help="comma-separated bits per dimension instead of the grid's (e.g. 2,2.5)")
     ap.add_argument("--eval-tokens", type=int, default=4096, help="held-out tokens per context (default 4096)")
     ap.add_argument("--induction-batches", type=int, default=2,
                     help="induction batches per context, passages of context/2 tokens (default 2)")
@@ -352,6 +364,19 @@ def parse_args(argv):
         args.contexts = []
     if args.unit < 2:
         problems.append(f"--unit must be >= 2, got {args.unit}")
+    if args.families is not None:
+        args.families = args.families.split(",")
+        unknown = [f for f in args.families if f not in FAMILIES]
+        if unknown:
+            problems.append(f"--families: unknown {unknown}; known: {', '.join(FAMILIES)}")
+    if args.budgets is not None:
+        try:
+            args.budgets = [float(b) for b in args.budgets.split(",")]
+        except ValueError:
+            problems.append(f"--budgets must be comma-separated numbers, got {args.budgets!r}")
+            args.budgets = []
+        if any(not 0 < b < 16 for b in args.budgets):
+            problems.append(f"--budgets: each must be in (0, 16) bits per dimension, got {args.budgets}")
     bad = [c for c in args.contexts if args.unit >= 2 and (c < args.unit or c % args.unit or c > 8192)]
     if bad:
         problems.append(f"--contexts: each must be a multiple of --unit {args.unit} up to 8192, got {bad}")
@@ -381,21 +406,25 @@ def main(argv=None):
     ensure_data(SMOLLM2, ckpt, pretrained, log)
     model = load_pretrained(SMOLLM2, block_size=max(args.contexts)).eval()
     hd, cfg = model.config.head_dim, model.config
-    rows = plan(args.contexts, hd, cfg.block_size)
+    rows = plan(args.contexts, hd, cfg.block_size, args.families, args.budgets)
     for row in rows:  # every record builds, before anything is fitted or measured
         build_method(row.record, cfg.block_size, hd)
     log(f"[frontier] {len(rows)} rows at contexts {args.contexts}; {cfg.n_layer} layers, "
         f"{v_heads(cfg)} V heads of {hd}")
     data, _ = eval_data(SMOLLM2, ckpt["args"], args.unit, cfg.vocab_size, args.data_dir, 1, 1, args.seed)
-    t0 = time.perf_counter()
-    wanted = max(CODECS[r.record["codec"]["kind"]](hd, **{n: v for n, v in r.record["codec"].items() if n != "kind"})
-                 .fit_rows()[1] or 0 for r in rows)
-    model.set_v_cache(full_record())
-    with quiet():
-        cal = collect(model, (data.get_batch("train", 1, min(args.contexts), args.seed + CALIB_SEED_SALT, 0, j)[0]
-                              for j in range(args.calib_batches)), wanted, args.seed)
-    log(f"[frontier] collected {cal.samples[0].shape[0]:,} V vectors per layer in {time.perf_counter() - t0:.1f}s")
-    fits = fit_all(model, cal, rows, args.fit_epochs, GEOMETRY_FIT["lr"], args.seed, log)
+    fitted = [r.record["codec"] for r in rows if CODECS[r.record["codec"]["kind"]].needs_fit]
+    cal = None
+    if fitted:  # V from train batches, as many per layer as the widest fit wants
+        t0 = time.perf_counter()
+        wanted = max(CODECS[c["kind"]](hd, **{n: v for n, v in c.items() if n != "kind"}).fit_rows()[1]
+                     or MAX_SAMPLES for c in fitted)
+        model.set_v_cache(full_record())
+        with quiet():
+            cal = collect(model, (data.get_batch("train", 1, min(args.contexts), args.seed + CALIB_SEED_SALT, 0, j)[0]
+                                  for j in range(args.calib_batches)), wanted, args.seed)
+        log(f"[frontier] collected {cal.samples[0].shape[0]:,} V vectors per layer in "
+            f"{time.perf_counter() - t0:.1f}s")
+    fits, notes = fit_all(model, cal, rows, args.fit_epochs, GEOMETRY_FIT["lr"], args.seed, log)
     induction = {T: induction_batches(args.induction_batches, 1, T // 2, **{
         n: pretrained.induction[n] for n in ("low", "high")}, seed=args.seed) for T in args.contexts}
     val = {T: eval_data(SMOLLM2, ckpt["args"], T, cfg.vocab_size, args.data_dir, args.eval_tokens // T, 1,
@@ -410,12 +439,12 @@ def main(argv=None):
             f"  ({spent:.0f}s, ETA {spent / i * (len(rows) - i):.0f}s)")
     results = compare(rows)
     wall = time.perf_counter() - t_start
-    command = "python scripts/frontier.py " + shlex.join(argv)
+    command = " ".join(["python scripts/frontier.py", shlex.join(argv)]).strip()
     report = "\n\n".join(
         [f"## The V-cache frontier on SmolLM2-135M, post hoc\n\n`{command}`\n\n"
          f"Machine: {machine_description(torch.get_num_threads())}. Wall time {wall:.1f} s.",
          "Best at each budget (lowest mean loss; paired against it, a row within 2 SE is within noise):\n\n"
-         + best_lines(results, hd), goal_line(results, hd)]
+         + best_lines(results, hd), goal_line(results, hd)] + notes
         + [table(results, T, len(next(r for r in rows if r.context == T).units), args.unit, args.induction_batches)
            for T in args.contexts])
     out = Path(args.out_dir)
