@@ -9,7 +9,7 @@ import torch
 
 from gpt2.bench import frontier
 from lib.vcache import build_method
-from test_bench_kv import tiny_llama_config, tiny_smollm2  # noqa: F401  (a fixture)
+from test_bench_kv import tiny_smollm2  # noqa: F401  (a fixture)
 
 
 def by_name(rows):
@@ -44,11 +44,12 @@ def test_every_planned_row_fits_its_budget_and_builds(hd):
         assert by_name(rows)[512, 4, "int"] == {"kind": "int", "bits": 3, "group_size": 32}
     # exact tokens are paid for: the same budget, fewer bits for the codec
     by = by_name(rows)
-    assert by[512, 3, "turbo"]["bits"] > by[512, 3, "turbo + sinks"]["bits"] > by[512, 3, "turbo + sinks + window"]["bits"]
+    bits = [by[512, 3, name]["bits"] for name in ("turbo", "turbo + sinks", "turbo + sinks + window")]
+    assert bits == sorted(bits, reverse=True) and len(set(bits)) == 3
 
 
-def test_the_frontier_runs_end_to_end_and_names_the_best_row_at_each_budget(tiny_smollm2, tiny_data_dir, tmp_path,
-                                                                            monkeypatch):
+def test_the_frontier_runs_end_to_end_and_names_the_best_row_at_each_budget(tiny_smollm2, tiny_data_dir,  # noqa: F811
+                                                                            tmp_path, monkeypatch):
     import gpt2.bench.kv_source as source
     monkeypatch.setattr(frontier, "load_pretrained", source.load_pretrained)  # the fixture's tiny Llama
     out, png = tmp_path / "out", tmp_path / "frontier.png"
@@ -69,9 +70,12 @@ def test_the_frontier_runs_end_to_end_and_names_the_best_row_at_each_budget(tiny
             assert all(r["vs_best"] >= 0 and r["bytes"] <= bits * 32 / 8 for r in group)
     text = (out / "frontier.md").read_text()
     assert "Best at each budget" in text and "Goal (<= 20 bytes" in text and "### Context 64" in text
+    redrawn = tmp_path / "again.png"
+    assert frontier.main(["--replot", str(out / "frontier.json"), "--plot", str(redrawn)]) == saved["rows"]
+    assert redrawn.is_file()
     # a grid with no fitted codec collects no V
-    ints = frontier.main(["--contexts", "32", "--unit", "32", "--eval-tokens", "64", "--families", "int",
-                          "--budgets", "4", "--data-dir", str(tiny_data_dir), "--out-dir", str(out), "--plot", str(png)])
+    ints = frontier.main(["--contexts", "32", "--unit", "32", "--eval-tokens", "64", "--families", "int", "--budgets",
+                          "4", "--data-dir", str(tiny_data_dir), "--out-dir", str(out), "--plot", str(png)])
     assert [r["method"] for r in ints] == ["full V", "window 8 tok", "random 8 tok", "int"]
 
 
@@ -91,3 +95,16 @@ def test_bad_input_is_one_clear_error_before_anything_runs(argv, message, tmp_pa
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_the_goal_line_says_met_only_for_a_method_within_both_limits():
+    def row(method, family, nbytes, pct):
+        return {"method": method, "family": family, "context": 512, "bytes": nbytes, "ppl_change_pct": pct,
+                "ppl_change_se_pct": 0.1}
+    ref = row("full V", "full V", 128, 0.0)
+    control = row("window 80 tok", "window", 20, 0.5)  # a control never meets it
+    assert "**met** post hoc by kvtc at context 512 (19.4 bytes, +0.90 ± 0.10%)" in frontier.goal_line(
+        [ref, control, row("kvtc", "kvtc", 19.4, 0.9), row("int", "int", 20, 0.95)])
+    assert "**not met** post hoc; the closest is kvtc at context 512 (19.4 bytes, +2.97 ± 0.10%)" in \
+        frontier.goal_line([ref, control, row("kvtc", "kvtc", 19.4, 2.97), row("int4", "int", 40, 0.5)])
+    assert "no method holds so few bytes" in frontier.goal_line([ref, control, row("int4", "int", 40, 0.5)])

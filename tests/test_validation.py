@@ -75,6 +75,12 @@ BAD = [
      "--v-cache: v_cache codec 'int': bits must be one of 2, 3, 4, 8, got 5"),
     (("--v-cache", '{"select": {"kind": "full"}, "codec": {"kind": "int", "bits": 2, "group_size": 24}}'),
      "--v-cache: v_cache codec 'int': head_dim 32 is not divisible by group_size 24"),
+    (("--v-cache", '{"select": {"kind": "sinks", "sinks": 4, "window": 60}, "codec": {"kind": "int", "bits": 2}}'),
+     "--v-cache: v_cache select 'sinks': sinks + window must be in [1, block_size = 64), got 4 + 60 = 64"),
+    (("--v-cache", '{"select": {"kind": "full"}, "codec": {"kind": "transform", "bits": 2.1}}'),
+     "--v-cache: v_cache codec 'transform': bits must be a number in (0, 8] with bits * head_dim (32) a whole"),
+    (("--n-embd", "96", "--n-head", "2", "--v-cache", '{"select": {"kind": "full"}, "codec": {"kind": "rotated"}}'),
+     "--v-cache: v_cache codec 'rotated': rotation 'hadamard' needs a power-of-two head_dim, got 48"),
 ]
 
 

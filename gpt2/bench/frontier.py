@@ -49,7 +49,7 @@ import torch.nn.functional as F
 
 from gpt2.atomic import atomic_write_text
 from gpt2.bench.kv_bench import ensure_data
-from gpt2.bench.kv_measure import eval_data, install, v_bytes_per_token, v_heads
+from gpt2.bench.kv_measure import eval_data, v_bytes_per_token, v_heads
 from gpt2.bench.kv_methods import fit_codec
 from gpt2.bench.kv_report import machine_description
 from gpt2.bench.kv_source import PRETRAINED, open_source
@@ -165,8 +165,8 @@ def plan(contexts, hd, block_size, families=None, budgets=None):
             rows.append(Row(T, bits, "window", "window",
                             {"select": {"kind": "window", "window": n}, "codec": FULL["codec"]}))
             rows.append(Row(T, bits, "random", "random",
-                            {"select": {"kind": "random", "keep_ratio": n / block_size, "k_min": n, "recency": max(1, n // 4),
-                                        "seed": 0}, "codec": FULL["codec"]}))
+                            {"select": {"kind": "random", "keep_ratio": n / block_size, "k_min": n,
+                                        "recency": max(1, n // 4), "seed": 0}, "codec": FULL["codec"]}))
             for family, variants in GRID.get(T, GRID[512]).items():
                 if families is not None and family not in families:
                     continue
@@ -244,7 +244,8 @@ def compare(rows):
         di, sei = paired_difference(r.induction, ref.induction)
         item = {"context": r.context, "bits": r.bits, "method": r.name, "family": r.family, "exact": r.exact,
                 "record": r.record, "bytes": r.bytes, "loss": statistics.fmean(r.units),
-                "ppl_change_pct": 100 * math.expm1(d), "ppl_change_se_pct": None if se is None else 100 * math.exp(d) * se,
+                "ppl_change_pct": 100 * math.expm1(d),
+                "ppl_change_se_pct": None if se is None else 100 * math.exp(d) * se,
                 "verdict": verdict(d, se, "worse", "better") if r is not ref else "reference",
                 "induction_acc": statistics.fmean(r.induction), "induction_diff": di, "induction_diff_se": sei,
                 "units": r.units, "induction_per_batch": r.induction}
@@ -294,45 +295,53 @@ def best_lines(results, hd):
     return "\n".join(out)
 
 
-def goal_line(results, hd, goal_bytes=20, goal_pct=1.0):
-    hits = [r for r in results if r["family"] not in ("full V",) + CONTROLS and r["bytes"] <= goal_bytes
-            and r["ppl_change_pct"] <= goal_pct]
-    if hits:
-        h = min(hits, key=lambda r: r["ppl_change_pct"])
-        return (f"Goal (<= {goal_bytes} bytes and <= +{goal_pct:g}% perplexity): **met** post hoc by "
-                f"{h['method']} at context {h['context']} ({h['bytes']:.1f} bytes, "
-                f"{fmt_se(h['ppl_change_pct'], h['ppl_change_se_pct'])}%)")
-    near = [r for r in results if r["family"] not in ("full V",) + CONTROLS and r["bytes"] <= goal_bytes]
-    h = min(near, key=lambda r: r["ppl_change_pct"]) if near else None
-    return (f"Goal (<= {goal_bytes} bytes and <= +{goal_pct:g}% perplexity): **not met** post hoc"
-            + ("" if h is None else f"; the closest is {h['method']} at context {h['context']} "
-                                    f"({h['bytes']:.1f} bytes, {fmt_se(h['ppl_change_pct'], h['ppl_change_se_pct'])}%)"))
+def goal_line(results, goal_bytes=20, goal_pct=1.0):
+    """Whether a method (no control) holds <= goal_bytes at <= +goal_pct% perplexity, or the closest one."""
+    def where(r):
+        return (f"{r['method']} at context {r['context']} ({r['bytes']:.1f} bytes, "
+                f"{fmt_se(r['ppl_change_pct'], r['ppl_change_se_pct'])}%)")
+    within = [r for r in results if r["family"] not in ("full V",) + CONTROLS and r["bytes"] <= goal_bytes]
+    goal = f"Goal (<= {goal_bytes} bytes and <= +{goal_pct:g}% perplexity): "
+    if not within:
+        return goal + "**not met** post hoc: no method holds so few bytes"
+    best = min(within, key=lambda r: r["ppl_change_pct"])
+    if best["ppl_change_pct"] <= goal_pct:
+        return goal + f"**met** post hoc by {where(best)}"
+    return goal + f"**not met** post hoc; the closest is {where(best)}"
 
 
 def plot(results, path):
+    """Bytes against perplexity change, one panel per context: a colour per codec family, a line
+    style per exact-token variant (solid: none, dashed: sinks, dotted: sinks and window), the
+    controls in grey."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     contexts = sorted({r["context"] for r in results})
-    fig, axes = plt.subplots(1, len(contexts), figsize=(7 * len(contexts), 5), squeeze=False)
+    colours = dict(zip(FAMILIES, (plt.cm.tab10(i) for i in (0, 1, 2, 3, 4, 5, 6, 8, 9))))  # grey: controls
+    styles = {"": "-", "sinks": "--", "sinks+window": ":"}
+    fig, axes = plt.subplots(1, len(contexts), figsize=(7.5 * len(contexts), 5.5), squeeze=False)
     for ax, T in zip(axes[0], contexts):
         series = {}
         for r in results:
             if r["context"] == T and r["family"] != "full V":
-                series.setdefault(r["method"], []).append(r)
-        for name, rs in sorted(series.items()):
+                series.setdefault((r["family"], r["exact"]), []).append(r)
+        for (family, exact), rs in sorted(series.items()):
             rs.sort(key=lambda r: r["bytes"])
-            control = rs[0]["family"] in CONTROLS
-            ax.errorbar([r["bytes"] for r in rs], [max(r["ppl_change_pct"], 1e-2) for r in rs],
+            control = family in CONTROLS
+            label = family + "".join(f" + {p}" for p in exact.split("+") if p and not control)
+            ax.errorbar([r["bytes"] for r in rs], [r["ppl_change_pct"] for r in rs],
                         yerr=[r["ppl_change_se_pct"] or 0 for r in rs], marker="o", ms=4, capsize=2,
-                        linestyle="--" if control else "-", color="0.6" if control else None, label=name)
+                        linestyle="--" if control else styles[exact],
+                        color="0.6" if control else colours[family], label=label)
         ax.axhline(1.0, color="k", lw=0.6, ls=":")
         ax.axvline(20, color="k", lw=0.6, ls=":")
-        ax.set_yscale("log")
+        ax.set_yscale("symlog", linthresh=1.0)
+        ax.set_ylim(bottom=-1.0)
         ax.set_xlabel("V bytes per 64-dim vector (all side information and exact tokens)")
         ax.set_ylabel("perplexity change vs full V (%)")
         ax.set_title(f"SmolLM2-135M, post hoc, context {T}")
-        ax.legend(fontsize=6, ncol=2)
+        ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -348,13 +357,16 @@ def parse_args(argv):
     ap.add_argument("--eval-tokens", type=int, default=4096, help="held-out tokens per context (default 4096)")
     ap.add_argument("--induction-batches", type=int, default=2,
                     help="induction batches per context, passages of context/2 tokens (default 2)")
-    ap.add_argument("--calib-batches", type=int, default=8, help="train sequences (of the shortest context) the fits collect V from (default 8)")
+    ap.add_argument("--calib-batches", type=int, default=8,
+                    help="train sequences (of the shortest context) the fits collect V from (default 8)")
     ap.add_argument("--fit-epochs", type=int, default=PRETRAINED[SMOLLM2].flags["kvsplice_epochs"],
                     help="spline fit epochs (default: the SmolLM2 benchmark's)")
     ap.add_argument("--seed", type=int, default=1337)
     ap.add_argument("--data-dir", default="data")
     ap.add_argument("--out-dir", default="runs/frontier", help="frontier.json and frontier.md go here")
     ap.add_argument("--plot", default="docs/kv_frontier_smollm2.png")
+    ap.add_argument("--replot", metavar="JSON",
+                    help="measure nothing: rewrite frontier.md (in --out-dir) and --plot from a frontier.json")
     args = ap.parse_args(argv)
     problems = []
     try:
@@ -400,6 +412,11 @@ def log(msg):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
+    if args.replot:
+        payload = json.loads(Path(args.replot).read_text())
+        print(write_outputs(payload, args.out_dir, args.plot), flush=True)
+        log(f"[frontier] rewrote {Path(args.out_dir) / 'frontier.md'} and {args.plot} from {args.replot}")
+        return payload["rows"]
     t_start = time.perf_counter()
     configure_cpu()
     ckpt, pretrained = open_source(SMOLLM2, args.data_dir)
@@ -438,21 +455,64 @@ def main(argv=None):
             f"{row.bytes:6.1f} B  loss {statistics.fmean(row.units):.4f}  ind {statistics.fmean(row.induction):.3f}"
             f"  ({spent:.0f}s, ETA {spent / i * (len(rows) - i):.0f}s)")
     results = compare(rows)
-    wall = time.perf_counter() - t_start
-    command = " ".join(["python scripts/frontier.py", shlex.join(argv)]).strip()
-    report = "\n\n".join(
-        [f"## The V-cache frontier on SmolLM2-135M, post hoc\n\n`{command}`\n\n"
-         f"Machine: {machine_description(torch.get_num_threads())}. Wall time {wall:.1f} s.",
-         "Best at each budget (lowest mean loss; paired against it, a row within 2 SE is within noise):\n\n"
-         + best_lines(results, hd), goal_line(results, hd)] + notes
-        + [table(results, T, len(next(r for r in rows if r.context == T).units), args.unit, args.induction_batches)
-           for T in args.contexts])
+    payload = {"command": " ".join(["python scripts/frontier.py", shlex.join(argv)]).strip(),
+               "wall_s": time.perf_counter() - t_start, "machine": machine_description(torch.get_num_threads()),
+               "unit": args.unit, "induction_batches": args.induction_batches, "head_dim": hd, "notes": notes,
+               "rows": results}
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "frontier.json", json.dumps({"command": command, "wall_s": wall, "rows": results},
-                                                        indent=1))
-    atomic_write_text(out / "frontier.md", report + "\n")
-    plot(results, args.plot)
-    print("\n" + report, flush=True)
-    log(f"[frontier] wrote {out / 'frontier.md'}, {out / 'frontier.json'} and {args.plot}; wall {wall:.1f} s")
+    atomic_write_text(out / "frontier.json", json.dumps(payload, indent=1))
+    text = write_outputs(payload, out, args.plot)
+    print("\n" + text, flush=True)
+    log(f"[frontier] wrote {out / 'frontier.md'}, {out / 'frontier.json'} and {args.plot}; "
+        f"wall {payload['wall_s']:.1f} s")
     return results
+
+
+def write_outputs(payload, out, plot_path):
+    """frontier.md under `out` and the plot, from a run's payload (what frontier.json holds)."""
+    text = report(payload)
+    atomic_write_text(Path(out) / "frontier.md", text + "\n")
+    plot(payload["rows"], plot_path)
+    return text
+
+
+def report(payload):
+    results, hd = payload["rows"], payload.get("head_dim", 64)
+    machine = f"Machine: {payload['machine']}. " if payload.get("machine") else ""
+    contexts = sorted({r["context"] for r in results})
+    units = {T: len(next(r for r in results if r["context"] == T)["units"]) for T in contexts}
+    n_induction = len(results[0]["induction_per_batch"])
+    return "\n\n".join(
+        [f"## The V-cache frontier on SmolLM2-135M, post hoc\n\n`{payload['command'].strip()}`\n\n"
+         f"{machine}Wall time {payload['wall_s']:.1f} s.",
+         "Best at each budget (lowest mean loss; paired against it, a row within 2 SE is within noise):\n\n"
+         + best_lines(results, hd), goal_line(results), geometry_lines(results)] + payload.get("notes", [])
+        + [table(results, T, units[T], payload.get("unit", UNIT), n_induction) for T in contexts])
+
+
+# the geometry's questions: (row, against, what the difference says), each paired at every budget both ran
+GEOMETRY_PAIRS = (
+    ("kvtc", "pca basis", "bits allocated by the fitted variances instead of equal bits on the fitted basis"),
+    ("pca basis", "turbo", "the fitted PCA basis instead of a random rotation, equal bits"),
+    ("kvtc", "turbo", "the transform coder against the random rotation, no exact token"),
+    ("kvtc + sinks + window", "turbo + sinks + window", "the same, sinks and window exact"),
+    ("spline kvtc + sinks", "kvtc + sinks", "KVSplice's spline before the transform coder"),
+    ("spline turbo", "turbo", "KVSplice's spline before the random rotation"),
+)
+
+
+def geometry_lines(results):
+    """Where the geometry lands: each GEOMETRY_PAIRS difference (loss, nats) paired over the same units."""
+    by = {(r["context"], r["bits"], r["method"]): r for r in results}
+    lines = ["Where the KVSplice geometry lands (loss differences in nats, paired over the same units; "
+             "negative: the first is better):", ""]
+    for a, b, what in GEOMETRY_PAIRS:
+        cells = []
+        for (T, bits, name), r in sorted(by.items()):
+            if name == a and (T, bits, b) in by:
+                d, se = paired_difference(r["units"], by[T, bits, b]["units"])
+                cells.append(f"{bits:g} bits at {T}: {d:+.4f} ± {se:.4f} ({verdict(d, se, 'worse', 'better')})")
+        if cells:
+            lines.append(f"- {a} − {b} ({what}): " + "; ".join(cells))
+    return "\n".join(lines)

@@ -222,7 +222,7 @@ def report(result, command):
                    else _over_seeds(recovered, 2).lstrip("+"))
             lines.append(f"| {step} | {_over_seeds([statistics.fmean(r['costN']) for r in rows], 4)} | {rec} |")
     lines += ["", "Paired differences between steps (losses, same batches; within noise = within 2 SE):", ""]
-    for a, b in (("V20", "V19"), ("V20", "V22"), ("V22", "V19")):
+    for a, b in (("V20", "V19"), ("V20", "V22"), ("V22", "V19"), ("V24", "V23")):
         if a not in matrices[0]["rows"] or b not in matrices[0]["rows"]:
             continue
         for label, key in (("post hoc", "at0"), (f"after {N} steps", "atN")):

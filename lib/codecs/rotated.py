@@ -45,9 +45,14 @@ def rotation_problems(rotation, seed, head_dim):
         problems.append(f"rotation must be one of {', '.join(ROTATIONS)}, got {rotation!r}")
     elif rotation == "hadamard" and head_dim & (head_dim - 1):
         problems.append(f"rotation 'hadamard' needs a power-of-two head_dim, got {head_dim}: use rotation 'orthogonal'")
+    return problems + seed_problems(seed)
+
+
+def seed_problems(seed):
+    """The problem of a seed that is not an int >= 0 (one line), or none."""
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-        problems.append(f"seed must be an int >= 0, got {seed!r}")
-    return problems
+        return [f"seed must be an int >= 0, got {seed!r}"]
+    return []
 
 
 def rotation_matrix(kind, n, seed):

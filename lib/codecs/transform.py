@@ -34,7 +34,7 @@ import math
 
 import torch
 
-from lib.codecs.rotated import ROTATIONS, rotation_matrix, rotation_problems
+from lib.codecs.rotated import ROTATIONS, rotation_matrix, rotation_problems, seed_problems
 from lib.kvsplice import FIT_EPOCHS, FIT_LR, KNOTS, MonotoneSpline, SplinePCA
 from lib.quantize import pack_widths, unpack_widths, width_layout, width_unpack_matrix
 from lib.vcache import VCodec, register_codec
@@ -100,10 +100,7 @@ class Transform(VCodec):
         D, out = self.head_dim, []
         if self.basis not in BASES:
             out.append(f"basis must be one of {', '.join(BASES)}, got {self.basis!r}")
-        elif self.basis != "pca":
-            out += rotation_problems(self.basis, self.seed, D)
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
-            out.append(f"seed must be an int >= 0, got {self.seed!r}")
+        out += rotation_problems(self.basis, self.seed, D) if self.basis in ROTATIONS else seed_problems(self.seed)
         if isinstance(self.bits, bool) or not isinstance(self.bits, (int, float)) or \
                 not 0 < self.bits <= MAX_WIDTH or self.bits * D != round(self.bits * D):
             out.append(f"bits must be a number in (0, {MAX_WIDTH}] with bits * head_dim ({D}) a whole number "
@@ -116,7 +113,7 @@ class Transform(VCodec):
             out.append(f"spline_k must be an int in [1, head_dim = {D}), got {self.spline_k!r}")
         if not isinstance(self.knots, int) or isinstance(self.knots, bool) or self.knots < 1:
             out.append(f"knots must be an int >= 1, got {self.knots!r}")
-        return sorted(set(out), key=out.index)
+        return out
 
     @property
     def total_bits(self):
