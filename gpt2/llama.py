@@ -1,5 +1,8 @@
 """The Llama family in plain PyTorch: RMSNorm, RoPE on Q and K, grouped-query
 attention, SwiGLU MLP, no biases (SmolLM2-135M is one: gpt2/pretrained.py).
+Two Hugging Face families of the same shape load into it: Qwen2 (biases on
+the q, k and v projections) and Mistral (a sliding window of attention,
+which equals full attention up to its length: the context is held within it).
 
 Module names follow Hugging Face's LlamaForCausalLM, so its state dict loads
 key for key. As in gpt2/model.py, every attention calls its layer's V-cache
@@ -32,6 +35,8 @@ class LlamaConfig:
     rope_theta: float = 100000.0
     rms_norm_eps: float = 1e-5
     tie_embeddings: bool = True
+    qkv_bias: bool = False  # Qwen2: biases on the q, k and v projections
+    sliding_window: int = None  # Mistral: attention over the last so many tokens; block_size stays within it
     dropout: float = 0.0
     # the V-cache method of every attention layer: a lib.vcache record
     v_cache: dict = field(default_factory=full_record)
@@ -84,9 +89,9 @@ class LlamaAttention(nn.Module):
         super().__init__()
         assert config.n_embd % config.n_head == 0 and config.n_head % config.n_kv_head == 0
         hs = config.head_dim
-        self.q_proj = nn.Linear(config.n_embd, config.n_head * hs, bias=False)
-        self.k_proj = nn.Linear(config.n_embd, config.n_kv_head * hs, bias=False)
-        self.v_proj = nn.Linear(config.n_embd, config.n_kv_head * hs, bias=False)
+        self.q_proj = nn.Linear(config.n_embd, config.n_head * hs, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(config.n_embd, config.n_kv_head * hs, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(config.n_embd, config.n_kv_head * hs, bias=config.qkv_bias)
         self.o_proj = nn.Linear(config.n_head * hs, config.n_embd, bias=False)
         self.attn_dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
@@ -172,24 +177,33 @@ class Llama(CausalLM):
 
     @classmethod
     def from_hf_model(cls, hf, **overrides):
-        """Our Llama with the weights of a Hugging Face LlamaForCausalLM."""
+        """Our Llama with the weights of a Hugging Face LlamaForCausalLM, Qwen2ForCausalLM
+        or MistralForCausalLM; ValueError naming what else it would need."""
         c = hf.config
+        kind = c.model_type
         hs = c.hidden_size // c.num_attention_heads
-        rope = c.rope_parameters or {}
-        problems = [f"{name} is {value!r}, expected {expected!r}" for name, value, expected in (
-            ("head_dim", getattr(c, "head_dim", hs) or hs, hs),
-            ("hidden_act", c.hidden_act, "silu"),
-            ("attention_bias", c.attention_bias, False),
-            ("mlp_bias", c.mlp_bias, False),
-            ("rope_type", rope.get("rope_type", "default"), "default"),
-        ) if value != expected]
-        if problems:
-            raise ValueError(f"this Llama differs from what gpt2/llama.py implements: {'; '.join(problems)}")
+        rope = getattr(c, "rope_parameters", None) or {}
+        window = getattr(c, "sliding_window", None) if kind == "mistral" else None
+        expected = [("head_dim", getattr(c, "head_dim", hs) or hs, hs), ("hidden_act", c.hidden_act, "silu"),
+                    ("rope_type", rope.get("rope_type", "default"), "default")]
+        if kind == "llama":
+            expected += [("attention_bias", c.attention_bias, False), ("mlp_bias", c.mlp_bias, False)]
+        if kind == "qwen2":
+            expected += [("use_sliding_window", c.use_sliding_window, False)]
+        problems = [f"{name} is {value!r}, expected {want!r}" for name, value, want in expected if value != want]
         settings = dict(vocab_size=c.vocab_size, n_layer=c.num_hidden_layers, n_head=c.num_attention_heads,
                         n_kv_head=c.num_key_value_heads, n_embd=c.hidden_size,
-                        intermediate_size=c.intermediate_size, block_size=c.max_position_embeddings,
-                        rope_theta=rope.get("rope_theta", 10000.0), rms_norm_eps=c.rms_norm_eps,
-                        tie_embeddings=c.tie_word_embeddings)
-        model = cls(LlamaConfig(**{**settings, **overrides}))
+                        intermediate_size=c.intermediate_size,
+                        block_size=min(c.max_position_embeddings, window or c.max_position_embeddings),
+                        rope_theta=rope.get("rope_theta", getattr(c, "rope_theta", 10000.0)),
+                        rms_norm_eps=c.rms_norm_eps, tie_embeddings=c.tie_word_embeddings,
+                        qkv_bias=kind == "qwen2", sliding_window=window)
+        settings.update(overrides)
+        if window is not None and settings["block_size"] > window:
+            problems.append(f"block_size {settings['block_size']} exceeds its sliding window of {window} tokens, "
+                            f"beyond which its attention is not implemented here: use a block_size <= {window}")
+        if problems:
+            raise ValueError(f"this {kind} differs from what gpt2/llama.py implements: {'; '.join(problems)}")
+        model = cls(LlamaConfig(**settings))
         model.load_hf_state_dict(hf.state_dict())
         return model

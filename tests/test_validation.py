@@ -66,6 +66,7 @@ BAD = [
     (("--block-size", "100000"), "fewer than block_size + 2 = 100002"),
     (("--dataset", "nowhere"), "no prepared data for dataset 'nowhere'"),
     (("--init-from", "gpt2"), "--init-from gpt2 needs the full GPT-2 vocabulary"),
+    (("--init-from", "/no/such/dir"), "--init-from /no/such/dir: /no/such/dir: no such model directory"),
     (("--dataset", "copy", "--recall-segment", "40"), "copy needs 2 x --recall-segment + --recall-gap = 80 "
                                                       "<= block_size 64"),
     (("--dataset", "mqar", "--recall-pairs", "40"), "--recall-pairs 40 exceeds the 32 keys of --recall-vocab"),
