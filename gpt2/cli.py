@@ -84,8 +84,8 @@ def build_parser():
 
     g = p.add_argument_group("model")
     g.add_argument("--init-from", default="scratch",
-                   help="scratch (a GPT-2), smollm2 (the embedded SmolLM2-135M), a local Hugging Face GPT-2 or "
-                        "Llama directory, or a hub name such as gpt2 (online)")
+                   help="scratch (a GPT-2), smollm2 (the embedded SmolLM2-135M), a local Hugging Face GPT-2, "
+                        "Llama, Qwen2 or Mistral directory, or a hub name such as gpt2 (online)")
     g.add_argument("--trainable", default="",
                    help="train only the parameters whose names match this regular expression (e.g. 'self_attn' "
                         "for a Llama's attention); empty: all")
