@@ -13,7 +13,7 @@ ARGS      ?=
 CKPT      ?= runs/cpu-quickstart/V0/best.pt
 
 .DEFAULT_GOAL := help
-.PHONY: help venv defconfig menuconfig savedefconfig kconfig list-steps data train test bench bench-train bench-kvsplice frontier clean
+.PHONY: help venv defconfig menuconfig savedefconfig kconfig list-steps data train test bench bench-train bench-kvsplice frontier generate clean
 
 help:
 	@echo "Set-up and configuration:"
@@ -37,6 +37,7 @@ help:
 	@echo "  make bench-train        training throughput of the CPU quick-start model"
 	@echo "  make bench-kvsplice     KVSplice fit time and compress/decompress throughput"
 	@echo "  make frontier           the V-cache frontier on SmolLM2 at 2-4 bits per dimension (15 min)"
+	@echo "  make generate ARGS=...  text through a V-cache method (python -m gpt2.generate --help)"
 	@echo "  make clean              remove .venv, data/ and runs/"
 
 $(STAMP): requirements.txt requirements-nodeps.txt
@@ -93,6 +94,9 @@ bench-kvsplice: $(STAMP)
 
 frontier: $(STAMP)
 	$(PY) scripts/frontier.py $(ARGS)
+
+generate: $(STAMP)
+	$(PY) -m gpt2.generate $(or $(ARGS),--model smollm2 --prompt "To be, or not to be")
 
 clean:
 	rm -rf $(VENV) data runs

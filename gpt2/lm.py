@@ -230,7 +230,8 @@ class CausalLM(nn.Module):
         return step
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, compile=False, timings=None, cache=None):
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, compile=False, timings=None, cache=None,
+                 on_token=None):
         """Sample max_new_tokens after idx (B, T), decoding through a KV cache.
 
         The cache holds what the model's V-cache method stores: only kept
@@ -240,9 +241,11 @@ class CausalLM(nn.Module):
         reused). compile=True runs each one-token step as one compiled graph
         (decode_step; on CUDA, a CUDA graph); the prompt's prefill runs
         eager. A `timings` dict receives prefill_s (the prompt) and decode_s
-        (the new tokens). Each token is drawn by sample_next. `cache`, an
-        empty KVCache from make_cache(), is decoded through instead of a new
-        one, so the caller can read what it holds afterwards.
+        (the new tokens), and the cache's nbytes() after the prompt and at the
+        end (cache_after_prompt, cache_at_end: what its tensors hold). Each
+        token is drawn by sample_next; on_token(idx_next (B, 1)) sees each as it
+        is drawn. `cache`, an empty KVCache from make_cache(), is decoded
+        through instead of a new one, so the caller can read what it holds afterwards.
         """
         if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
             raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
@@ -256,9 +259,12 @@ class CausalLM(nn.Module):
         logits, _ = self(idx[:, -bs:], caches=cache, last_only=True)
         wait()
         t1 = time.perf_counter()
+        after_prompt = cache.nbytes() if timings is not None else None
         for _ in range(max_new_tokens):
             idx_next = sample_next(logits[:, -1, :], temperature, top_k)
             idx = torch.cat((idx, idx_next), dim=1)
+            if on_token is not None:
+                on_token(idx_next)
             if cache.length >= bs:
                 cache.reset()
                 logits, _ = self(idx[:, -(bs // 2):], caches=cache, last_only=True)
@@ -266,7 +272,8 @@ class CausalLM(nn.Module):
                 logits = step(idx_next, cache)
         if timings is not None:
             wait()
-            timings.update(prefill_s=t1 - t0, decode_s=time.perf_counter() - t1)
+            timings.update(prefill_s=t1 - t0, decode_s=time.perf_counter() - t1, cache_after_prompt=after_prompt,
+                           cache_at_end=cache.nbytes())
         return idx
 
 
