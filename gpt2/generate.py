@@ -14,7 +14,8 @@ model's tokenizer (a checkpoint's own training data) or from --fit-file,
 with a progress line; the fit is saved under --fit-dir and reused by the
 next run of the same model, method, fit text and seed.
 
-The text streams as it is drawn. The last line gives the prefill's and the
+The prompt is printed as the model reads it (in its chat template with
+--chat), then the new text as it is drawn. The last line gives the prefill's and the
 decode's tokens/s, and the KV cache's memory measured from its own tensors
 after the prompt and at the end (keys, V with its codes' scales, the index
 of a selector that keeps some tokens), beside what the plain cache (every
@@ -240,6 +241,7 @@ def main(argv=None):
     log(f"[generate] {args.model}, V cache {describe(cfg.v_cache)}; {len(ids)} prompt tokens")
     torch.manual_seed(args.seed)
     prompt = torch.tensor([ids], dtype=torch.long)
+    print(source.decode(ids), end="", flush=True)  # what the model reads, then what it writes
     shown, drawn = "", []
 
     def stream(token):

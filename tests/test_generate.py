@@ -34,7 +34,7 @@ def gen(checkpoint, tmp_path, *extra):
 def test_the_text_streams_and_the_last_line_reports_the_caches_measured_memory(checkpoint, tmp_path, capsys):
     out = gen(checkpoint, tmp_path, "--v-cache", json.dumps(INT4), "--temperature", "0")
     captured = capsys.readouterr()
-    assert captured.out == out["text"] + "\n"  # the drawn text alone on stdout, as it streamed
+    assert captured.out == "THESEUS:" + out["text"] + "\n"  # the prompt, then the drawn text as it streamed
     cache, stats = out["cache"], out["stats"]
     held = sum(x.numel() * x.element_size() for layer in cache.layers for x in (layer.k, layer.v))
     assert stats["cache_at_end"]["total"] == held == cache.nbytes()["total"]
