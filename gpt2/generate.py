@@ -31,12 +31,17 @@ from pathlib import Path
 
 import torch
 
+from gpt2.ablations import STEPS
 from gpt2.atomic import atomic_torch_save
 from gpt2.calibrate import CALIB_SEED_SALT, MAX_SAMPLES, fit_codecs, quiet
+from gpt2.cli import parse_args as train_flags
+from gpt2.data import TokenData, dataset_dir_name, open_data
 from gpt2.entry import ArgumentParser, run
 from gpt2.lm import load_checkpoint
+from gpt2.method_flags import method_record
 from gpt2.prepare_data import decode_tokens, encode_text, prepare
 from gpt2.pretrained import SMOLLM2, load_pretrained, load_tokenizer, model_from_checkpoint, source_family
+from gpt2.tokenizer import get_tokenizer
 from lib.settings import BadSettings
 from lib.vcache import describe
 
@@ -90,9 +95,6 @@ def check_args(args):
         except json.JSONDecodeError as e:
             problems.append(f"--v-cache is not JSON: {e}")
     if args.ablation_step is not None:
-        from gpt2.ablations import STEPS
-        from gpt2.cli import parse_args as train_flags
-        from gpt2.method_flags import method_record
         if args.ablation_step not in STEPS:
             problems.append(f"--ablation-step {args.ablation_step!r}: known steps: {', '.join(STEPS)}")
         else:
@@ -129,8 +131,6 @@ class Source:
     def _checkpoint_meta(self):
         """Its data's meta (a compact vocabulary's ids are the data's own), or, without
         the data, its tokenizer's when the model reads that tokenizer's ids."""
-        from gpt2.data import TokenData
-        from gpt2.tokenizer import get_tokenizer
         a = self.run_args
         try:
             return TokenData(a["data_dir"], a["dataset"], a["tokenizer"]).meta
@@ -159,7 +159,6 @@ class Source:
                 raise ValueError(f"--fit-file {fit_file}: too little text to fit on")
             length = min(block_size, ids.numel())
             return list(ids[:ids.numel() // length * length].view(-1, length).split(1))
-        from gpt2.data import open_data
         if self.run_args is not None:  # a checkpoint: its own training data
             data = open_data(argparse.Namespace(**{**self.run_args, "block_size": block_size}))
         else:
@@ -170,7 +169,6 @@ class Source:
         return [data.get_batch("train", 1, block_size, seed + CALIB_SEED_SALT, 0, j)[0] for j in range(FIT_BATCHES)]
 
     def _prepared(self, data_dir):
-        from gpt2.data import dataset_dir_name
         return (Path(data_dir) / dataset_dir_name(FIT_CORPUS, self.name) / "meta.json").is_file()
 
 
