@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from gpt2.atomic import atomic_write_text
-from gpt2.calibrate import CALIB_SEED_SALT, fit_codecs, kept_rows, quiet
+from gpt2.calibrate import calibration_batches, fit_codecs, kept_rows, quiet
 from gpt2.cpu import configure_cpu
 from gpt2.data import open_data
 from gpt2.method_flags import method_needs_fit
@@ -128,8 +128,8 @@ def _probe_calibration(model, data, args, device, amp, cache):
         return cache[key]
     rows_per_batch = args.batch_size * args.block_size * model.config.n_head
     n_batches = min(args.kvsplice_max_batches, math.ceil(kept_rows(model, args.kvsplice_samples) / rows_per_batch))
-    batches = [data.get_batch("train", args.batch_size, args.block_size, args.seed + CALIB_SEED_SALT, 0, j,
-                              device)[0] for j in range(n_batches)]
+    batches = list(calibration_batches(data, n_batches, args.batch_size, args.block_size, args.seed,
+                                       device=device))
 
     def states():
         return [{n: t.clone() for n, t in codec.state_dict().items()} for codec in model.v_codecs()]

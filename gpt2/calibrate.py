@@ -191,6 +191,14 @@ class KVSpliceCalibrator:
         LOG.info(f"V samples saved to {path}")
 
 
+def calibration_batches(data, n, batch_size, block_size, seed, step=0, device="cpu"):
+    """The n input batches (batch_size, block_size) a calibration reads: TRAINING
+    batches drawn with seed + CALIB_SEED_SALT, so never those a run trains on or
+    is evaluated on; a generator, so each is drawn as the collection reads it."""
+    return (data.get_batch("train", batch_size, block_size, seed + CALIB_SEED_SALT, step, j, device)[0]
+            for j in range(n))
+
+
 def collect(model, batches, max_samples=MAX_SAMPLES, seed=0, autocast=None):
     """A calibrator holding V of every layer collected over `batches` (input ids (B, T)),
     its `collect_seconds` set: what fit_codecs fits, or a benchmark fits several codecs from."""
@@ -226,7 +234,7 @@ def main(argv=None):
     data = TokenData(run["data_dir"], run["dataset"], run.get("tokenizer", "gpt2"))
     bs, T = a.batch_size or run["batch_size"], model.config.block_size
     cal = KVSpliceCalibrator(model, a.samples, seed=run["seed"])
-    cal.collect(data.get_batch("train", bs, T, run["seed"] + CALIB_SEED_SALT, 0, j)[0] for j in range(a.batches))
+    cal.collect(calibration_batches(data, a.batches, bs, T, run["seed"]))
     cal.dump_samples(a.out)
     return 0
 

@@ -33,7 +33,7 @@ import torch
 
 from gpt2.ablations import STEPS
 from gpt2.atomic import atomic_torch_save
-from gpt2.calibrate import CALIB_SEED_SALT, MAX_SAMPLES, fit_codecs, quiet
+from gpt2.calibrate import MAX_SAMPLES, calibration_batches, fit_codecs, quiet
 from gpt2.cli import parse_args as train_flags
 from gpt2.data import TokenData, dataset_dir_name, open_data
 from gpt2.entry import ArgumentParser, run
@@ -166,7 +166,7 @@ class Source:
                 prepare(FIT_CORPUS, data_dir, tokenizer=self.name)
             data = open_data(argparse.Namespace(dataset=FIT_CORPUS, data_dir=data_dir, tokenizer=self.name,
                                                 block_size=block_size))
-        return [data.get_batch("train", 1, block_size, seed + CALIB_SEED_SALT, 0, j)[0] for j in range(FIT_BATCHES)]
+        return list(calibration_batches(data, FIT_BATCHES, 1, block_size, seed))
 
     def _prepared(self, data_dir):
         return (Path(data_dir) / dataset_dir_name(FIT_CORPUS, self.name) / "meta.json").is_file()

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from gpt2.atomic import atomic_torch_save
-from gpt2.calibrate import CALIB_SEED_SALT, LOG, fit_codecs
+from gpt2.calibrate import LOG, calibration_batches, fit_codecs
 from gpt2.cpu import configure_cpu
 from gpt2.data import TokenData, open_data
 from gpt2.geometry import load_fitted, save_fitted
@@ -177,8 +177,8 @@ def calibrate_model(model, data, args, rt, tracker, step):
     if rt.master:
         LOG.info(f"calibrating at iteration {step}: {args.kvsplice_max_batches} batches, {describe_part(codec)}")
         t0 = time.time()
-        batches = (data.get_batch("train", args.batch_size, args.block_size, args.seed + CALIB_SEED_SALT,
-                                  step, j, rt.device)[0] for j in range(args.kvsplice_max_batches))
+        batches = calibration_batches(data, args.kvsplice_max_batches, args.batch_size, args.block_size, args.seed,
+                                      step, rt.device)
         cal, fit_stats = fit_codecs(model, batches, args.kvsplice_samples, args.kvsplice_shared, args.seed,
                                     autocast_context(rt.device, args.dtype)[0],
                                     epochs=args.kvsplice_epochs, lr=args.kvsplice_lr)

@@ -24,6 +24,12 @@ def _round_up_fp16(x):
     return torch.where(h.float() < x, torch.nextafter(h, torch.full_like(h, math.inf)), h)
 
 
+def rms_fp16(u):
+    """(..., n) -> (..., 1) float16: the root mean square of each vector, rounded
+    up to float16, so codes computed with it use the scale that is stored."""
+    return _round_up_fp16(u.pow(2).mean(-1, keepdim=True).sqrt().clamp_min(1e-8))
+
+
 BITS = (2, 3, 4, 8)  # the code widths pack_codes stores
 
 

@@ -50,10 +50,10 @@ import torch.nn.functional as F
 from gpt2.atomic import atomic_write_text
 from gpt2.bench.kv_bench import ensure_data
 from gpt2.bench.kv_measure import eval_data, v_bytes_per_token, v_heads
-from gpt2.bench.kv_methods import fit_codec
+from gpt2.bench.kv_methods import BenchMethod, fit_codec
 from gpt2.bench.kv_report import machine_description
 from gpt2.bench.kv_source import PRETRAINED, open_source
-from gpt2.calibrate import CALIB_SEED_SALT, MAX_SAMPLES, collect, quiet
+from gpt2.calibrate import MAX_SAMPLES, calibration_batches, collect, quiet
 from gpt2.cli import GEOMETRY_FIT
 from gpt2.cpu import configure_cpu
 from gpt2.entry import ArgumentParser
@@ -219,10 +219,8 @@ def unit_losses(model, batches, unit):
 
 
 def measure(model, row, fits, val, induction, probe, unit):
-    model.set_v_cache(row.record)
-    for codec, state in zip(model.v_codecs(), fits.get(json.dumps(row.record["codec"], sort_keys=True), [])):
-        codec.load_state_dict(state)
-    method = model.attentions()[0].vcache
+    fitted = fits.get(json.dumps(row.record["codec"], sort_keys=True))
+    method = BenchMethod(row.name, row.record, fitted).build(model).layers[0]
     v_bytes_per_token(model, probe)  # the real cache holds what the method declares (raises otherwise)
     row.bytes = method.v_bytes(row.context, torch.bfloat16) / row.context
     row.units = unit_losses(model, val, unit)
@@ -437,8 +435,8 @@ def main(argv=None):
                      or MAX_SAMPLES for c in fitted)
         model.set_v_cache(full_record())
         with quiet():
-            cal = collect(model, (data.get_batch("train", 1, min(args.contexts), args.seed + CALIB_SEED_SALT, 0, j)[0]
-                                  for j in range(args.calib_batches)), wanted, args.seed)
+            cal = collect(model, calibration_batches(data, args.calib_batches, 1, min(args.contexts), args.seed),
+                          wanted, args.seed)
         log(f"[frontier] collected {cal.samples[0].shape[0]:,} V vectors per layer in "
             f"{time.perf_counter() - t0:.1f}s")
     fits, notes = fit_all(model, cal, rows, args.fit_epochs, GEOMETRY_FIT["lr"], args.seed, log)

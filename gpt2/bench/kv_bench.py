@@ -68,7 +68,7 @@ from gpt2.bench.kv_methods import bench_methods, check_preconditions, prune_sett
 from gpt2.bench.kv_report import (decode_rates_line, format_decode, format_table, machine_description, merge_report,
                                   notes, write_plot)
 from gpt2.bench.kv_source import CHECKPOINT_DEFAULTS, PRETRAINED, load_model, needs_data, open_source
-from gpt2.calibrate import CALIB_SEED_SALT, MAX_SAMPLES, collect, quiet
+from gpt2.calibrate import MAX_SAMPLES, calibration_batches, collect, quiet
 from gpt2.cli import GEOMETRY, GEOMETRY_FIT, parse_args as train_flags
 from gpt2.cpu import configure_cpu
 from gpt2.entry import ArgumentParser
@@ -198,8 +198,8 @@ def collect_v(model, data, batch_size, calib_batches, codec, samples, seed, log)
     # the rows' codec whose fit wants the most samples (the cap; kv_methods.widest_fit): unfitted, it leaves V alone
     model.set_v_cache({"select": FULL["select"], "codec": codec})
     with quiet():
-        cal = collect(model, (data.get_batch("train", batch_size, model.config.block_size, seed + CALIB_SEED_SALT,
-                                             0, j)[0] for j in range(calib_batches)), samples, seed)
+        cal = collect(model, calibration_batches(data, calib_batches, batch_size, model.config.block_size, seed),
+                      samples, seed)
     collect_s = time.perf_counter() - t0
     log(f"[bench] collected {cal.samples[0].shape[0]:,} V vectors per layer from {calib_batches} train "
         f"batches in {collect_s:.1f}s")

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from gpt2.calibrate import CALIB_SEED_SALT, fit_codecs, quiet
+from gpt2.calibrate import calibration_batches, fit_codecs, quiet
 from gpt2.data import open_data
 from gpt2.lm import load_checkpoint
 from gpt2.pretrained import load_pretrained, model_from_checkpoint
@@ -65,8 +65,8 @@ def post_hoc(pretrained, args, data, log):
     """Fit the pretrained model's method (put in by set_v_cache) as the run's calibration
     fits it, when its codec needs a fit."""
     if pretrained.needs_fit():
-        batches = (data.get_batch("train", args["batch_size"], args["block_size"], args["seed"] + CALIB_SEED_SALT,
-                                  0, j)[0] for j in range(args["kvsplice_max_batches"]))
+        batches = calibration_batches(data, args["kvsplice_max_batches"], args["batch_size"], args["block_size"],
+                                      args["seed"])
         with quiet():
             fit_codecs(pretrained, batches, args["kvsplice_samples"], args["kvsplice_shared"], args["seed"],
                        epochs=args["kvsplice_epochs"], lr=args["kvsplice_lr"])

@@ -36,7 +36,7 @@ import torch
 
 from lib.codecs.rotated import ROTATIONS, rotation_matrix, rotation_problems, seed_problems
 from lib.kvsplice import FIT_EPOCHS, FIT_LR, KNOTS, MonotoneSpline, SplinePCA
-from lib.quantize import pack_widths, unpack_widths, width_layout, width_unpack_matrix
+from lib.quantize import pack_widths, rms_fp16, unpack_widths, width_layout, width_unpack_matrix
 from lib.vcache import VCodec, register_codec
 
 BASES = ("pca",) + ROTATIONS
@@ -45,13 +45,6 @@ MAX_WIDTH = 8
 CLIPS = torch.linspace(0.25, 5.0, 20)  # the clips the fit tries, in units of the coordinate's RMS
 FIT_ROWS = 16384  # rows the mean and basis are fitted on
 CLIP_ROWS = 2048  # of those, rows each coordinate's clips are fitted on
-
-
-def _rms(u):
-    """(..., n) -> (..., 1) the root mean square, rounded up to float16 (so codes use the stored scale)."""
-    s = u.pow(2).mean(-1, keepdim=True).sqrt().clamp_min(1e-8)
-    h = s.half()
-    return torch.where(h.float() < s, torch.nextafter(h, torch.full_like(h, float("inf"))), h)
 
 
 def _quantize(x, clip, levels):
@@ -181,7 +174,7 @@ class Transform(VCodec):
             _, vectors = torch.linalg.eigh(centred.T.double() @ centred.double() / rows.size(0))
             self.axes.copy_(vectors.flip(-1).float())  # columns by variance, highest first
         u = centred @ self.axes
-        normed = u / _rms(u).float()
+        normed = u / rms_fp16(u).float()
         errors, clips = self._quantizer_errors(normed[:CLIP_ROWS])  # (D, MAX_WIDTH + 1) each
         widths = allocate_bits(errors, self.total_bits) if self.allocate == "variance" else self._equal_widths()
         self.widths.copy_(widths)
@@ -217,7 +210,7 @@ class Transform(VCodec):
 
     def encode(self, v):
         u = self._coordinates(v)
-        s = _rms(u)
+        s = rms_fp16(u)
         codes = _quantize(u / s.float(), self.clip, self.levels)
         return torch.cat([pack_widths(codes, self.source, self.shift), s.view(torch.uint8)], dim=-1)
 

@@ -16,17 +16,10 @@ after the weighted sum.
 import torch
 
 from lib.codecs.rotated import rotation_matrix, rotation_problems
-from lib.quantize import BITS, bits_problem, codes_per_block, pack_codes, unpack_codes
+from lib.quantize import BITS, bits_problem, codes_per_block, pack_codes, rms_fp16, unpack_codes
 from lib.vcache import VCodec, register_codec
 
 CLIPS = torch.linspace(0.5, 5.0, 91)  # the clips the fit tries, in units of the vector's RMS
-
-
-def _rms(u):
-    """(..., n) -> (..., 1) the root mean square, rounded up to float16 (so codes use the stored scale)."""
-    s = u.pow(2).mean(-1, keepdim=True).sqrt().clamp_min(1e-8)
-    h = s.half()
-    return torch.where(h.float() < s, torch.nextafter(h, torch.full_like(h, float("inf"))), h)
 
 
 @register_codec("turbo")
@@ -62,7 +55,7 @@ class Turbo(VCodec):
 
     def fit_state(self, samples, seed):
         u = samples.float() @ self.rotation_matrix
-        x = u / _rms(u).float()
+        x = u / rms_fp16(u).float()
         errors = torch.stack([(self._dequantize(self._quantize(x, c), c) - x).pow(2).mean() for c in CLIPS])
         best = int(errors.argmin())
         self.clip.fill_(CLIPS[best].item())
@@ -70,7 +63,7 @@ class Turbo(VCodec):
 
     def encode(self, v):
         u = v.float() @ self.rotation_matrix
-        s = _rms(u)  # (..., 1) float16
+        s = rms_fp16(u)  # (..., 1) float16
         codes = pack_codes(self._quantize(u / s.float(), self.clip), self.bits)
         return torch.cat([codes, s.view(torch.uint8)], dim=-1)
 
