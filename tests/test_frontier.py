@@ -43,9 +43,26 @@ def test_every_planned_row_fits_its_budget_and_builds(hd):
     if hd == 64:  # of two int codecs at 32 bytes, int3 in groups of 32 (not int2 in groups of 16)
         assert by_name(rows)[512, 4, "int"] == {"kind": "int", "bits": 3, "group_size": 32}
     # exact tokens are paid for: the same budget, fewer bits for the codec
-    by = by_name(rows)
+    by = by_name(frontier.plan([512], hd, 2048, grid="wide"))
     bits = [by[512, 3, name]["bits"] for name in ("turbo", "turbo + sinks", "turbo + sinks + window")]
     assert bits == sorted(bits, reverse=True) and len(set(bits)) == 3
+
+
+def test_the_default_grid_asks_every_geometry_question_at_the_goal_budget_and_samples_the_rest():
+    rows = frontier.plan([512, 2048], 64, 2048)
+    names = {(r.context, r.bits, r.name) for r in rows}
+    for a, b, _ in frontier.GEOMETRY_PAIRS:  # each pair runs at 2.5 bits, context 512
+        assert {(512, 2.5, a), (512, 2.5, b)} <= names, (a, b)
+    for T, bits in ((512, 2), (512, 2.5), (512, 3), (512, 4), (2048, 2), (2048, 2.5)):  # contenders, a control
+        assert {(T, bits, "turbo + sinks + window"), (T, bits, "kvtc + sinks + window")} <= names
+        assert any(r.family == "window" for r in rows if (r.context, r.bits) == (T, bits))
+    assert not any(r.family == "random" for r in rows if r.context == 2048)
+    wide = {(r.context, r.bits, r.name) for r in frontier.plan([512, 2048], 64, 2048, grid="wide")}
+    assert names < wide and len(rows) < 0.6 * len(wide)
+    assert {(512, 3, "pca basis"), (2048, 2, "random 256 tok")} <= wide - names
+    # a budget the grid does not list runs every family and variant its context lists
+    odd = {r.name for r in frontier.plan([512], 64, 2048, budgets=[3.5])}
+    assert {"turbo", "kvtc + sinks", "spline turbo", "rotated int + sinks + window", "random 112 tok"} <= odd
 
 
 def test_the_frontier_runs_end_to_end_and_names_the_best_row_at_each_budget(tiny_smollm2, tiny_data_dir,  # noqa: F811
@@ -87,6 +104,7 @@ def test_the_frontier_runs_end_to_end_and_names_the_best_row_at_each_budget(tiny
     (["--families", "kvtc,zip"], "--families: unknown ['zip']; known: int, rotated int, turbo"),
     (["--budgets", "2,x"], "--budgets must be comma-separated numbers, got '2,x'"),
     (["--budgets", "0"], "--budgets: each must be in (0, 16) bits per dimension, got [0.0]"),
+    (["--grid", "all"], "argument --grid: invalid choice: 'all'"),
 ])
 def test_bad_input_is_one_clear_error_before_anything_runs(argv, message, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:

@@ -26,12 +26,22 @@ or `+ sinks + window` (and each query's last context/32: 16 at 512, 64 at
 2048), the codec's bits lowered to pay for them. The controls hold as many
 bytes of exact V: a sliding window, and random keep with a recency window.
 
-Sampled, to fit 15 minutes on 2 cores: GRID says which family and exact
-tokens run at which context and budget. Perplexity is paired over units of
-512 tokens (at 2048, each sequence's four quarters): each row against the
-full cache and against the best row of its budget, with the standard error
-of the paired difference. Induction accuracy (gpt2/induction.py, passages of
-context/2 tokens) likewise, per batch.
+The grid is sampled to fit 15 minutes on 2 cores (`--grid default`, GRIDS
+says which family and exact tokens run at which context and budget):
+    - at every budget, the contenders: int, rotated int (every exact variant
+      that fits), turbo and kvtc with sinks and window, the window control,
+      and at 512 the random control;
+    - at 2.5 bits and context 512 (the goal's budget), the geometry's
+      questions too: turbo and kvtc without exact tokens, kvtc with sinks,
+      pca basis, both spline rows and PCA k; PCA k=16 (the seed's 64 -> 16)
+      at 4 bits;
+    - at 2048, 2 and 2.5 bits only, no random control.
+`--grid wide` runs every family at every budget at 512 (72 rows, about 25
+minutes). Perplexity is paired over units of 512 tokens (at 2048, each
+sequence's four quarters): each row against the full cache and against the
+best row of its budget, with the standard error of the paired difference.
+Induction accuracy (gpt2/induction.py, passages of context/2 tokens, at most
+512) likewise, per batch.
 """
 
 import argparse
@@ -67,16 +77,26 @@ UNIT = 512  # tokens per paired unit (--unit): every context a multiple of it
 SINKS = 4
 EXACT_BYTES = 2  # per dimension of an exact V (bf16)
 CONTROLS = ("window", "random")
+INDUCTION_PASSAGE = 512  # the longest induction passage (tokens); a context's passages are context/2 up to it
 
-# family -> the exact-token variants run, per context; budgets: every one unless listed
-GRID = {
-    512: {"int": ("",), "rotated int": ("", "sinks", "sinks+window"),
-          "turbo": ("", "sinks", "sinks+window"), "kvtc": ("", "sinks", "sinks+window"),
-          "pca basis": ("",), "spline kvtc": ("sinks",), "spline turbo": ("",), "PCA k": ("",)},
-    2048: {"int": ("",), "rotated int": ("sinks",), "turbo": ("sinks", "sinks+window"),
-           "kvtc": ("sinks", "sinks+window")},
+# context -> budget (bits per dimension) -> family -> its exact-token variants ("": none); the
+# controls are families with the one variant "". A context not listed takes 512's grid.
+EXACT = ("", "sinks", "sinks+window")
+CONTENDERS = {"window": ("",), "random": ("",), "int": ("",), "rotated int": EXACT,
+              "turbo": ("sinks+window",), "kvtc": ("sinks+window",)}
+GEOMETRY = {"turbo": ("", "sinks+window"), "kvtc": EXACT, "pca basis": ("",), "spline kvtc": ("sinks",),
+            "spline turbo": ("",), "PCA k": ("",)}
+LONG = {"window": ("",), "int": ("",), "turbo": ("sinks+window",), "kvtc": ("sinks+window",)}
+WIDE_512 = {"window": ("",), "random": ("",), "int": ("",), "rotated int": EXACT, "turbo": EXACT, "kvtc": EXACT,
+            "pca basis": ("",), "spline kvtc": ("sinks",), "spline turbo": ("",), "PCA k": ("",)}
+WIDE_2048 = {"window": ("",), "random": ("",), "int": ("",), "rotated int": ("sinks",),
+             "turbo": ("sinks", "sinks+window"), "kvtc": ("sinks", "sinks+window")}
+GRIDS = {
+    "default": {512: {2: CONTENDERS, 2.5: {**CONTENDERS, **GEOMETRY}, 3: CONTENDERS,
+                      4: {**CONTENDERS, "PCA k": ("",)}},
+                2048: {2: LONG, 2.5: LONG}},
+    "wide": {512: {bits: WIDE_512 for bits in BITS_PER_DIM}, 2048: {bits: WIDE_2048 for bits in (2, 2.5)}},
 }
-BUDGETS = {512: BITS_PER_DIM, 2048: (2, 2.5)}  # per context; another context takes 512's grid and budgets
 
 
 def int_codec(nbytes, hd):
@@ -152,23 +172,29 @@ def exact_tokens(select, context):
     return 0 if select["kind"] == "full" else min(context, select["sinks"] + select["window"])
 
 
-def plan(contexts, hd, block_size, families=None, budgets=None):
-    """[Row] of the grid, records only: the reference, the controls, every family at every
-    budget it fits (the model's block_size sizes random keep's budget). `families` and
-    `budgets` (bits per dimension), when given, replace the grid's."""
+def plan(contexts, hd, block_size, families=None, budgets=None, grid="default"):
+    """[Row] of the grid, records only: the reference, then at each budget the controls and every
+    family that fits it (the model's block_size sizes random keep's budget). `families` keeps only
+    those (the reference and controls always run); `budgets` (bits per dimension) replaces the
+    grid's, a budget it does not list running every family and variant the context lists."""
     rows = []
     for T in contexts:
+        at = GRIDS[grid].get(T, GRIDS[grid][512])
+        union = {}
+        for spec in at.values():
+            for family, variants in spec.items():
+                union[family] = tuple(dict.fromkeys(union.get(family, ()) + variants))
         rows.append(Row(T, 16, "full V", "", FULL))
-        for bits in budgets or BUDGETS.get(T, BITS_PER_DIM):
+        for bits in budgets or at:
             budget = bits * hd / 8
             n = int(budget * T // (hd * EXACT_BYTES))  # tokens of exact V the budget holds
-            rows.append(Row(T, bits, "window", "window",
-                            {"select": {"kind": "window", "window": n}, "codec": FULL["codec"]}))
-            rows.append(Row(T, bits, "random", "random",
-                            {"select": {"kind": "random", "keep_ratio": n / block_size, "k_min": n,
-                                        "recency": max(1, n // 4), "seed": 0}, "codec": FULL["codec"]}))
-            for family, variants in GRID.get(T, GRID[512]).items():
-                if families is not None and family not in families:
+            spec = at.get(bits, union)
+            for control in (c for c in CONTROLS if c in spec):
+                select = {"kind": "window", "window": n} if control == "window" else \
+                    {"kind": "random", "keep_ratio": n / block_size, "k_min": n, "recency": max(1, n // 4), "seed": 0}
+                rows.append(Row(T, bits, control, control, {"select": select, "codec": FULL["codec"]}))
+            for family, variants in spec.items():
+                if family in CONTROLS or (families is not None and family not in families):
                     continue
                 for exact in variants:
                     select = exact_select(exact, T)
@@ -349,6 +375,9 @@ def parse_args(argv):
     ap = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--contexts", default="512,2048", help="comma-separated contexts (multiples of --unit)")
     ap.add_argument("--unit", type=int, default=UNIT, help=f"tokens per paired unit (default {UNIT})")
+    ap.add_argument("--grid", choices=sorted(GRIDS), default="default",
+                    help="which families run at which context and budget (default: sampled to fit 15 minutes; "
+                         "wide: every family at every budget at 512, about 25 minutes)")
     ap.add_argument("--families", help=f"comma-separated families to run instead of the grid's: "
                                         f"{', '.join(FAMILIES)} (the reference and controls always run)")
     ap.add_argument("--budgets", help="comma-separated bits per dimension instead of the grid's (e.g. 2,2.5)")
@@ -421,7 +450,7 @@ def main(argv=None):
     ensure_data(SMOLLM2, ckpt, pretrained, log)
     model = load_pretrained(SMOLLM2, block_size=max(args.contexts)).eval()
     hd, cfg = model.config.head_dim, model.config
-    rows = plan(args.contexts, hd, cfg.block_size, args.families, args.budgets)
+    rows = plan(args.contexts, hd, cfg.block_size, args.families, args.budgets, args.grid)
     for row in rows:  # every record builds, before anything is fitted or measured
         build_method(row.record, cfg.block_size, hd)
     log(f"[frontier] {len(rows)} rows at contexts {args.contexts}; {cfg.n_layer} layers, "
@@ -440,7 +469,7 @@ def main(argv=None):
         log(f"[frontier] collected {cal.samples[0].shape[0]:,} V vectors per layer in "
             f"{time.perf_counter() - t0:.1f}s")
     fits, notes = fit_all(model, cal, rows, args.fit_epochs, GEOMETRY_FIT["lr"], args.seed, log)
-    induction = {T: induction_batches(args.induction_batches, 1, T // 2, **{
+    induction = {T: induction_batches(args.induction_batches, 1, min(T // 2, INDUCTION_PASSAGE), **{
         n: pretrained.induction[n] for n in ("low", "high")}, seed=args.seed) for T in args.contexts}
     val = {T: eval_data(SMOLLM2, ckpt["args"], T, cfg.vocab_size, args.data_dir, args.eval_tokens // T, 1,
                         args.seed)[1] for T in args.contexts}
