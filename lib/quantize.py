@@ -3,8 +3,7 @@
 b-bit codes (b = 2, 3, 4 or 8) per group of channels, packed into bytes,
 with a float16 scale and zero point per group. encode/decode are the int
 codecs' (lib/codecs/int.py), and the scale and zero point travel inside the
-same uint8 tensor, so the cache's byte count includes them. Written for
-clarity over speed.
+same uint8 tensor, so the cache's byte count includes them.
 """
 
 import math
@@ -56,16 +55,32 @@ def pack_codes(codes, bits):
     return ((value[..., None] >> shifts) & 0xFF).to(torch.uint8).flatten(-2)
 
 
-def unpack_codes(packed, bits):
-    """pack_codes' inverse: uint8 (..., n * bits / 8) -> codes uint8 (..., n)."""
+_LUTS = {}
+
+
+def _byte_table(bits, dtype, device):
+    """(256, 8 // bits) of `dtype`: the codes each byte holds (bits 2 or 4, low code first)."""
+    key = (bits, dtype, device)
+    if key not in _LUTS:
+        byte = torch.arange(256, dtype=torch.int32)[:, None]
+        codes = (byte >> (torch.arange(8 // bits, dtype=torch.int32) * bits)) & (2 ** bits - 1)
+        _LUTS[key] = codes.to(device=device, dtype=dtype)
+    return _LUTS[key]
+
+
+def unpack_codes(packed, bits, dtype=torch.uint8):
+    """pack_codes' inverse: uint8 (..., n * bits / 8) -> codes (..., n) of `dtype`. Widths whose
+    codes never straddle a byte (2, 4) are looked up per byte: one gather, not a shift per code."""
     if bits == 8:
-        return packed
+        return packed.to(dtype)
+    if 8 % bits == 0:
+        return _byte_table(bits, dtype, packed.device)[packed.long()].flatten(-2)
     m = codes_per_block(bits)
     n_bytes = bits * m // 8
     blocks = packed.reshape(*packed.shape[:-1], packed.size(-1) // n_bytes, n_bytes).to(torch.int32)
     value = (blocks << (torch.arange(n_bytes, device=packed.device) * 8)).sum(-1)
     codes = (value[..., None] >> (torch.arange(m, device=packed.device) * bits)) & (2 ** bits - 1)
-    return codes.to(torch.uint8).flatten(-2)
+    return codes.to(dtype).flatten(-2)
 
 
 class VQuantizer:
@@ -136,13 +151,11 @@ class VQuantizer:
         if hs == 0 or hs * per != X * 8 * self.group_size:
             raise ValueError(f"packed last dim {X} does not match any head_dim for {self!r}")
         n_code, G = hs * self.bits // 8, hs // self.group_size
-        codes = unpack_codes(packed[..., :n_code], self.bits)  # (..., hs)
-        scale = packed[..., n_code:n_code + 2 * G].contiguous().view(torch.float16)  # (..., G)
-        zero = packed[..., n_code + 2 * G:].contiguous().view(torch.float16)
         lead = packed.shape[:-1]
-        x = codes.float().reshape(*lead, G, self.group_size)
-        x = x * scale.float()[..., None] + zero.float()[..., None]
-        return x.reshape(*lead, hs).to(self.out_dtype)
+        x = unpack_codes(packed[..., :n_code], self.bits, torch.float32).view(*lead, G, self.group_size)
+        side = packed[..., n_code:].contiguous().view(torch.float16).float()  # (..., 2G): scales, zeros
+        x = x * side[..., :G, None] + side[..., G:, None]
+        return x.view(*lead, hs).to(self.out_dtype)
 
 
 def width_layout(widths):

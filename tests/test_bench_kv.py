@@ -92,17 +92,26 @@ def test_every_method_row_and_consistent_numbers(bench_run):
 
 
 def test_decode_section_judges_the_targets_at_context_1024():
-    def speeds(v0, v0c, v20, v20c):
-        return {"V0": (1.0, v0), "V0 compiled": (1.1, v0c), "V20": (2.0, v20), "V20 compiled": (2.1, v20c),
-                "PCA compiled": (2.0, 1.5 * v0), "new_tokens": 96}
+    def speeds(v0, v0c, v20, v20c, v22=None, prefill=(1.0, 2.0, 1.05)):
+        return {"V0": (prefill[0], v0), "V0 compiled": (1.1, v0c), "V20": (prefill[1], v20),
+                "V20 compiled": (2.1, v20c), "PCA compiled": (2.0, 1.5 * v0), "V22": (prefill[2], v22 or v0),
+                "prompt": 896, "new_tokens": 96}
     text, checks = format_decode({(1, 1024): speeds(100, 90, 60, 86), (16, 1024): speeds(300, 320, 250, 319),
                                   (1, 256): speeds(200, 150, 10, 20)}, "prune + splinepca", "2 layers")
-    assert [met for met, _ in checks] == [True, False]  # 86/100 >= 0.85; 319/320 < 1.0 (the best V0 counts)
-    assert "0.860x the plain cache's best 100.0 tok/s (target >= 0.85x)" in checks[0][1]
+    compiled = [(met, t) for met, t in checks if "(compiled)" in t]
+    assert [met for met, _ in compiled] == [True, False]  # 86/100 >= 0.85; 319/320 < 1.0 (the best V0 counts)
+    assert "0.860x the plain cache's best 100.0 tok/s (target >= 0.85x)" in compiled[0][1]
     # a miss that rounds to the target in the table's two decimals is shown as a miss
-    assert "319.0 tok/s = 0.997x the plain cache's best 320.0 tok/s (target >= 1.0x)" in checks[1][1]
-    assert "| 1 | 256 | 160 + 96 |" in text and "- NOT MET: decode at batch 16" in text
-    assert "| 0.86x | 1.50x | 1.00 / 2.00 |" in text  # V20's ratio, then its same-bytes PCA control's
+    assert "319.0 tok/s = 0.997x the plain cache's best 320.0 tok/s (target >= 1.0x)" in compiled[1][1]
+    assert "| 1 | 256 | 896 + 96 |" in text and "- NOT MET: decode at batch 16" in text
+    assert "| 0.86x | 1.50x |" in text  # V20's ratio, then its same-bytes PCA control's
+    # eager, end to end: batch 1, V0 1.0 + 0.96 s; V20 2.0 + 1.6 s; V22 1.05 + 0.96 s
+    eager = {t.split(": ")[1].split(" at ")[0]: (met, t) for met, t in checks if t.startswith("eager, batch 1,")}
+    assert eager["V20"][0] is False and f"V20 at {1.96 / 3.6:.3f}x" in eager["V20"][1]
+    assert eager["V22"][0] is True and f"V22 at {1.96 / 2.01:.3f}x" in eager["V22"][1]
+    prefill = [(met, t) for met, t in checks if t.startswith("prefill of 896 tokens at batch 1:")]
+    assert [met for met, _ in prefill] == [False, True] and "= 2.00x the full prefill's 1.000 s" in prefill[0][1]
+    assert f"| {1.96 / 3.6:.2f}x, {1.96 / 2.01:.2f}x | 1.00 / 2.00 / 1.05 |" in text
 
 
 def test_bad_settings_fail_before_writing(bench_run, tmp_path):

@@ -4,6 +4,7 @@
     python scripts/bench_kv.py --ckpt smollm2      # the pretrained SmolLM2-135M on held-out plays
     python scripts/bench_kv.py --decode-only --config defconfigs/gpt2-124m-finewebedu --device cuda \
         --decode-batches 1,16,64 --decode-contexts 1024     # the decode-speed table alone, on a GPU
+    python scripts/bench_kv.py --memory            # SmolLM2's KV memory per method (gpt2/bench/kv_memory.py)
 
 Each method (gpt2/bench/kv_methods.py: a list of lib.vcache records with
 the checkpoint's settings) is put into the model's attention after training
@@ -40,6 +41,11 @@ and >= 1.0x at batch 16, context 1024. It runs on --device, under bf16
 autocast on a GPU that supports it (fp32 on the CPU). --decode-only prints
 this section alone and writes nothing; with --config instead of --ckpt its
 models take a defconfig's (or .config's) shape and pruning, at --vocab.
+
+--memory writes the section "KV memory" alone: per method, SmolLM2's cache
+MB at 2k, 8k and 32k tokens and the longest context that fits 1 GiB, each
+method's count confirmed by a real generation at about 2k tokens
+(gpt2/bench/kv_memory.py).
 
 Writes --out-md (docs/benchmarks.md: table, targets, command, machine; the
 sections of checkpoints this run does not name are kept) and --out-png
@@ -337,6 +343,9 @@ def parse_args(argv=None):
                          "section and one plot each")
     ap.add_argument("--decode-only", action="store_true",
                     help="print the decode-speed section alone and write nothing")
+    ap.add_argument("--memory", action="store_true",
+                    help="measure the KV-memory section alone (SmolLM2: cache MB per method at 2k, 8k and 32k "
+                         "tokens, the longest context in 1 GiB) and write it into --out-md")
     ap.add_argument("--config", default=None,
                     help="with --decode-only, instead of --ckpt: a defconfig or .config whose shape and "
                          "pruning the decode-speed models take")
@@ -369,8 +378,12 @@ def parse_args(argv=None):
                          "parent, above any seed<N>/)")
     ap.add_argument("--data-dir", default=None, help="prepared data dir (default: the checkpoint's)")
     args = ap.parse_args(argv)
-    if bool(args.ckpt) == bool(args.config) or (args.config and not args.decode_only):
-        ap.error("expected --ckpt, or --decode-only with --config instead")
+    if args.memory:
+        if args.ckpt or args.config or args.decode_only:
+            ap.error("--memory measures SmolLM2's memory alone: no --ckpt, --config or --decode-only with it")
+        args.decode_contexts = ""  # no decode-speed section
+    elif bool(args.ckpt) == bool(args.config) or (args.config and not args.decode_only):
+        ap.error("expected --ckpt, or --decode-only with --config instead, or --memory")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         ap.error(f"--device {args.device}, but torch.cuda.is_available() is False (torch {torch.__version__})")
     elif not args.device.startswith("cuda") and args.device != "cpu":
@@ -423,6 +436,8 @@ def sections_of(command):
             args = parse_args(shlex.split(command)[2:])
     except SystemExit:
         return None
+    if args.memory:
+        return {MEMORY_HEADING}
     keys = {f"## `{c}`" for c in args.ckpt}
     if args.decode_contexts and any(c not in PRETRAINED for c in args.ckpt):
         keys.add(DECODE_HEADING)
@@ -430,6 +445,21 @@ def sections_of(command):
 
 
 DECODE_HEADING = "## Decode speed"
+MEMORY_HEADING = "## KV memory"
+
+
+def memory_section(args):
+    """The KV-memory section's text (gpt2/bench/kv_memory.py) for SmolLM2."""
+    from gpt2.bench import kv_memory, kv_source
+    from gpt2.pretrained import SMOLLM2
+
+    ckpt, pretrained = open_source(SMOLLM2, args.data_dir)
+    ensure_data(SMOLLM2, ckpt, pretrained, _log)
+    PROMPT, NEW_TOKENS = kv_memory.PROMPT, kv_memory.NEW_TOKENS
+    model = kv_source.load_pretrained(SMOLLM2, block_size=PROMPT + NEW_TOKENS).eval()
+    data, _ = eval_data(SMOLLM2, ckpt["args"], PROMPT, model.config.vocab_size, args.data_dir, 1, 1, 1337)
+    rows = kv_memory.memory_rows(model, data, prune_settings(ckpt), log=_log)
+    return kv_memory.format_memory(rows, SMOLLM2, model.config)
 
 
 def main(argv=None):
@@ -450,6 +480,10 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     results, sections = {}, []
+    if args.memory:
+        text = memory_section(args)
+        print("\n" + text, flush=True)
+        sections.append((MEMORY_HEADING, text))
     decode = bool(args.decode_contexts) and (args.decode_only or decode_checkpoint(args.ckpt) is not None)
     if decode:  # first, while nothing else of this run has warmed or loaded the machine
         text, _ = decode_speed(*decode_shape(args), args.decode_batches, args.decode_contexts,

@@ -188,7 +188,8 @@ def checkpoint_context_use(ckpt_path, eval_batches=20, batch_size=8):
 
 # ---- decode speed through model.generate ------------------------------------------------
 
-DECODE_NEW_TOKENS = {256: 64, 1024: 96}  # new tokens per context; the prompt fills the rest
+# (prompt, new tokens) per context; another context: the new tokens an eighth of it, the prompt the rest
+DECODE_SHAPES = {256: (192, 64), 1024: (896, 96)}
 
 
 def timing_geometry(head_dim, k, seed=0):
@@ -202,31 +203,34 @@ def timing_geometry(head_dim, k, seed=0):
 
 
 def decode_models(config, record, context, geometry):
-    """(plain, method, control) models of config's shape at block_size =
+    """(plain, method, control, quantized) models of config's shape at block_size =
     context, with the same random weights: decode speed depends on shapes, not
     on what was learned. method stores V through `geometry` (a SplinePCA);
     control is the same record with plain PCA (the geometry with the identity
-    spline): the same V bytes, so the two differ by the spline's work alone."""
+    spline): the same V bytes, so the two differ by the spline's work alone;
+    quantized is the record's pruning with int4 V (V22's method)."""
     shape = dict(block_size=context, dropout=0.0, v_cache=full_record())
     torch.manual_seed(0)
     plain = GPT(replace(config, **shape)).eval()
     pca = copy.deepcopy(geometry)
     pca.spline.reset_identity()
     models = [plain]
-    for codec, g in (("splinepca", geometry), ("pca", pca)):
+    for codec, g in (("splinepca", geometry), ("pca", pca), ("int4", None)):
         m = GPT(replace(config, **shape)).eval()
         m.load_state_dict(plain.state_dict())
-        m.set_v_cache({**record, "codec": {**record["codec"], "kind": codec}})
+        m.set_v_cache({**record, "codec": {"kind": codec, "group_size": 32} if g is None else
+                       {**record["codec"], "kind": codec}})
         for block in m.transformer.h:
-            block.attn.vcache.codec.set_geometry(g)
+            if g is not None:
+                block.attn.vcache.codec.set_geometry(g)
         models.append(m)
     return tuple(models)
 
 
-def decode_row(plain, method, control, batch, context, repeats, vocab_size, seed=0):
+def decode_row(plain, method, control, quantized, batch, context, repeats, vocab_size, seed=0):
     """One row of the decode-speed table (gpt2/bench/kv_report.py format_decode): {"V0" |
-    "V0 compiled" | "V20" | "V20 compiled" | "PCA compiled" (control):
-    (prefill s, decode tokens/s), "new_tokens": n}, medians over `repeats` round-robin rounds of
+    "V0 compiled" | "V20" | "V20 compiled" | "PCA compiled" (control) | "V22" (quantized, eager):
+    (prefill s, decode tokens/s), "prompt": its tokens, "new_tokens": n}, medians over `repeats` round-robin rounds of
     model.generate (its own prefill / decode timings) on the models' device.
     Dynamo starts fresh: every model's _decode_step shares one recompile limit
     (8), past which Dynamo silently runs eager. A first short generate per
@@ -234,10 +238,10 @@ def decode_row(plain, method, control, batch, context, repeats, vocab_size, seed
     as in the timed runs), compiles and warms up."""
     torch._dynamo.reset()
     runs = {"V0": (plain, False), "V0 compiled": (plain, True), "V20": (method, False), "V20 compiled": (method, True),
-            "PCA compiled": (control, True)}
-    new = DECODE_NEW_TOKENS.get(context, context // 8)
+            "PCA compiled": (control, True), "V22": (quantized, False)}
+    n_prompt, new = DECODE_SHAPES.get(context, (context - context // 8, context // 8))
     g = torch.Generator().manual_seed(seed)
-    prompt = torch.randint(0, vocab_size, (batch, context - new), generator=g).to(plain.lm_head.weight.device)
+    prompt = torch.randint(0, vocab_size, (batch, n_prompt), generator=g).to(plain.lm_head.weight.device)
     for model, compile in runs.values():
         model.generate(prompt[:, :context // 2], 3, top_k=50, compile=compile)
     times = {name: [] for name in runs}
@@ -248,4 +252,4 @@ def decode_row(plain, method, control, batch, context, repeats, vocab_size, seed
             model.generate(prompt, new, temperature=0.8, top_k=50, compile=compile, timings=t)
             times[name].append((t["prefill_s"], batch * new / t["decode_s"]))
     return {**{name: (statistics.median(p for p, _ in r), statistics.median(d for _, d in r))
-               for name, r in times.items()}, "new_tokens": new}
+               for name, r in times.items()}, "prompt": n_prompt, "new_tokens": new}

@@ -15,7 +15,9 @@ from gpt2.bench.kv_methods import QUANT_GROUP, V20_K
 from gpt2.stats import NOISE_FLOOR, NOISE_SE, paired_difference, verdict
 
 # V20's decode tokens/s relative to the plain cache's, at context 1024, by batch
-DECODE_TARGETS = {1: 0.85, 16: 1.0}
+DECODE_TARGETS = {1: 0.85, 16: 1.0}  # compiled V20 / the plain cache's best, decode tok/s
+EAGER_TARGETS = {1: 0.9, 16: 1.0}    # eager V20 and V22 / eager V0, tokens/s end to end (prefill included)
+PREFILL_TARGET = 1.1                 # the pruned prefill's time / the full one's, at most
 WALL_TARGET_S = 600
 
 
@@ -136,40 +138,65 @@ def format_table(rows, wall_s=None):
 def decode_rates_line(row):
     """A decode-speed row (gpt2/bench/kv_measure.py decode_row) as one progress line's figures."""
     return ", ".join(f"{name} {row[name][1]:,.1f} tok/s"
-                     for name in ("V0", "V0 compiled", "V20", "V20 compiled", "PCA compiled"))
+                     for name in ("V0", "V0 compiled", "V20", "V20 compiled", "PCA compiled", "V22"))
+
+
+def end_to_end(r, name, batch):
+    """Seconds of a whole generate of row r's run `name` (prefill + decode) at `batch`."""
+    prefill, rate = r[name]
+    return prefill + batch * r["new_tokens"] / rate
 
 
 def format_decode(speeds, record, shape):
     """The decode-speed section (shape: what the models are, e.g. "the first
     checkpoint's shape (12 layers, ...)"): speeds {(batch, context): {"V0" | "V0 compiled" | "V20" |
-    "V20 compiled" | "PCA compiled": (prefill s, decode tok/s), "new_tokens": n}}. Returns (markdown, [(met, text)])."""
+    "V20 compiled" | "PCA compiled" | "V22": (prefill s, decode tok/s), "prompt": n, "new_tokens": n}}.
+    Returns (markdown, [(met, text)])."""
     lines = ["| batch | context | prompt + new | V0 tok/s | V0 compiled | V20 tok/s | V20 compiled "
-             "| V20 compiled / best V0 | PCA compiled / best V0 | prefill s: V0 / V20 |",
-             "|---:|---:|---|---:|---:|---:|---:|---:|---:|---|"]
+             "| V20 compiled / best V0 | PCA compiled / best V0 | V22 tok/s "
+             "| eager end to end: V20 / V0, V22 / V0 | prefill s: V0 / V20 / V22 |",
+             "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---|---|"]
     checks = []
     for (batch, context), r in sorted(speeds.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         best_v0 = max(r["V0"][1], r["V0 compiled"][1])
         ratio = r["V20 compiled"][1] / best_v0
         new = r["new_tokens"]
-        lines.append(f"| {batch} | {context} | {context - new} + {new} | {r['V0'][1]:.1f} | {r['V0 compiled'][1]:.1f} "
+        prompt = r.get("prompt", context - new)
+        eager = {name: end_to_end(r, "V0", batch) / end_to_end(r, name, batch) for name in ("V20", "V22")}
+        lines.append(f"| {batch} | {context} | {prompt} + {new} | {r['V0'][1]:.1f} | {r['V0 compiled'][1]:.1f} "
                      f"| {r['V20'][1]:.1f} | {r['V20 compiled'][1]:.1f} | {ratio:.2f}x "
-                     f"| {r['PCA compiled'][1] / best_v0:.2f}x "
-                     f"| {r['V0'][0]:.2f} / {r['V20'][0]:.2f} |")
-        if context == 1024 and batch in DECODE_TARGETS:
+                     f"| {r['PCA compiled'][1] / best_v0:.2f}x | {r['V22'][1]:.1f} "
+                     f"| {eager['V20']:.2f}x, {eager['V22']:.2f}x "
+                     f"| {r['V0'][0]:.2f} / {r['V20'][0]:.2f} / {r['V22'][0]:.2f} |")
+        if context != 1024:
+            continue
+        if batch in DECODE_TARGETS:
             target = DECODE_TARGETS[batch]
             checks.append((ratio >= target, f"decode at batch {batch}, context 1024: V20 (compiled) "
                            f"{r['V20 compiled'][1]:.1f} tok/s = {ratio:.3f}x the plain cache's best "
                            f"{best_v0:.1f} tok/s (target >= {target}x)"))
+        for name in ("V20", "V22") if batch in EAGER_TARGETS else ():
+            target = EAGER_TARGETS[batch]
+            checks.append((eager[name] >= target, f"eager, batch {batch}, {prompt} + {new} tokens end to end: "
+                           f"{name} at {eager[name]:.3f}x the plain cache's tokens/s (target >= {target}x)"))
+        for name in ("V20", "V22"):
+            slower = r[name][0] / r["V0"][0]
+            checks.append((slower <= PREFILL_TARGET, f"prefill of {prompt} tokens at batch {batch}: {name} "
+                           f"{r[name][0]:.3f} s = {slower:.2f}x the full prefill's {r['V0'][0]:.3f} s "
+                           f"(target <= {PREFILL_TARGET}x)"))
     text = (f"Through `model.generate` (top-k 50, temperature 0.8; each token drawn over the 50 largest logits, "
             f"not the whole vocabulary): decode tokens/s = batch x new tokens / "
-            f"the decode time generate reports; the prefill (the prompt) is timed apart, in the last column. "
+            f"the decode time generate reports; the prefill (the prompt) is timed apart, in the last column; "
+            f"end to end = the plain cache's prefill + decode time over the method's, both eager. "
             f"Models of {shape} at block_size = context, with random weights "
-            f"shared by V0 and V20 (speed depends on shapes, not on what was learned); V20 = `{record}`, with "
+            f"shared by every run (speed depends on shapes, not on what was learned); V20 = `{record}`, with "
             f"a SplinePCA whose spline is not the identity (fitted on warped samples); PCA = the same "
             f"pruning with that geometry's PCA alone (the identity spline): the same V bytes as V20, so V20 "
-            f"against PCA is what the spline's inverse costs a step. \"compiled\" = "
+            f"against PCA is what the spline's inverse costs a step; V22 = the same pruning with int4 V "
+            f"(groups of 32). \"compiled\" = "
             f"`generate(compile=True)`: one torch.compile graph of fixed shapes serves every one-token step, "
-            f"captured as a CUDA graph on CUDA (compile time excluded: a short generate runs first). Median of the rounds, round-robin over the five runs.\n\n"
+            f"captured as a CUDA graph on CUDA (compile time excluded: a short generate runs first). Median of "
+            f"the rounds, round-robin over the six runs.\n\n"
             + "\n".join(lines) + "\n\n"
             + "\n".join(f"- {'MET' if met else 'NOT MET'}: {t}" for met, t in checks))
     return text, checks
