@@ -74,7 +74,8 @@ def unpack_codes(packed, bits, dtype=torch.uint8):
     if bits == 8:
         return packed.to(dtype)
     if 8 % bits == 0:
-        return _byte_table(bits, dtype, packed.device)[packed.long()].flatten(-2)
+        table = _byte_table(bits, dtype, packed.device)
+        return table.index_select(0, packed.reshape(-1).long()).view(*packed.shape[:-1], -1)
     m = codes_per_block(bits)
     n_bytes = bits * m // 8
     blocks = packed.reshape(*packed.shape[:-1], packed.size(-1) // n_bytes, n_bytes).to(torch.int32)

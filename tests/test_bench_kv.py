@@ -147,7 +147,7 @@ def test_every_checkpoint_is_checked_before_the_first_measurement(bench_run, tmp
     assert measured == [] and not out.exists()
 
 
-def test_decode_only_prints_the_decode_table_at_a_configs_shape_and_writes_nothing(tmp_path, capsys):
+def test_decode_only_measures_the_decode_table_at_a_configs_shape_and_writes_it_alone(tmp_path, capsys):
     """--decode-only --config: make bench's decode table (V0 and V20, eager
     and compiled, through model.generate) at a defconfig's shape, with no
     checkpoint, on --device (what a GPU machine runs)."""
@@ -163,7 +163,10 @@ def test_decode_only_prints_the_decode_table_at_a_configs_shape_and_writes_nothi
     assert "| 3 | 64 | 56 + 8 |" in out  # batch, context, prompt + 8 new tokens (64 // 8)
     assert f"Models of the shape of `{config}` (2 layers, 2 heads, 64 dims, vocab 96)" in out
     assert "prune(keep_ratio=0.382, k_min=16, recency=8) + splinepca(k=16, knots=7)" in out
-    assert not any(p.name.startswith("b.") for p in tmp_path.iterdir())
+    assert "V22 " in out and "| 3 | 64 | 56 + 8 |" in out
+    text = out_md.read_text()  # the section alone, with the command that wrote it; no plot
+    assert "## Decode speed" in text and "| 3 | 64 | 56 + 8 |" in text and "--decode-only --config" in text
+    assert not (tmp_path / "b.png").exists()
 
 
 @pytest.mark.parametrize("argv, message", [

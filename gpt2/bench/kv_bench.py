@@ -35,12 +35,16 @@ Columns, and what each is measured from:
                            (V19 vs V0, V20 vs V0) under --matrix, if they exist
 
 Then a decode-speed section (once, at the first checkpoint's shape): V0 and
-V20, eager and compiled, through model.generate at each --decode-batches x
---decode-contexts, with the targets V20 >= 0.85x the plain cache at batch 1
-and >= 1.0x at batch 16, context 1024. It runs on --device, under bf16
-autocast on a GPU that supports it (fp32 on the CPU). --decode-only prints
-this section alone and writes nothing; with --config instead of --ckpt its
-models take a defconfig's (or .config's) shape and pruning, at --vocab.
+V20, eager and compiled, and V22 (pruning + int4) eager, through
+model.generate at each --decode-batches x --decode-contexts, with the
+targets at context 1024 (prompt 896 + 96 new): compiled V20 >= 0.85x the
+plain cache's decode at batch 1 and >= 1.0x at batch 16; eager V20 and V22
+>= 0.9x the eager plain cache end to end (prefill included) at batch 1 and
+>= 1.0x at batch 16; their prefill <= 1.1x the full one's. It runs on --device, under bf16
+autocast on a GPU that supports it (fp32 on the CPU). --decode-only measures
+this section alone and writes it into --out-md; with --config instead of
+--ckpt its models take a defconfig's (or .config's) shape and pruning, at
+--vocab.
 
 --memory writes the section "KV memory" alone: per method, SmolLM2's cache
 MB at 2k, 8k and 32k tokens and the longest context that fits 1 GiB, each
@@ -342,7 +346,7 @@ def parse_args(argv=None):
                     help="training checkpoint(s) (best.pt / last.pt), or smollm2 (the pretrained model); one "
                          "section and one plot each")
     ap.add_argument("--decode-only", action="store_true",
-                    help="print the decode-speed section alone and write nothing")
+                    help="measure the decode-speed section alone and write it into --out-md (its other sections kept)")
     ap.add_argument("--memory", action="store_true",
                     help="measure the KV-memory section alone (SmolLM2: cache MB per method at 2k, 8k and 32k "
                          "tokens, the longest context in 1 GiB) and write it into --out-md")
@@ -439,7 +443,7 @@ def sections_of(command):
     if args.memory:
         return {MEMORY_HEADING}
     keys = {f"## `{c}`" for c in args.ckpt}
-    if args.decode_contexts and any(c not in PRETRAINED for c in args.ckpt):
+    if args.decode_contexts and (args.decode_only or any(c not in PRETRAINED for c in args.ckpt)):
         keys.add(DECODE_HEADING)
     return keys
 
@@ -489,8 +493,6 @@ def main(argv=None):
         text, _ = decode_speed(*decode_shape(args), args.decode_batches, args.decode_contexts,
                                args.generate_repeats, args.device)
         print("\n" + text, flush=True)
-        if args.decode_only:
-            return results
     elif args.decode_contexts:
         print("[bench] decode-speed section left out: it times GPT-2-shaped models, and no GPT-2 checkpoint "
               "is named", flush=True)

@@ -1,0 +1,120 @@
+"""Where an eager decode step's time goes: the plain cache (V0) against pruning
++ KVSplice (V20) and pruning + int4 (V22), at the quick-start shape.
+
+    python scripts/profile_decode.py                 # batch 1 and 16, prompt 896 + 96 new
+    python scripts/profile_decode.py --batches 1 --top 8
+
+The models are those of the decode-speed section (gpt2/bench/kv_measure.py
+decode_models: the quick-start shape at block_size 1024, random weights
+shared by all, a SplinePCA whose spline is not the identity). For each batch
+it prints, eager, through model.generate: the prefill's time, the decode
+time per step and the end-to-end tokens/s against V0 (median of --repeats
+round-robin rounds), then per method the aten ops of --steps decode steps
+under torch.profiler, by self CPU time per step, with their calls per step.
+"""
+
+import argparse
+import statistics
+import time
+from collections import defaultdict
+
+import torch
+
+from gpt2.bench.kv_measure import decode_models, timing_geometry
+from gpt2.bench.kv_methods import step_record
+from gpt2.cpu import configure_cpu
+from gpt2.entry import ArgumentParser
+from gpt2.model import GPTConfig
+
+QUICKSTART = dict(n_layer=4, n_head=4, n_embd=256)
+PRUNE = {"keep_ratio": 0.382, "k_min": 32, "recency": 32}  # the quick-start defconfig's
+
+
+def models(vocab, context):
+    cfg = GPTConfig(vocab_size=vocab, **QUICKSTART)
+    record = step_record("V20", PRUNE)
+    plain, v20, _, v22 = decode_models(cfg, record, context, timing_geometry(cfg.n_embd // cfg.n_head, 16))
+    return {"V0": plain, "V20": v20, "V22": v22}
+
+
+def timings(runs, batch, prompt_len, new, repeats, vocab):
+    prompt = torch.randint(0, vocab, (batch, prompt_len), generator=torch.Generator().manual_seed(0))
+    for m in runs.values():
+        m.generate(prompt[:, :prompt_len // 2], 3, top_k=50)
+    got = defaultdict(list)
+    for _ in range(repeats):
+        for name, m in runs.items():
+            t = {}
+            torch.manual_seed(0)
+            m.generate(prompt, new, temperature=0.8, top_k=50, timings=t)
+            got[name].append((t["prefill_s"], t["decode_s"]))
+    return {name: (statistics.median(p for p, _ in r), statistics.median(d for _, d in r)) for name, r in got.items()}
+
+
+@torch.no_grad()
+def step_ops(model, batch, prompt_len, steps, vocab):
+    """{op: (self CPU us, calls)} per decode step, over `steps` steps after a prefill."""
+    from torch.profiler import ProfilerActivity, profile
+
+    prompt = torch.randint(0, vocab, (batch, prompt_len), generator=torch.Generator().manual_seed(0))
+    cache = model.make_cache()
+    logits = model(prompt, caches=cache, last_only=True)[0]
+    step = model.decode_step()
+    idx = logits[:, -1].argmax(-1, keepdim=True)
+    step(idx, cache)  # one step outside the profile: first-call allocations
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            idx = step(idx, cache)[:, -1].argmax(-1, keepdim=True)
+    return {e.key: (e.self_cpu_time_total / steps, e.count / steps) for e in prof.key_averages()}
+
+
+def report(name, ops, top):
+    total = sum(us for us, _ in ops.values())
+    calls = sum(n for _, n in ops.values())
+    lines = [f"{name}: {total / 1e3:.2f} ms of aten self time per step, {calls:.0f} op calls per step"]
+    for op, (us, n) in sorted(ops.items(), key=lambda kv: -kv[1][0])[:top]:
+        lines.append(f"    {op:<28} {us / 1e3:7.3f} ms  {n:6.1f} calls")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batches", default="1,16", help="comma-separated batch sizes (default 1,16)")
+    ap.add_argument("--prompt", type=int, default=896, help="prompt tokens (default 896)")
+    ap.add_argument("--new", type=int, default=96, help="new tokens (default 96)")
+    ap.add_argument("--repeats", type=int, default=3, help="round-robin rounds of the timings (default 3)")
+    ap.add_argument("--steps", type=int, default=16, help="profiled decode steps (default 16)")
+    ap.add_argument("--top", type=int, default=12, help="ops shown per method (default 12)")
+    ap.add_argument("--vocab", type=int, default=19083, help="vocabulary (default: the quick-start's compact one)")
+    args = ap.parse_args(argv)
+    try:
+        batches = [int(b) for b in args.batches.split(",")]
+    except ValueError:
+        ap.error(f"--batches must be comma-separated ints, got {args.batches!r}")
+    problems = [f"--{n} must be >= 1" for n in ("prompt", "new", "repeats", "steps", "top") if getattr(args, n) < 1]
+    if any(b < 1 for b in batches):
+        problems.append("--batches must be >= 1")
+    if args.prompt + args.new > 1024:
+        problems.append(f"--prompt + --new must fit the context of 1024, got {args.prompt + args.new}")
+    if problems:
+        ap.error("; ".join(problems))
+    configure_cpu()
+    t0 = time.perf_counter()
+    runs = models(args.vocab, 1024)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; quick-start shape (4 layers, 4 heads, "
+          f"256 dims, vocab {args.vocab}) at block 1024; prompt {args.prompt} + {args.new} new, eager", flush=True)
+    for batch in batches:
+        t = timings(runs, batch, args.prompt, args.new, args.repeats, args.vocab)
+        e2e0 = sum(t["V0"])
+        print(f"\nbatch {batch}: method  prefill ms  decode ms/step  end-to-end tok/s  x V0", flush=True)
+        for name, (p, d) in t.items():
+            print(f"    {name:<6} {p * 1e3:10.1f} {d * 1e3 / args.new:15.2f} {batch * args.new / (p + d):17.1f} "
+                  f"{e2e0 / (p + d):6.2f}x", flush=True)
+        for name, m in runs.items():
+            print(report(f"  {name} (batch {batch})", step_ops(m, batch, args.prompt, args.steps, args.vocab),
+                         args.top), flush=True)
+    print(f"\nwall {time.perf_counter() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
