@@ -13,7 +13,7 @@ ARGS      ?=
 CKPT      ?= runs/cpu-quickstart/V0/best.pt
 
 .DEFAULT_GOAL := help
-.PHONY: help venv defconfig menuconfig savedefconfig kconfig list-steps data train test bench bench-train bench-kvsplice frontier generate clean
+.PHONY: help venv defconfig menuconfig savedefconfig kconfig list-steps data train test bench bench-train bench-kvsplice bench-memory bench-decode profile-decode frontier generate clean
 
 help:
 	@echo "Set-up and configuration:"
@@ -36,6 +36,9 @@ help:
 	@echo "                          sections of checkpoints not named are kept)"
 	@echo "  make bench-train        training throughput of the CPU quick-start model"
 	@echo "  make bench-kvsplice     KVSplice fit time and compress/decompress throughput"
+	@echo "  make bench-memory       SmolLM2's KV cache per method at 2k/8k/32k tokens -> docs/benchmarks.md"
+	@echo "  make bench-decode       eager and compiled decode speed at the quick-start shape -> docs/benchmarks.md"
+	@echo "  make profile-decode     where an eager decode step's time goes (V0, V20, V22)"
 	@echo "  make frontier           the V-cache frontier on SmolLM2 at 2-4 bits per dimension (15 min)"
 	@echo "  make generate ARGS=...  text through a V-cache method (python -m gpt2.generate --help)"
 	@echo "  make clean              remove .venv, data/ and runs/"
@@ -91,6 +94,15 @@ bench-train: $(STAMP)
 
 bench-kvsplice: $(STAMP)
 	$(PY) scripts/bench_kvsplice.py
+
+bench-memory: $(STAMP)
+	$(PY) scripts/bench_kv.py --memory
+
+bench-decode: $(STAMP)
+	$(PY) scripts/bench_kv.py --decode-only --config defconfigs/cpu-quickstart --vocab 19083
+
+profile-decode: $(STAMP)
+	$(PY) scripts/profile_decode.py
 
 frontier: $(STAMP)
 	$(PY) scripts/frontier.py $(ARGS)

@@ -15,7 +15,7 @@
 # cache through model.generate, GPT-2 124M shapes, context 1024):
 #
 #     .venv/bin/python scripts/bench_kv.py --decode-only --config defconfigs/gpt2-124m-finewebedu \
-#         --device cuda --decode-batches 1,16,64 --decode-contexts 1024
+#         --device cuda --decode-batches 1,16,64 --decode-contexts 1024 --out-md runs/decode-gpu.md
 #
 # Sets up .venv with `make venv` first unless PYTHON names an interpreter.
 set -euo pipefail
