@@ -146,5 +146,7 @@ def format_memory(rows, model_name, cfg):
             f"equal the count (gpt2/bench/kv_memory.py) for that many tokens, keys and V exactly, and the "
             f"index bytes per held token come from it. A context is a model run at that block size, so "
             f"pruning keeps its ratio of it; the frontier row keeps its 64-token window at every context. "
-            f"Contexts past the model's own {cfg.block_size:,} are what the count gives, for scale.\n\n"
+            f"32k is past the context SmolLM2 was trained for (8k): the count gives it for scale. A selection's "
+            f"index (each held token's position, int64, and score, fp32, per KV head) is bytes the V count "
+            f"leaves out.\n\n"
             + "\n".join(lines))
