@@ -7,9 +7,9 @@ bf16 (as a GPU holds them), keys, V and the selection's index apart, and the
 longest context whose cache fits 1 GiB. They come from the bytes a real
 cache holds, not from a formula alone: each method generates through its
 real cache from a prompt of about 2k held-out tokens, in fp32 on the CPU,
-and the keys, V and index the cache's tensors hold (KVCache.nbytes) must
-equal the count below for that many tokens in fp32, or the run stops. The
-count, at any context T and dtype:
+and the keys and V the cache's tensors hold (KVCache.nbytes) must equal the
+count below for that many tokens in fp32, or the run stops. The count, at
+any context T and dtype:
     keys   n_layer x n_kv_head x head_dim x T x itemsize
     V      n_layer x n_kv_head x method.v_bytes(T, dtype) (the selector's held
            tokens through the codec: exact tokens at dtype, the rest coded)

@@ -161,7 +161,7 @@ def format_decode(speeds, record, shape):
         best_v0 = max(r["V0"][1], r["V0 compiled"][1])
         ratio = r["V20 compiled"][1] / best_v0
         new = r["new_tokens"]
-        prompt = r.get("prompt", context - new)
+        prompt = r["prompt"]
         eager = {name: end_to_end(r, "V0", batch) / end_to_end(r, name, batch) for name in ("V20", "V22")}
         lines.append(f"| {batch} | {context} | {prompt} + {new} | {r['V0'][1]:.1f} | {r['V0 compiled'][1]:.1f} "
                      f"| {r['V20'][1]:.1f} | {r['V20 compiled'][1]:.1f} | {ratio:.2f}x "
