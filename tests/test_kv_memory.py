@@ -83,3 +83,16 @@ def test_memory_takes_no_checkpoint(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--memory", "--ckpt", "smollm2"])
     assert e.value.code == 2 and "--memory measures SmolLM2's memory alone" in capsys.readouterr().err
+
+
+def test_profile_decode_on_the_pretrained_source_times_its_methods(tiny_smollm2, tiny_data_dir, capsys):  # noqa: F811
+    """scripts/profile_decode.py --model smollm2: the plain cache, int4 and the frontier's best (a fitted
+    transform codec behind sinks and a window), eager, each profiled."""
+    from gpt2.bench import decode_profile
+
+    decode_profile.main(["--model", "smollm2", "--batches", "1", "--prompt", "80", "--new", "4", "--repeats", "1",
+                         "--steps", "2", "--top", "2", "--data-dir", str(tiny_data_dir)])
+    out = capsys.readouterr().out
+    assert "SmolLM2-135M at block 84; prompt 80 + 4 new, eager" in out
+    for name in ("V0", "int4", "kvtc+sinks+window"):
+        assert f"    {name} " in out and f"  {name} (batch 1): " in out

@@ -1,8 +1,11 @@
 """Where an eager decode step's time goes: the plain cache (V0) against pruning
-+ KVSplice (V20) and pruning + int4 (V22), at the quick-start shape.
++ KVSplice (V20) and pruning + int4 (V22), at the quick-start shape; or, with
+--model smollm2, SmolLM2-135M's plain cache against int4 and the frontier's
+best at 2.5 bits per dimension (kvtc + sinks 4 + window 64).
 
     python scripts/profile_decode.py                 # batch 1 and 16, prompt 896 + 96 new
     python scripts/profile_decode.py --batches 1 --top 8
+    python scripts/profile_decode.py --model smollm2 --batches 1 --prompt 1024 --new 128
 
 The models are those of the decode-speed section (gpt2/bench/kv_measure.py
 decode_models: the quick-start shape at block_size 1024, random weights
@@ -11,6 +14,8 @@ it prints, eager, through model.generate: the prefill's time, the decode
 time per step and the end-to-end tokens/s against V0 (median of --repeats
 round-robin rounds), then per method the aten ops of --steps decode steps
 under torch.profiler, by self CPU time per step, with their calls per step.
+SmolLM2 runs its pretrained weights at block_size prompt + new; the kvtc
+codec is fitted (PCA and bit allocation) on V of two train batches.
 """
 
 import argparse
@@ -35,6 +40,30 @@ def models(vocab, context):
     record = step_record("V20", PRUNE)
     plain, v20, _, v22 = decode_models(cfg, record, context, timing_geometry(cfg.n_embd // cfg.n_head, 16))
     return {"V0": plain, "V20": v20, "V22": v22}
+
+
+def smollm2_models(context, data_dir=None):
+    """{name: SmolLM2 at block_size context}: the plain cache, int4 and the frontier's best at 2.5
+    bits per dimension (kv_memory.FRONTIER_BEST), each its own copy of the weights."""
+    import copy
+
+    from gpt2.bench.kv_bench import pretrained_with_data
+    from gpt2.bench.kv_memory import FRONTIER_BEST
+    from gpt2.calibrate import calibration_batches, fit_codecs, quiet
+    from gpt2.pretrained import SMOLLM2
+    from lib.vcache import FULL
+
+    plain, data, _ = pretrained_with_data(SMOLLM2, context, data_dir)
+    out = {"V0": plain}
+    for name, record in (("int4", {"select": FULL["select"], "codec": {"kind": "int4", "group_size": 32}}),
+                         ("kvtc+sinks+window", FRONTIER_BEST)):
+        m = copy.deepcopy(plain)
+        m.set_v_cache(record)
+        if m.needs_fit():
+            with quiet():
+                fit_codecs(m, calibration_batches(data, 2, 1, min(256, context), 0), seed=0)
+        out[name] = m
+    return out
 
 
 def timings(runs, batch, prompt_len, new, repeats, vocab):
@@ -85,7 +114,11 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=3, help="round-robin rounds of the timings (default 3)")
     ap.add_argument("--steps", type=int, default=16, help="profiled decode steps (default 16)")
     ap.add_argument("--top", type=int, default=12, help="ops shown per method (default 12)")
-    ap.add_argument("--vocab", type=int, default=19083, help="vocabulary (default: the quick-start's compact one)")
+    ap.add_argument("--model", choices=("quickstart", "smollm2"), default="quickstart",
+                    help="the quick-start shape with random weights (default), or the pretrained SmolLM2-135M")
+    ap.add_argument("--data-dir", default=None, help="with --model smollm2: its prepared corpus (default data/)")
+    ap.add_argument("--vocab", type=int, default=19083,
+                    help="the quick-start models' vocabulary (default: its compact one)")
     args = ap.parse_args(argv)
     try:
         batches = [int(b) for b in args.batches.split(",")]
@@ -94,24 +127,30 @@ def main(argv=None):
     problems = [f"--{n} must be >= 1" for n in ("prompt", "new", "repeats", "steps", "top") if getattr(args, n) < 1]
     if any(b < 1 for b in batches):
         problems.append("--batches must be >= 1")
-    if args.prompt + args.new > 1024:
+    if args.model == "quickstart" and args.prompt + args.new > 1024:
         problems.append(f"--prompt + --new must fit the context of 1024, got {args.prompt + args.new}")
     if problems:
         ap.error("; ".join(problems))
     configure_cpu()
     t0 = time.perf_counter()
-    runs = models(args.vocab, 1024)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; quick-start shape (4 layers, 4 heads, "
-          f"256 dims, vocab {args.vocab}) at block 1024; prompt {args.prompt} + {args.new} new, eager", flush=True)
+    if args.model == "smollm2":
+        runs = smollm2_models(args.prompt + args.new, args.data_dir)
+        vocab = runs["V0"].config.vocab_size
+        shape = f"SmolLM2-135M at block {args.prompt + args.new}"
+    else:
+        runs, vocab = models(args.vocab, 1024), args.vocab
+        shape = f"quick-start shape (4 layers, 4 heads, 256 dims, vocab {vocab}) at block 1024"
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {shape}; prompt {args.prompt} + "
+          f"{args.new} new, eager", flush=True)
     for batch in batches:
-        t = timings(runs, batch, args.prompt, args.new, args.repeats, args.vocab)
+        t = timings(runs, batch, args.prompt, args.new, args.repeats, vocab)
         e2e0 = sum(t["V0"])
         print(f"\nbatch {batch}: method  prefill ms  decode ms/step  end-to-end tok/s  x V0", flush=True)
         for name, (p, d) in t.items():
-            print(f"    {name:<6} {p * 1e3:10.1f} {d * 1e3 / args.new:15.2f} {batch * args.new / (p + d):17.1f} "
+            print(f"    {name:<18} {p * 1e3:10.1f} {d * 1e3 / args.new:15.2f} {batch * args.new / (p + d):17.1f} "
                   f"{e2e0 / (p + d):6.2f}x", flush=True)
         for name, m in runs.items():
-            print(report(f"  {name} (batch {batch})", step_ops(m, batch, args.prompt, args.steps, args.vocab),
+            print(report(f"  {name} (batch {batch})", step_ops(m, batch, args.prompt, args.steps, vocab),
                          args.top), flush=True)
     print(f"\nwall {time.perf_counter() - t0:.0f} s")
 

@@ -452,16 +452,24 @@ DECODE_HEADING = "## Decode speed"
 MEMORY_HEADING = "## KV memory"
 
 
+def pretrained_with_data(name, block_size, data_dir=None, log=_log):
+    """(model at block_size, its corpus (gpt2.data), its source's checkpoint dict) of a pretrained
+    source (`smollm2`), the corpus prepared first if it is not yet."""
+    from gpt2.bench import kv_source
+
+    ckpt, pretrained = open_source(name, data_dir)
+    ensure_data(name, ckpt, pretrained, log)
+    model = kv_source.load_pretrained(name, block_size=block_size).eval()
+    data, _ = eval_data(name, ckpt["args"], min(block_size, 256), model.config.vocab_size, data_dir, 1, 1, 1337)
+    return model, data, ckpt
+
+
 def memory_section(args):
     """The KV-memory section's text (gpt2/bench/kv_memory.py) for SmolLM2."""
-    from gpt2.bench import kv_memory, kv_source
+    from gpt2.bench import kv_memory
     from gpt2.pretrained import SMOLLM2
 
-    ckpt, pretrained = open_source(SMOLLM2, args.data_dir)
-    ensure_data(SMOLLM2, ckpt, pretrained, _log)
-    PROMPT, NEW_TOKENS = kv_memory.PROMPT, kv_memory.NEW_TOKENS
-    model = kv_source.load_pretrained(SMOLLM2, block_size=PROMPT + NEW_TOKENS).eval()
-    data, _ = eval_data(SMOLLM2, ckpt["args"], PROMPT, model.config.vocab_size, args.data_dir, 1, 1, 1337)
+    model, data, ckpt = pretrained_with_data(SMOLLM2, kv_memory.PROMPT + kv_memory.NEW_TOKENS, args.data_dir)
     rows = kv_memory.memory_rows(model, data, prune_settings(ckpt), log=_log)
     return kv_memory.format_memory(rows, SMOLLM2, model.config)
 
