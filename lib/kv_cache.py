@@ -318,8 +318,6 @@ class KeepRuleLayerCache(_KeyRowsCache):
         window token's score grows by the group's attention, and the score
         is that sum over the exposure g * W.
         """
-        if rows is not None and rows - 1 >= self.rule.budget:  # eager, every slot in use
-            return self._evicting_step(att, v, rows - 1)
         W, budget = self.rule.recency, self.rule.budget
         g = att.size(-2)
         p, score = self._pos_slots, self._score_slots
@@ -347,30 +345,6 @@ class KeepRuleLayerCache(_KeyRowsCache):
         # the window's tokens (the new one included) receive the group's attention over every key
         probs = F.softmax(att, dim=-1).gather(-1, held_pos).sum(-2)  # (B, nkv, budget)
         score.add_(probs.masked_fill(~in_use | (p <= edge), 0.0))
-        self._score_slots.copy_(score)
-        return y
-
-    def _evicting_step(self, att, v, t0):
-        """_step_values for an eager step at position t0 (a Python int) once every slot is in
-        use (t0 >= budget): the same update with no mask of free slots and no position
-        tensors. At least one held token is old then (the window holds W - 1 of the budget),
-        so the lowest old score is finite and no mask of old tokens is needed beside it."""
-        W = self.rule.recency
-        g = att.size(-2)
-        p, score = self._pos_slots, self._score_slots
-        edge = t0 - W  # the position leaving the window
-        score = torch.where(p == edge, self.rule.score(score / (g * W), p), score)
-        old_score = torch.where(p <= edge, score, math.inf)
-        lowest = old_score == old_score.amin(-1, keepdim=True)
-        slot = torch.where(lowest, p, t0).argmin(-1, keepdim=True)  # (B, nkv, 1): the oldest lowest
-        v_new = self.codec.write(v).to(self._v_slots.dtype)  # (B, nkv, 1, width)
-        self._v_slots.scatter_(2, slot[..., None].expand_as(v_new), v_new)
-        p.scatter_(-1, slot, t0)
-        score = score.scatter(-1, slot, 0.0)
-        held_pos = p[..., None, :].expand(-1, -1, g, -1)  # (B, nkv, g, budget)
-        y = self.codec.read(F.softmax(att.gather(-1, held_pos), dim=-1), self._v_slots)
-        probs = F.softmax(att, dim=-1).gather(-1, held_pos).sum(-2)  # the group's attention to each held token
-        score.add_(probs.masked_fill(p <= edge, 0.0))
         self._score_slots.copy_(score)
         return y
 

@@ -19,13 +19,11 @@ codec is fitted (PCA and bit allocation) on V of two train batches.
 """
 
 import argparse
-import statistics
 import time
-from collections import defaultdict
 
 import torch
 
-from gpt2.bench.kv_measure import decode_models, timing_geometry
+from gpt2.bench.kv_measure import decode_models, generate_timings, timing_geometry
 from gpt2.bench.kv_methods import step_record
 from gpt2.cpu import configure_cpu
 from gpt2.entry import ArgumentParser
@@ -64,20 +62,6 @@ def smollm2_models(context, data_dir=None):
                 fit_codecs(m, calibration_batches(data, 2, 1, min(256, context), 0), seed=0)
         out[name] = m
     return out
-
-
-def timings(runs, batch, prompt_len, new, repeats, vocab):
-    prompt = torch.randint(0, vocab, (batch, prompt_len), generator=torch.Generator().manual_seed(0))
-    for m in runs.values():
-        m.generate(prompt[:, :prompt_len // 2], 3, top_k=50)
-    got = defaultdict(list)
-    for _ in range(repeats):
-        for name, m in runs.items():
-            t = {}
-            torch.manual_seed(0)
-            m.generate(prompt, new, temperature=0.8, top_k=50, timings=t)
-            got[name].append((t["prefill_s"], t["decode_s"]))
-    return {name: (statistics.median(p for p, _ in r), statistics.median(d for _, d in r)) for name, r in got.items()}
 
 
 @torch.no_grad()
@@ -143,7 +127,8 @@ def main(argv=None):
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {shape}; prompt {args.prompt} + "
           f"{args.new} new, eager", flush=True)
     for batch in batches:
-        t = timings(runs, batch, args.prompt, args.new, args.repeats, vocab)
+        prompt = torch.randint(0, vocab, (batch, args.prompt), generator=torch.Generator().manual_seed(0))
+        t = generate_timings({name: (m, False) for name, m in runs.items()}, prompt, args.new, args.repeats)
         e2e0 = sum(t["V0"])
         print(f"\nbatch {batch}: method  prefill ms  decode ms/step  end-to-end tok/s  x V0", flush=True)
         for name, (p, d) in t.items():

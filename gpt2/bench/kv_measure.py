@@ -242,14 +242,22 @@ def decode_row(plain, method, control, quantized, batch, context, repeats, vocab
     n_prompt, new = DECODE_SHAPES.get(context, (context - context // 8, context // 8))
     g = torch.Generator().manual_seed(seed)
     prompt = torch.randint(0, vocab_size, (batch, n_prompt), generator=g).to(plain.lm_head.weight.device)
+    times = generate_timings(runs, prompt, new, repeats, seed, warmup=context // 2)
+    return {**{name: (p, batch * new / d) for name, (p, d) in times.items()}, "prompt": n_prompt, "new_tokens": new}
+
+
+def generate_timings(runs, prompt, new, repeats, seed=0, warmup=None):
+    """{name: (prefill s, decode s)}, medians over `repeats` round-robin rounds of model.generate of
+    `new` tokens after `prompt` for each run {name: (model, compile)}, after a first short
+    generate per run from the prompt's first `warmup` tokens (default half) that compiles and warms up."""
+    warmup = warmup or prompt.size(1) // 2
     for model, compile in runs.values():
-        model.generate(prompt[:, :context // 2], 3, top_k=50, compile=compile)
+        model.generate(prompt[:, :warmup], 3, top_k=50, compile=compile)
     times = {name: [] for name in runs}
     for _ in range(repeats):
         for name, (model, compile) in runs.items():
             t = {}
             torch.manual_seed(seed)
             model.generate(prompt, new, temperature=0.8, top_k=50, compile=compile, timings=t)
-            times[name].append((t["prefill_s"], batch * new / t["decode_s"]))
-    return {**{name: (statistics.median(p for p, _ in r), statistics.median(d for _, d in r))
-               for name, r in times.items()}, "prompt": n_prompt, "new_tokens": new}
+            times[name].append((t["prefill_s"], t["decode_s"]))
+    return {name: (statistics.median(p for p, _ in r), statistics.median(d for _, d in r)) for name, r in times.items()}

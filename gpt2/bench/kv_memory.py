@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from gpt2.bench.kv_measure import v_heads
 from gpt2.bench.kv_methods import step_record
 from gpt2.calibrate import calibration_batches, fit_codecs, quiet
 from lib.vcache import FULL, build_method, describe
@@ -68,7 +69,7 @@ def records(prune):
 def count(cfg, record, codec, T, dtype, index_per_held, block_size=None):
     """{"k", "v", "index", "total"} bytes of the method's cache after T tokens at batch 1, its
     selector built at block_size (default T), its V through `codec` (a fitted one's width)."""
-    heads = cfg.n_layer * getattr(cfg, "n_kv_head", cfg.n_head)
+    heads = cfg.n_layer * v_heads(cfg)
     selector = build_method(record, block_size or T, cfg.head_dim).selector
     out = {"k": heads * cfg.head_dim * T * dtype.itemsize, "v": heads * selector.v_bytes(T, codec, dtype),
            "index": round(heads * selector.held_tokens(T) * index_per_held)}
@@ -103,8 +104,7 @@ def measure(model, data, record, seed, log):
     t0 = time.perf_counter()
     model.generate(x, NEW_TOKENS, top_k=50, cache=cache)
     held, T = cache.nbytes(), cache.length
-    heads = cfg.n_layer * getattr(cfg, "n_kv_head", cfg.n_head)
-    per_held = held["index"] / (heads * build_method(record, cfg.block_size, cfg.head_dim).selector.held_tokens(T))
+    per_held = held["index"] / count(cfg, record, codec, T, torch.float32, 1, block_size=cfg.block_size)["index"]
     expected = count(cfg, record, codec, T, torch.float32, per_held, block_size=cfg.block_size)
     if (held["k"], held["v"]) != (expected["k"], expected["v"]):
         raise RuntimeError(f"{describe(record)}: the real cache holds {held} after {T} tokens; the count says "
@@ -138,8 +138,7 @@ def format_memory(rows, model_name, cfg):
                            f" / {mb(r.per_token[c]['index'])})" for c in CONTEXTS)
         lines.append(f"| {r.name} | {cells} | {r.longest:,} | {r.measured['tokens']:,}, "
                      f"{mb(r.measured['total'])} |")
-    heads = getattr(cfg, "n_kv_head", cfg.n_head)
-    return (f"The KV cache of `{model_name}` ({cfg.n_layer} layers, {heads} KV heads of {cfg.head_dim}) at batch 1, "
+    return (f"The KV cache of `{model_name}` ({cfg.n_layer} layers, {v_heads(cfg)} KV heads of {cfg.head_dim}) at batch 1, "
             f"keys and V in bf16 as a GPU holds them: keys are kept in full by every method, so they bound "
             f"what any V method saves. Each method first generated {NEW_TOKENS} tokens after a prompt of "
             f"{PROMPT} held-out tokens through its real cache (fp32 on this CPU); the bytes its tensors held "
