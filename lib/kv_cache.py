@@ -16,8 +16,8 @@ and a token is evicted for good by the rule of lib/kv_pruning.py: the
 recency window plus the top (budget - W) older tokens by rule.score, final
 once the token leaves the window. A prefill of several tokens ranks the
 candidates (the held old tokens plus the tail: window + new tokens) with
-lib.kv_pruning.keep_mask per query; a one-token step is its incremental form
-(at most one token changes status). Either way the result is the
+lib.kv_pruning.kept_until (keep_mask's rule); a one-token step is its
+incremental form (at most one token changes status). Either way the result is the
 full-sequence rule.forward on the values the codec reads back, up to float
 rounding (see the caveat in the tests: an exact near-tie between two scores
 may be ordered differently when rounding differs).
@@ -34,18 +34,23 @@ Memory is allocated at the first forward and then only written in place:
     keys           (B, nkv, rows, hs)   rows = capacity (the model's block_size;
                                         past it the buffer doubles)
     V, full        (B, nkv, rows, width) row t is token t
-    V, keep rule   (B, nkv, budget, width) slots, with per slot
+    V, keep rule   (B, nkv, budget, width) slots, and in its KeepRuleBook per slot
                    its position         (B, nkv, budget)  heads hold different tokens
-                   its score            (B, nkv, budget)  an old token's final score;
-                                        a window token's attention received so far
-                                        (from the KV head's g query heads)
+                   its score            (B, nkv, budget)  an old token's final score
+                   and per (batch, KV head) the attention the last W + 1 tokens
+                   received so far (from the KV head's g query heads) and the next
+                   token's slot
 The keep-rule cache uses the first n = min(t, budget) slots of every
 (batch, KV head). A prefill leaves them in position order; a step puts the
 new token into the next free slot or, once all are in use, into the slot of
 the token it evicts, so the order is lost (attention does not depend on it)
-and the next prefill sorts the candidates first. k, v, v_pos and score are
-views of the rows and slots in use; nbytes() counts those. reset() keeps the
-buffers.
+and the next prefill sorts the candidates first. k, v and v_pos are views
+of the rows and slots in use, score is composed from them; nbytes() counts
+those and the book's per-head window and slot. reset() keeps the buffers.
+The book of every keep-rule layer of a KVCache is one, stacked over the
+layers: the choice of the token each layer evicts next is made for all of
+them at once after the last layer's step, a fixed number of ops per step
+whatever the depth.
 
 `step` is the one-token update with fixed shapes: the position is a tensor,
 writes go to the buffers in place (each marked a static address when
@@ -60,7 +65,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from lib.kv_pruning import by_kv_head, by_query_head, keep_mask, kv_groups
+from lib.kv_pruning import NEVER, by_kv_head, by_query_head, kept_until, kv_groups, window_received
 from lib.settings import check
 
 
@@ -223,10 +228,10 @@ class _KeyRowsCache(LayerCache):
     def _logits(self, q, t0):
         """(B, nkv, g * T_new, t) scaled q.k of each KV head's query rows over every key, causal."""
         nkv, t = self.k.shape[1:3]
-        att = (by_kv_head(q.float(), nkv) @ self.k.float().transpose(-2, -1)) * (1.0 / math.sqrt(q.size(-1)))
+        att = (by_kv_head(q.float(), nkv) @ self.k.float().transpose(-2, -1)).mul_(1.0 / math.sqrt(q.size(-1)))
         key_pos = torch.arange(t, device=q.device)
         query_pos = self._row_pos(q, nkv, t0)
-        return att.masked_fill(key_pos[None, :] > query_pos[:, None], float("-inf"))
+        return att.masked_fill_(key_pos[None, :] > query_pos[:, None], float("-inf"))  # in place: no copy of the (T, t) logits
 
     @staticmethod
     def _row_pos(q, nkv, t0):
@@ -261,18 +266,102 @@ class FullLayerCache(_KeyRowsCache):
         return self.codec.read(F.softmax(att, dim=-1), values)
 
 
+class KeepRuleBook:
+    """The keep rule's bookkeeping for keep-rule layers of one KVCache, stacked
+    so that a decode step's bookkeeping is one batch of ops for all of them,
+    run once the last layer's step is done (advance), not once per layer.
+    Layer i reads and writes the views [i]; t is the number of tokens seen:
+
+        pos     (L, B, nkv, budget) long  each slot's token position (a free slot: 0)
+        score   (L, B, nkv, budget)       each old token's final score
+        ring    (L, B, nkv, W + 1)        the attention received so far by positions
+                                          t - W .. t (t - W's is complete, t's is 0)
+        slot    (L, B, nkv, 1) long       the slot token t's value takes
+        bias    (budget,)                 0 on the slots token t's query reads, -inf on free ones
+        window  (W,) long                 the key rows t - W + 1 .. t (clamped at 0) whose
+                                          attention a fixed-shape step adds to the ring
+
+    The layers share one rule (equal settings), one batch and one head layout.
+    """
+
+    def __init__(self, rule, layers):
+        self.rule, self.layers = rule, layers
+        self.pos = None
+        self.advanced = 0  # layers whose step is done, of the step under way
+        for layer in layers:
+            layer.book = self
+
+    def allocate(self, B, nkv, g, device):
+        """Zeroed buffers for a batch of B sequences of nkv KV heads (g query heads each),
+        unless those are the shapes held."""
+        budget, W = self.rule.budget, self.rule.recency
+        shape = (len(self.layers), B, nkv)
+        self.g = g
+        if self.pos is not None and self.pos.shape[:3] == shape and self.pos.device == device:
+            return
+        self.pos = static_address(torch.zeros(shape + (budget,), dtype=torch.long, device=device))
+        self.score = static_address(torch.zeros(shape + (budget,), device=device))
+        self.ring = static_address(torch.zeros(shape + (W + 1,), device=device))
+        self.slot = static_address(torch.zeros(shape + (1,), dtype=torch.long, device=device))
+        self.bias = static_address(torch.zeros(budget, device=device))
+        self.window = static_address(torch.zeros(W, dtype=torch.long, device=device))
+        self.slots = torch.arange(budget, device=device)
+        heads = (torch.arange(B, device=device)[:, None], torch.arange(nkv, device=device))
+        for i, layer in enumerate(self.layers):
+            layer._pos_slots, layer._score_slots, layer._ring, layer._slot = (
+                static_address(x[i]) for x in (self.pos, self.score, self.ring, self.slot))
+            layer._heads = heads
+
+    def layer_advanced(self, t):
+        """A layer's step of token t is done; after the last layer's, the bookkeeping of all."""
+        self.advanced += 1
+        if self.advanced == len(self.layers):
+            self.advanced = 0
+            self.seen(t, self.pos, self.score, self.ring, self.slot)
+
+    def seen(self, t, pos, score, ring, slot):
+        """Token t has gone through every layer whose buffers these are (a stack,
+        or one layer's views): position t - W + 1 leaves the window with its final
+        score, the ring moves on, and token t + 1's slot is chosen: the first free
+        one, or once all are in use that of the lowest-scored old token (on a tie
+        the oldest, as keep_mask orders ties), evicted for good. That is the
+        incremental form of keep_mask's top-k over a growing set."""
+        W, budget, nkv = self.rule.recency, self.rule.budget, pos.size(-2)
+        edge = t - W + 1
+        if edge >= 0:  # it was in the window, so it is held
+            received = ring[..., 1:2]  # (..., 1)
+            final = self.rule.score(received.reshape(-1, nkv, 1) / (self.g * W),
+                                    torch.full((1,), edge, device=pos.device)).view_as(received)
+            score.copy_(torch.where(pos == edge, final, score))
+        ring.copy_(ring.roll(-1, -1))
+        ring[..., -1] = 0.0
+        t = t + 1
+        if t < budget:
+            slot.fill_(t)
+        else:
+            old_score = score.masked_fill(pos > t - W, math.inf)
+            lowest = old_score == old_score.amin(-1, keepdim=True)
+            slot.copy_(torch.where(lowest, pos, NEVER).argmin(-1, keepdim=True))
+        self.bias.copy_(torch.where(self.slots <= t, 0.0, -math.inf))
+        self.window.copy_(torch.arange(t - W + 1, t + 1, device=pos.device).clamp_(min=0))
+
+
 class KeepRuleLayerCache(_KeyRowsCache):
     """Keys in full; V, stored through the codec, only for the tokens a keep
-    rule (lib.kv_pruning.TokenKeep) keeps: at most rule.budget per (batch, KV head)."""
+    rule (lib.kv_pruning.TokenKeep) keeps: at most rule.budget per (batch, KV
+    head). Its bookkeeping (positions, scores, the next slot) lives in a
+    KeepRuleBook, its own or one shared with the other layers of a KVCache."""
 
     def __init__(self, rule, codec, capacity=0):
         self.rule = rule
-        self._v_slots = self._pos_slots = self._score_slots = None  # (B, nkv, budget[, width])
+        self._v_slots = None  # (B, nkv, budget, width)
+        KeepRuleBook(rule, [self])
         super().__init__(codec, capacity)
 
     def reset(self):
         super().reset()
         self.ordered = True  # held slots in position order
+        self.book.advanced = 0
 
     @property
     def v(self):
@@ -286,66 +375,61 @@ class KeepRuleLayerCache(_KeyRowsCache):
 
     @property
     def score(self):
-        """(B, nkv, n) an old token's final score; a window token's attention received so far
-        (from the KV head's g query heads)."""
-        return None if self.length == 0 else self._score_slots[:, :, :self._n_held]
+        """(B, nkv, n) an old token's final score; one of the last W tokens' attention
+        received so far (from the KV head's g query heads)."""
+        if self.length == 0:
+            return None
+        t, W = self.length, self.rule.recency
+        pos = self.v_pos
+        recent = self._ring.gather(-1, (pos - (t - W)).clamp(0, W))
+        return torch.where(pos >= t - W, recent, self._score_slots[:, :, :self._n_held])
 
     @property
     def _n_held(self):
         """Slots in use: every (batch, KV head) holds min(t, budget) tokens."""
         return min(self.length, self.rule.budget)
 
+    def nbytes(self):
+        out = super().nbytes()
+        if self.length:  # the window's running attention and the next slot
+            extra = self._ring.numel() * self._ring.element_size() + self._slot.numel() * self._slot.element_size()
+            out["index"] += extra
+            out["total"] += extra
+        return out
+
     def advance(self):
         self.ordered = self.ordered and self.length < self.rule.budget  # a full cache evicted out of order
         super().advance()
+        self.book.layer_advanced(self.length - 1)
 
     def _held(self):
         return self.v, self.v_pos, self.score
 
     def _step_values(self, att, v, pos, rows):
-        """The rule's one-token update: O(budget) reads and O(1) writes.
+        """The rule's one-token step, in O(1) writes: the new token's value goes
+        into the slot the book chose for it (a free one, or an evicted old
+        token's), the query reads the held slots (free ones masked out), and
+        the window's tokens, the new one included, add the attention the
+        group's queries gave them over every key to the ring. Which token
+        leaves the window and which is evicted next is decided for every
+        layer at once after the last layer's step (KeepRuleBook.seen).
 
-        Position pos-W leaves the window; its score is final (the queries of
-        its window have all run). If a slot is free the new token takes the
-        first one; else the worst of the old tokens, the leaving one included
-        (lowest score; on a tie the older, as keep_mask orders ties), is
-        evicted for good and the new token takes its slot. That is the
-        incremental form of keep_mask's top-k over a growing set, so the held
-        tokens are the same as in the full-sequence rule. Free slots are
-        masked out of attention.
-
-        att (B, nkv, g, rows): the logits of each KV head's g query rows; a
-        window token's score grows by the group's attention, and the score
-        is that sum over the exposure g * W.
-        """
-        W, budget = self.rule.recency, self.rule.budget
-        g = att.size(-2)
-        p, score = self._pos_slots, self._score_slots
-        slots = torch.arange(budget, device=p.device)
-        n = pos.clamp(max=budget)  # slots in use before this token, (1,)
-        edge = pos - W  # the position leaving the window (none while pos < W)
-        in_use = slots < n
-        score = torch.where(in_use & (p == edge), self.rule.score(score / (g * W), p), score)
-        old = in_use & (p <= edge)
-        old_score = score.masked_fill(~old, math.inf)
-        lowest = old & (old_score == old_score.amin(-1, keepdim=True))
-        evict = torch.where(lowest, p, pos).argmin(-1, keepdim=True)  # (B, nkv, 1): the oldest lowest
-        slot = torch.where(n < budget, n, evict)
-        B, nkv = p.shape[:2]
-        heads = (torch.arange(B, device=p.device)[:, None], torch.arange(nkv, device=p.device))
+        att (B, nkv, g, rows): the logits of each KV head's g query rows."""
+        W, g = self.rule.recency, att.size(-2)
         # in place, O(1) writes (index_put_, unlike scatter_, a compiled step also does in place)
-        v_new = self.codec.write(v)
-        self._v_slots.index_put_((*heads, slot[..., 0]), v_new[..., 0, :].to(self._v_slots.dtype))
-        p.index_put_((*heads, slot[..., 0]), pos)
-        score = score.scatter(-1, slot, 0.0)
-        in_use = slots <= n  # the new token's slot included
-        held_pos = p[..., None, :].expand(-1, -1, g, -1)  # (B, nkv, g, budget): for every query row
-        held_att = att.gather(-1, held_pos).masked_fill(~in_use, float("-inf"))  # (B, nkv, g, budget)
+        slot = (*self._heads, self._slot[..., 0])
+        self._v_slots.index_put_(slot, self.codec.write(v)[..., 0, :].to(self._v_slots.dtype))
+        self._pos_slots.index_put_(slot, pos)
+        held_att = att.gather(-1, self._pos_slots[:, :, None, :].expand(-1, -1, g, -1))  # (B, nkv, g, budget)
+        if rows is None or rows < self.rule.budget:  # some slots are free
+            held_att = held_att + self.book.bias
         y = self.codec.read(F.softmax(held_att, dim=-1), self._v_slots)
-        # the window's tokens (the new one included) receive the group's attention over every key
-        probs = F.softmax(att, dim=-1).gather(-1, held_pos).sum(-2)  # (B, nkv, budget)
-        score.add_(probs.masked_fill(~in_use | (p <= edge), 0.0))
-        self._score_slots.copy_(score)
+        probs = F.softmax(att, dim=-1)
+        if rows is None:
+            received = probs.gather(-1, self.book.window.expand(*probs.shape[:-1], W))
+        else:
+            received = probs[..., max(0, rows - W):]  # keys rows - W .. rows - 1
+        self._ring[..., W + 1 - received.size(-1):].add_(received.sum(-2))
         return y
 
     def _prefill_values(self, q, v, t0, held):
@@ -370,47 +454,48 @@ class KeepRuleLayerCache(_KeyRowsCache):
         # candidates: held old tokens, then the tail (window + new tokens)
         v_all = torch.cat([held_v, v_new], dim=-2)  # (B, nkv, C, width)
         pos = torch.cat([held_pos, new_pos.expand(B, nkv, T)], dim=-1)  # (B, nkv, C)
-        tail_start = t0 - w
-        tail_pos = torch.arange(tail_start, t, device=q.device)
-        lag = row_pos[:, None] - tail_pos[None, :]  # (g * T, L) query - key
-        in_window = (lag >= 0) & (lag < W)
-        probs = F.softmax(att, dim=-1)[..., tail_start:]  # (B, nkv, g * T, L), full keys
-        # the attention the group's queries gave, over the exposure g * W
-        received = F.pad(held_score[..., n_old:], (0, T)) + probs.masked_fill(~in_window, 0.0).sum(-2)
+        # the attention the group's queries gave the tail (over every key), over the exposure g * W
+        window = window_received(F.softmax(att, dim=-1), t0, W, g)[..., t0 - w:]  # (B, nkv, w + T)
+        received = F.pad(held_score[..., n_old:], (0, T)) + window
         tail_scores = self.rule.score(received / (g * W), pos[..., n_old:])
         scores = torch.cat([held_score[..., :n_old], tail_scores], dim=-1)  # (B, nkv, C)
 
-        keep = keep_mask(scores, budget, W, key_pos=pos, query_pos=row_pos)  # (B, nkv, g * T, C)
+        # keep_mask, less its causal part: att is -inf past each query already
+        until = kept_until(scores, budget, W, pos)  # (B, nkv, C): queries before it read the value
         if pos.size(-1) == t:  # every token is a candidate (a first prefill): att is already in their order
-            held_att = att.masked_fill_(~keep, float("-inf"))
+            held_att = att
         else:
             held_att = att.gather(-1, pos[..., None, :].expand(B, nkv, g * T, pos.size(-1)))
-            held_att = held_att.masked_fill_(~keep, float("-inf"))
-        held_att = F.softmax(held_att, dim=-1)
+        held_att = F.softmax(held_att.masked_fill_(row_pos[:, None] >= until[..., None, :], float("-inf")), dim=-1)
         y = by_query_head(self.codec.read(held_att, v_all), T)
 
         # keep what the last query kept, in the first n slots; the rest is evicted for good
-        held = keep[..., -1, :]  # (B, nkv, C)
+        held = until > t - 1  # (B, nkv, C)
         n, n_old = min(t, budget), min(budget - W, max(0, t - W))
         old = held & (pos <= t - 1 - W)
         self._hold(v_all[held].view(B, nkv, n, v_all.size(-1)), pos[held].view(B, nkv, n),
-                   torch.cat([scores[old].view(B, nkv, n_old), received[..., received.size(-1) - min(W, t):]], -1))
+                   scores[old].view(B, nkv, n_old), received[..., received.size(-1) - min(W, t):], g)
         return y
 
-    def _hold(self, v, pos, score):
-        """The held tokens (n of them, in position order) into the first n slots;
-        the rest are freed (position 0: a valid index that is masked out)."""
+    def _hold(self, v, pos, old_score, recent, g):
+        """The held tokens (n of them, in position order) into the first n slots,
+        the old ones' final scores, and `recent`, the attention received so far
+        by the last min(W, t) tokens (the window of query t - 1); the rest is
+        freed (position 0: a valid index that is masked out). Then, as after a
+        step, the bookkeeping of token t - 1 (KeepRuleBook.seen)."""
         B, nkv, n, width = v.shape
         budget = self.rule.budget
         if self._v_slots is None or self._v_slots.shape != (B, nkv, budget, width) or \
                 self._v_slots.dtype != v.dtype or self._v_slots.device != v.device:
             self._v_slots = static_address(v.new_zeros(B, nkv, budget, width))
-            self._pos_slots = static_address(pos.new_zeros(B, nkv, budget))
-            self._score_slots = static_address(score.new_zeros(B, nkv, budget))
+        self.book.allocate(B, nkv, g, v.device)
         self._v_slots[:, :, :n] = v
         self._pos_slots[:, :, :n] = pos
         self._pos_slots[:, :, n:] = 0
-        self._score_slots[:, :, :n] = score
+        self._score_slots[:, :, :old_score.size(-1)] = old_score
+        self._ring.zero_()
+        self._ring[..., self._ring.size(-1) - recent.size(-1):] = recent  # positions t - W .. t - 1 at 1 .. W
+        self.book.seen(self.length - 1, self._pos_slots, self._score_slots, self._ring, self._slot)
         self.ordered = True
 
 
@@ -504,6 +589,12 @@ class KVCache:
     def __init__(self, n_layer, make_layer=None):
         make_layer = make_layer or (lambda i: FullLayerCache(VStore()))
         self.layers = [make_layer(i) for i in range(n_layer)]
+        books = {}  # the keep-rule layers of one rule keep their books together
+        for layer in self.layers:
+            if isinstance(layer, KeepRuleLayerCache):
+                books.setdefault((type(layer.rule), layer.rule.extra_repr()), []).append(layer)
+        for layers in books.values():
+            KeepRuleBook(layers[0].rule, layers)
 
     def __getitem__(self, i):
         return self.layers[i]

@@ -145,14 +145,48 @@ def eviction_positions(scores, positions, slots):
     # the order as one rank: a stable sort by score keeps equal scores in
     # position order, so o beats c iff rank[o] > rank[c] (one (C, C) pass, not five)
     rank = scores.argsort(dim=-1, stable=True).argsort(dim=-1)
-    beats = rank.unsqueeze(-2) > rank.unsqueeze(-1)  # (B, nh, C, C): [c, o]
-    n_beating = beats.cumsum(-1, dtype=torch.int32)  # among candidates 0 .. o: sorted along o
-    # (B, nh, C): index of the slots-th, C if none; a binary search per row
-    # instead of a compare and a count over the (C, C) counts (two passes, one in int64)
-    target = torch.full(n_beating.shape[:-1] + (1,), slots, dtype=n_beating.dtype, device=n_beating.device)
-    first = torch.searchsorted(n_beating, target)[..., 0]
+    first = _kth_true(rank, slots)  # (B, nh, C): index of the slots-th candidate beating c, C if none
     never = positions.new_full(positions.shape[:-1] + (1,), NEVER)
     return torch.cat([positions, never], dim=-1).gather(-1, first)
+
+
+_BLOCK = 64  # candidates counted per block by _kth_true
+
+
+def _kth_true(rank, k):
+    """(..., C) a permutation of 0 .. C-1 per row -> (..., C): for each c, the index
+    of the k-th o (in index order) with rank[o] > rank[c], or C if there are fewer.
+
+    The (C, C) comparison is counted per block of _BLOCK candidates, the
+    block holding the k-th found by a binary search over the blocks' running
+    counts, and only that block's _BLOCK bools summed in full: one pass over
+    the comparison instead of a running count over it (four times its bytes
+    in int32)."""
+    C = rank.size(-1)
+    pad = -C % _BLOCK
+    padded = F.pad(rank, (0, pad), value=-1) if pad else rank  # padding never beats anyone
+    beats = padded.unsqueeze(-2) > rank.unsqueeze(-1)  # (..., C, C + pad): [c, o]
+    blocks = beats.view(*beats.shape[:-1], -1, _BLOCK)
+    # (..., C, blocks): beating ones up to each block's end (a block's count fits a byte: no int32 copy of the bools)
+    upto = blocks.view(torch.uint8).sum(-1, dtype=torch.uint8).to(torch.int32).cumsum_(-1)
+    n_blocks = upto.size(-1)
+    target = torch.full(upto.shape[:-1] + (1,), k, dtype=upto.dtype, device=upto.device)
+    block = torch.searchsorted(upto, target)  # (..., C, 1): the block of the k-th, n_blocks if none
+    found = block < n_blocks
+    block = block.clamp(max=n_blocks - 1)
+    before = upto.gather(-1, (block - 1).clamp(min=0)).masked_fill(block == 0, 0)
+    inside = blocks.gather(-2, block[..., None].expand(*block.shape, _BLOCK)).squeeze(-2)
+    offset = torch.searchsorted(inside.to(torch.int32).cumsum_(-1), target - before)
+    return torch.where(found, block * _BLOCK + offset, C).squeeze(-1)
+
+
+def kept_until(scores, budget, recency, key_pos):
+    """(B, nh, C): each candidate's value is kept by the queries at positions
+    key_pos .. kept_until - 1 (its recency window, then as long as it is among
+    the top (budget - recency) old tokens). scores and key_pos as in keep_mask."""
+    evict = eviction_positions(scores, key_pos, budget - recency)  # old and in the top set while p < evict
+    # recent (p < key_pos + recency) or among the top (p - recency < evict)
+    return torch.maximum(key_pos.expand_as(evict), evict).clamp(max=NEVER - recency) + recency
 
 
 def keep_mask(scores, budget, recency, key_pos=None, query_pos=None):
@@ -168,13 +202,27 @@ def keep_mask(scores, budget, recency, key_pos=None, query_pos=None):
         key_pos = torch.arange(scores.size(-1), device=scores.device)
     if query_pos is None:
         query_pos = key_pos
-    evict = eviction_positions(scores, key_pos, budget - recency)  # (B, nh, C)
-    last_old = (query_pos - recency)[:, None]  # (Tq, 1): old tokens are <= this
-    key_pos, evict = key_pos[..., None, :], evict[..., None, :]  # (.., 1, C)
-    causal = key_pos <= query_pos[:, None]
-    recent = key_pos > last_old
-    top_old = evict > last_old
-    return causal & (recent | top_old)
+    until = kept_until(scores, budget, recency, key_pos)[..., None, :]  # (.., 1, C)
+    query_pos = query_pos[:, None]  # (Tq, 1)
+    return (key_pos[..., None, :] <= query_pos) & (query_pos < until)
+
+
+def window_received(probs, t0, recency, groups):
+    """The attention each key received from the queries of its recency window,
+    summed over the query rows: probs (B, nkv, groups * T, t) of T queries at
+    positions t0 .. t0 + T - 1 (each of `groups` query heads, rows j * T + i)
+    over keys 0 .. t - 1 -> (B, nkv, t). A query at position p counts for the
+    keys p - recency + 1 .. p. Summed one lag at a time along the diagonals:
+    recency small ops, not a masked pass over the (T, t) probabilities."""
+    B, nkv, rows, t = probs.shape
+    T = rows // groups
+    p = probs.view(B, nkv, groups, T, t)
+    out = probs.new_zeros(B, nkv, t)
+    for lag in range(min(recency, t)):
+        start = max(0, t0 - lag)  # the first query's key, or key 0 for the queries that reach it
+        d = torch.diagonal(p, offset=t0 - lag, dim1=-2, dim2=-1)  # (B, nkv, groups, n): query i, key i + t0 - lag
+        out[..., start:start + d.size(-1)].add_(d[:, :, 0] if groups == 1 else d.sum(2))
+    return out
 
 
 class TokenKeep(nn.Module):
@@ -236,8 +284,8 @@ class TokenKeep(nn.Module):
             att = by_kv_head(q.float(), nkv) @ k.float().transpose(-2, -1) * (1.0 / math.sqrt(hs))  # (B, nkv, g*T, T)
             causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
             att = att.view(B, nkv, g, T, T).masked_fill_(~causal, float("-inf"))
-            # the group's score: the mean of its query heads' scores
-            received = importance_scores(F.softmax(att, dim=-1), self.recency).mean(2)  # (B, nkv, T)
+            # the group's score: the mean of its query heads' scores (importance_scores, summed by lag)
+            received = window_received(F.softmax(att, dim=-1).flatten(2, 3), 0, self.recency, g) / (g * self.recency)
             del att
             pos = torch.arange(T, device=q.device)
             return keep_mask(self.score(received, pos), self.budget, self.recency)
@@ -285,6 +333,9 @@ class RandomKeep(TokenKeep):
         pruner = VOnlyPruner(keep_ratio, k_min, recency, block_size)  # the same checks and budget
         super().__init__(pruner.budget, recency, block_size)
         self.keep_ratio, self.k_min, self.seed = keep_ratio, k_min, seed
+
+    def extra_repr(self):
+        return f"{super().extra_repr()}, seed={self.seed}"
 
     def score(self, received, positions):
         heads = torch.arange(received.size(1), device=received.device)[:, None]  # (nkv, 1)

@@ -16,8 +16,8 @@ def test_estimate_prints_the_figures_docs_cite():
     assert "V0   N = 123,653,376" in out and "855.2 MFLOP per token" in out
     assert "12 x 1024 x 40 = 491,520 tokens/iter x 2,000 iters = 0.983B tokens per step" in out
     assert "one layer: kept for backward 0.605 GB (4.00 bytes per element" in out
-    assert "per micro-batch of 12 x 1024: 110 GB" in out
-    assert "all 4: H100 SXM 4.6 h (within --matrix-time), H200 3.9 h (within --matrix-time)" in out
+    assert "per micro-batch of 12 x 1024: 90 GB" in out
+    assert "all 4: H100 SXM 4.2 h (within --matrix-time), H200 3.6 h (within --matrix-time)" in out
 
 
 def test_an_mfu_outside_zero_to_one_is_refused():

@@ -195,6 +195,34 @@ def test_kv_cache_container():
     assert cache.length == 0 and cache.nbytes()["total"] == 0
 
 
+def test_the_keep_rule_layers_of_a_kv_cache_share_one_book_and_decode_as_alone():
+    """A KVCache keeps the bookkeeping of its keep-rule layers of one rule in
+    one KeepRuleBook, run once per step after the last layer's step; each
+    layer decodes exactly as a cache of its own (the same outputs, held
+    positions and scores), through prefills and the steps that evict. A
+    rule of other settings keeps a book of its own."""
+    from lib.kv_pruning import RandomKeep
+
+    T = 90
+    cache = KVCache(4, lambda i: layer_cache(RandomKeep(k_min=48, recency=8, block_size=128) if i == 3
+                                             else small_pruner()))
+    alone = [layer_cache(small_pruner()) for _ in range(3)]
+    assert cache[0].book is cache[2].book and len(cache[0].book.layers) == 3
+    assert cache[3].book is not cache[0].book and cache[3].book.layers == [cache[3]]
+    inputs = [qkv(2, 4, T, 8, seed=20 + i, scale=1.5) for i in range(4)]
+    inputs = [(q, k[:, :2], v[:, :2]) for q, k, v in inputs]  # grouped-query attention: 2 KV heads
+    for start, end in [(0, 10)] + [(t, t + 1) for t in range(10, 60)] + [(60, 64)] + \
+            [(t, t + 1) for t in range(64, T)]:
+        for i, layer in enumerate(cache.layers):
+            q, k, v = (x[:, :, start:end] for x in inputs[i])
+            y = layer(q, k, v)
+            if i < 3:
+                assert torch.equal(y, alone[i](q, k, v))
+        for i in range(3):
+            assert torch.equal(cache[i].v_pos, alone[i].v_pos) and torch.equal(cache[i].score, alone[i].score)
+    assert cache.length == T and not cache[0].ordered
+
+
 def test_the_default_layer_holds_every_tokens_v_as_it_is():
     cache = KVCache(1)
     q, k, v = qkv(1, 2, 10, 8, seed=5)

@@ -1,9 +1,11 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from conftest import qkv
-from lib.kv_pruning import KEEP_RATIO, VOnlyPruner, importance_scores, keep_budget, keep_mask
+from lib.kv_pruning import KEEP_RATIO, VOnlyPruner, importance_scores, keep_budget, keep_mask, window_received
 from lib.settings import BadSettings
 
 
@@ -84,6 +86,40 @@ def test_mask_matches_a_literal_per_query_top_k():
             top = sorted(old, key=lambda j: (scores[0, h, j].item(), j), reverse=True)
             kept = set(top[:budget - W]) | set(range(max(0, i - W + 1), i + 1))
             assert set(torch.nonzero(mask[0, h, i]).flatten().tolist()) == kept
+
+
+@settings(max_examples=30, deadline=None)
+@given(T=st.integers(1, 150), W=st.integers(1, 12), slots=st.integers(0, 70), levels=st.integers(1, 9),
+       seed=st.integers(0, 2 ** 16))
+def test_mask_matches_a_literal_per_query_top_k_at_any_length(T, W, slots, levels, seed):
+    """The same literal check at lengths across the ranking's blocks of 64
+    candidates (a partial last block, several blocks), with ties."""
+    g = torch.Generator().manual_seed(seed)
+    budget = W + slots
+    scores = torch.randint(0, levels, (1, 1, T), generator=g).float()
+    mask = keep_mask(scores, budget, W)[0, 0]
+    rank = sorted(range(T), key=lambda j: (scores[0, 0, j].item(), j), reverse=True)  # best first
+    for i in range(T):
+        old = set(range(0, i - W + 1))
+        top = [j for j in rank if j in old][:slots]
+        assert set(torch.nonzero(mask[i]).flatten().tolist()) == set(top) | set(range(max(0, i - W + 1), i + 1))
+
+
+@pytest.mark.parametrize("groups", [1, 3])
+@pytest.mark.parametrize("t0", [0, 5, 40])
+def test_window_received_sums_the_queries_of_each_keys_window(groups, t0):
+    """window_received, summed along diagonals, equals the masked sum over the
+    query rows of every key's window, for a first prefill and later ones; on
+    a first prefill it is importance_scores times the window."""
+    T, W = 30, 8
+    t = t0 + T
+    probs = torch.rand(2, 2, groups * T, t, generator=torch.Generator().manual_seed(t0))
+    lag = torch.arange(t0, t).repeat(groups)[:, None] - torch.arange(t)[None, :]  # query - key
+    expected = probs.masked_fill(~((lag >= 0) & (lag < W)), 0.0).sum(-2)
+    assert torch.allclose(window_received(probs, t0, W, groups), expected, atol=1e-5, rtol=0)
+    if t0 == 0:
+        per_group = importance_scores(probs.view(2, 2, groups, T, T), W).sum(2) * W
+        assert torch.allclose(window_received(probs, 0, W, groups), per_group, atol=1e-5, rtol=0)
 
 
 def test_an_evicted_token_never_returns():
