@@ -11,16 +11,26 @@ import math
 import torch
 
 
+_INF16 = {}
+
+
+def _inf16(device):
+    """(-inf, +inf) as 0-dim float16 tensors on `device`, made once: nextafter's directions."""
+    if device not in _INF16:
+        _INF16[device] = tuple(torch.tensor(x, dtype=torch.float16, device=device) for x in (-math.inf, math.inf))
+    return _INF16[device]
+
+
 def _round_down_fp16(x):
     """Largest float16 <= x (x float32), as float16."""
     h = x.half()
-    return torch.where(h.float() > x, torch.nextafter(h, torch.full_like(h, -math.inf)), h)
+    return torch.where(h.float() > x, torch.nextafter(h, _inf16(x.device)[0]), h)
 
 
 def _round_up_fp16(x):
     """Smallest float16 >= x (x float32), as float16."""
     h = x.half()
-    return torch.where(h.float() < x, torch.nextafter(h, torch.full_like(h, math.inf)), h)
+    return torch.where(h.float() < x, torch.nextafter(h, _inf16(x.device)[1]), h)
 
 
 def rms_fp16(u):
@@ -44,38 +54,40 @@ def codes_per_block(bits):
 
 def pack_codes(codes, bits):
     """b-bit codes uint8 (..., n), n a multiple of codes_per_block(bits) -> uint8
-    (..., n * bits / 8): each block of codes as one little-endian bit string,
-    code i at bit i * bits (4 bits: two codes per byte, low nibble first)."""
+    (..., n * bits / 8). Widths that divide a byte (2, 4) store the codes in
+    8 / bits planes: field i (bits i * bits and up) of byte j holds code
+    i * n_bytes + j (4 bits: codes 0 .. n/2 - 1 in the low nibbles, the rest
+    in the high ones), so each plane unpacks into one contiguous run. Others
+    (3) store each block of codes as one little-endian bit string, code i at
+    bit i * bits."""
     if bits == 8:
         return codes
     m = codes_per_block(bits)
+    if 8 % bits == 0:  # shift each plane into place and add the disjoint fields
+        shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=codes.device)[:, None]
+        return (codes.reshape(*codes.shape[:-1], m, -1) << shifts).sum(-2, dtype=torch.uint8)
     blocks = codes.reshape(*codes.shape[:-1], codes.size(-1) // m, m).to(torch.int32)  # at most 24 bits a block
     value = (blocks << (torch.arange(m, device=codes.device) * bits)).sum(-1)
     shifts = torch.arange(bits * m // 8, device=codes.device) * 8
     return ((value[..., None] >> shifts) & 0xFF).to(torch.uint8).flatten(-2)
 
 
-_LUTS = {}
-
-
-def _byte_table(bits, dtype, device):
-    """(256, 8 // bits) of `dtype`: the codes each byte holds (bits 2 or 4, low code first)."""
-    key = (bits, dtype, device)
-    if key not in _LUTS:
-        byte = torch.arange(256, dtype=torch.int32)[:, None]
-        codes = (byte >> (torch.arange(8 // bits, dtype=torch.int32) * bits)) & (2 ** bits - 1)
-        _LUTS[key] = codes.to(device=device, dtype=dtype)
-    return _LUTS[key]
-
-
 def unpack_codes(packed, bits, dtype=torch.uint8):
-    """pack_codes' inverse: uint8 (..., n * bits / 8) -> codes (..., n) of `dtype`. Widths whose
-    codes never straddle a byte (2, 4) are looked up per byte: one gather, not a shift per code."""
+    """pack_codes' inverse: uint8 (..., n * bits / 8) -> codes (..., n) of `dtype`. Widths that
+    divide a byte (2, 4) are shifted and masked one plane at a time straight into the output's
+    contiguous run of that plane's codes (no gather, and no uint8 copy of the codes)."""
     if bits == 8:
         return packed.to(dtype)
     if 8 % bits == 0:
-        table = _byte_table(bits, dtype, packed.device)
-        return table.index_select(0, packed.reshape(-1).long()).view(*packed.shape[:-1], -1)
+        planes = 8 // bits
+        out = torch.empty(*packed.shape[:-1], planes, packed.size(-1), dtype=dtype, device=packed.device)
+        for i in range(planes):
+            field = packed >> (bits * i) if i else packed
+            if i == planes - 1:  # the top field needs no mask
+                out[..., i, :] = field
+            else:
+                torch.bitwise_and(field, 2 ** bits - 1, out=out[..., i, :])
+        return out.flatten(-2)
     m = codes_per_block(bits)
     n_bytes = bits * m // 8
     blocks = packed.reshape(*packed.shape[:-1], packed.size(-1) // n_bytes, n_bytes).to(torch.int32)
@@ -133,30 +145,67 @@ class VQuantizer:
         self._check_head_dim(hs)
         lead, G = v.shape[:-1], hs // self.group_size
         x = v.float().reshape(*lead, G, self.group_size)  # (..., G, gs)
-        zero = _round_down_fp16(x.amin(-1))  # (..., G) float16
-        scale = _round_up_fp16((x.amax(-1) - zero.float()) / self.levels)
-        z, s = zero.float()[..., None], scale.float()[..., None]
-        # a constant group stored exactly has scale 0: its codes are all 0
-        codes = torch.where(s > 0, (x - z) / torch.where(s > 0, s, 1.0), 0.0)
-        codes = pack_codes(codes.round().clamp(0, self.levels).to(torch.uint8).reshape(*lead, hs), self.bits)
+        low, high = torch.aminmax(x, dim=-1)
+        zero = _round_down_fp16(low)  # (..., G) float16
+        scale = _round_up_fp16((high - zero.float()) / self.levels)
+        # x >= zero; a scale of 0 (a constant group stored exactly) leaves x - zero = 0: codes 0
+        codes = (x - zero.float()[..., None]).div_(scale.float()[..., None].clamp_min(2.0 ** -24))
+        codes = pack_codes(codes.round_().clamp_(0, self.levels).to(torch.uint8).reshape(*lead, hs), self.bits)
         return torch.cat([codes, scale.view(torch.uint8), zero.view(torch.uint8)], dim=-1)
 
-    def decode(self, packed):
-        """uint8 (..., X) from encode -> v (..., hs) in out_dtype."""
+    def _head_dim(self, packed):
+        """The head_dim of uint8 (..., X) from encode: X = hs * bits / 8 + 4 * hs / group_size."""
         if packed.dtype != torch.uint8:
             raise ValueError(f"expected the uint8 tensor encode() returns, got {packed.dtype}")
         X = packed.size(-1)
-        # X = hs * bits / 8 + 4 * hs / group_size
         per = self.bits * self.group_size + 32  # 8 * group_size * bytes per group
         hs = X * 8 * self.group_size // per
         if hs == 0 or hs * per != X * 8 * self.group_size:
             raise ValueError(f"packed last dim {X} does not match any head_dim for {self!r}")
+        return hs
+
+    def decode(self, packed):
+        """uint8 (..., X) from encode -> v (..., hs) in out_dtype."""
+        hs = self._head_dim(packed)
         n_code, G = hs * self.bits // 8, hs // self.group_size
         lead = packed.shape[:-1]
         x = unpack_codes(packed[..., :n_code], self.bits, torch.float32).view(*lead, G, self.group_size)
         side = packed[..., n_code:].contiguous().view(torch.float16).float()  # (..., 2G): scales, zeros
         x = x * side[..., :G, None] + side[..., G:, None]
         return x.view(*lead, hs).to(self.out_dtype)
+
+    def weigh(self, weights, packed):
+        """weights (..., T, n) fp32 @ decode(packed (..., n, X)) -> fp32 (..., T, hs), with the
+        scale and zero point applied to the weights rather than to every code: per group g,
+        sum_n w[n] (scale[n, g] codes[n] + zero[n, g]) = (w * scale[:, g]) @ codes + w @ zero[:, g].
+        The groups are one matmul: the codes as (n * G, group_size) rows, read by a (G * T, n * G)
+        matrix whose row (g, t) holds w[t] * scale[:, g] at the rows of group g, zero elsewhere.
+        That multiplies the matmul's work by G: with many query rows (a prefill) it is the larger
+        cost, and the codes are decoded first instead."""
+        hs = self._head_dim(packed)
+        n_code, G, gs = hs * self.bits // 8, hs // self.group_size, self.group_size
+        *lead, n, _ = packed.shape
+        T = weights.size(-2)
+        if G * T > 16:  # past a few rows the matmul is no longer one read of the codes
+            return weights @ self.decode(packed).float()
+        codes = unpack_codes(packed[..., :n_code], self.bits, torch.float32).view(*lead, n * G, gs)
+        side = packed[..., n_code:].view(torch.float16).float()  # (..., n, 2G): scales, zeros
+        scaled = weights[..., None] * side[..., None, :, :G]  # (..., T, n, G)
+        rows = (scaled.unsqueeze(-4) * _eye(G, weights.device)).view(*lead, G * T, n * G)
+        y = (rows @ codes).view(*lead, G, T, gs)
+        y = y.view(*lead, 1, hs) if T == 1 else y.transpose(-3, -2).reshape(*lead, T, hs)
+        zero = (weights @ side[..., G:]).repeat_interleave(gs, dim=-1)  # (..., T, hs)
+        return y.add_(zero)
+
+
+_EYES = {}
+
+
+def _eye(G, device):
+    """(G, 1, 1, G) identity: spreads (..., 1, T, n, G) into the block-diagonal (..., G, T, n, G)."""
+    if (G, device) not in _EYES:
+        _EYES[G, device] = torch.eye(G, device=device).view(G, 1, 1, G)
+    return _EYES[G, device]
 
 
 def width_layout(widths):

@@ -38,9 +38,14 @@ def test_codes_pack_into_bits_per_code_and_unpack_exactly(bits):
     assert 8 % codes_per_block(bits) == 0 and codes_per_block(bits) * bits % 8 == 0
 
 
-def test_int4_keeps_its_layout_two_codes_a_byte_low_nibble_first():
+def test_codes_keep_their_layout_in_planes_or_bit_strings():
+    """4 bits: the first half of the codes in the low nibbles, the second in the
+    high ones; 2 bits: four planes of a quarter each; 3 bits: blocks of 8 codes
+    as 24-bit little-endian strings."""
     codes = torch.randint(0, 16, (4, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    assert torch.equal(pack_codes(codes, 4), codes[..., 0::2] | (codes[..., 1::2] << 4))
+    assert torch.equal(pack_codes(codes, 4), codes[..., :32] | (codes[..., 32:] << 4))
+    two = codes & 3
+    assert torch.equal(pack_codes(two, 2), two[..., :16] | two[..., 16:32] << 2 | two[..., 32:48] << 4 | two[..., 48:] << 6)
     assert torch.equal(pack_codes(torch.tensor([[5, 6, 7, 1, 2, 3, 4, 0]], dtype=torch.uint8), 3),
                        torch.tensor([[5 | 6 << 3 | (7 & 3) << 6, 7 >> 2 | 1 << 1 | 2 << 4 | (3 & 1) << 7,
                                       3 >> 1 | 4 << 2 | 0 << 5]], dtype=torch.uint8))
@@ -86,6 +91,22 @@ def test_low_precision_input_and_output(dtype):
     out = quant.decode(packed)
     assert out.dtype == dtype and out.shape == v.shape
     assert (out.float() - v.float()).abs().max() < 0.03
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("group_size", [8, 32])
+@pytest.mark.parametrize("rows", [1, 3, 40])
+@pytest.mark.parametrize("kind", ["normal", "offset", "heavy"])
+def test_weigh_reads_the_codes_as_decoding_each_token_does(bits, group_size, rows, kind):
+    """weigh, the cache's read (scale and zero point applied to the weights for
+    a few query rows, decoded first for many), equals the weights times the
+    decoded values to 1e-5 of their scale (1e-5 absolute for unit-scale V)."""
+    quant = VQuantizer(bits, group_size)
+    packed = quant.encode(sample(kind, (2, 3, 50, 32), seed=bits))
+    weights = F.softmax(torch.randn(2, 3, rows, 50, generator=torch.Generator().manual_seed(rows)), dim=-1)
+    decoded = quant.decode(packed)
+    scale = max(1.0, decoded.abs().max().item())
+    assert torch.allclose(quant.weigh(weights, packed), weights @ decoded, atol=1e-5 * scale, rtol=0)
 
 
 def test_bad_arguments_fail_loudly():

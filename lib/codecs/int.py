@@ -31,6 +31,9 @@ class _Quantized(VCodec):
     def decode(self, stored):
         return self.quant.decode(stored)
 
+    def weigh(self, weights, stored):
+        return self.quant.weigh(weights, stored)
+
     def bytes_per_vector(self, dtype):
         return self.quant.bytes_per_token(self.head_dim)
 
