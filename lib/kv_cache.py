@@ -420,7 +420,7 @@ class KeepRuleLayerCache(_KeyRowsCache):
         slot = (*self._heads, self._slot[..., 0])
         self._v_slots.index_put_(slot, self.codec.write(v)[..., 0, :].to(self._v_slots.dtype))
         self._pos_slots.index_put_(slot, pos)
-        held_att = att.gather(-1, self._pos_slots[:, :, None, :].expand(-1, -1, g, -1))  # (B, nkv, g, budget)
+        held_att = att.gather(-1, self._pos_slots.unsqueeze(2).expand(-1, -1, g, -1))  # (B, nkv, g, budget)
         if rows is None or rows < self.rule.budget:  # some slots are free
             held_att = held_att + self.book.bias
         y = self.codec.read(F.softmax(held_att, dim=-1), self._v_slots)

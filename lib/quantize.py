@@ -11,32 +11,31 @@ import math
 import torch
 
 
-_INF16 = {}
+_CONSTANTS = {}
 
 
-def _inf16(device):
-    """(-inf, +inf) as 0-dim float16 tensors on `device`, made once: nextafter's directions."""
-    if device not in _INF16:
-        _INF16[device] = tuple(torch.tensor(x, dtype=torch.float16, device=device) for x in (-math.inf, math.inf))
-    return _INF16[device]
+def _constant(name, device, make):
+    """A small constant tensor, made (by make(), on the CPU) once per device."""
+    if (name, device) not in _CONSTANTS:
+        _CONSTANTS[name, device] = make().to(device)
+    return _CONSTANTS[name, device]
 
 
-def _round_down_fp16(x):
-    """Largest float16 <= x (x float32), as float16."""
+def _fp16_toward(x, inf):
+    """The float16 nearest x (float32) on the side of `inf` (-inf: at most x, +inf: at least x),
+    as float16 and as its float32 value."""
     h = x.half()
-    return torch.where(h.float() > x, torch.nextafter(h, _inf16(x.device)[0]), h)
-
-
-def _round_up_fp16(x):
-    """Smallest float16 >= x (x float32), as float16."""
-    h = x.half()
-    return torch.where(h.float() < x, torch.nextafter(h, _inf16(x.device)[1]), h)
+    hf = h.float()
+    passed = hf > x if inf < 0 else hf < x
+    direction = _constant(f"fp16 {inf}", x.device, lambda: torch.tensor(inf, dtype=torch.float16))
+    h = torch.where(passed, torch.nextafter(h, direction), h)
+    return h, h.float()
 
 
 def rms_fp16(u):
     """(..., n) -> (..., 1) float16: the root mean square of each vector, rounded
     up to float16, so codes computed with it use the scale that is stored."""
-    return _round_up_fp16(u.pow(2).mean(-1, keepdim=True).sqrt().clamp_min(1e-8))
+    return _fp16_toward(u.pow(2).mean(-1, keepdim=True).sqrt().clamp_min(1e-8), math.inf)[0]
 
 
 BITS = (2, 3, 4, 8)  # the code widths pack_codes stores
@@ -64,7 +63,8 @@ def pack_codes(codes, bits):
         return codes
     m = codes_per_block(bits)
     if 8 % bits == 0:  # shift each plane into place and add the disjoint fields
-        shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=codes.device)[:, None]
+        shifts = _constant(f"planes {bits}", codes.device,
+                           lambda: torch.arange(0, 8, bits, dtype=torch.uint8)[:, None])
         return (codes.reshape(*codes.shape[:-1], m, -1) << shifts).sum(-2, dtype=torch.uint8)
     blocks = codes.reshape(*codes.shape[:-1], codes.size(-1) // m, m).to(torch.int32)  # at most 24 bits a block
     value = (blocks << (torch.arange(m, device=codes.device) * bits)).sum(-1)
@@ -146,11 +146,11 @@ class VQuantizer:
         lead, G = v.shape[:-1], hs // self.group_size
         x = v.float().reshape(*lead, G, self.group_size)  # (..., G, gs)
         low, high = torch.aminmax(x, dim=-1)
-        zero = _round_down_fp16(low)  # (..., G) float16
-        scale = _round_up_fp16((high - zero.float()) / self.levels)
+        zero, z = _fp16_toward(low, -math.inf)  # (..., G) float16 and its value
+        scale, s = _fp16_toward((high - z).div_(self.levels), math.inf)
         # x >= zero; a scale of 0 (a constant group stored exactly) leaves x - zero = 0: codes 0
-        codes = (x - zero.float()[..., None]).div_(scale.float()[..., None].clamp_min(2.0 ** -24))
-        codes = pack_codes(codes.round_().clamp_(0, self.levels).to(torch.uint8).reshape(*lead, hs), self.bits)
+        codes = (x - z[..., None]).div_(s.clamp_min_(2.0 ** -24)[..., None])
+        codes = pack_codes(codes.round_().clamp_(0, self.levels).to(torch.uint8).view(*lead, hs), self.bits)
         return torch.cat([codes, scale.view(torch.uint8), zero.view(torch.uint8)], dim=-1)
 
     def _head_dim(self, packed):
@@ -190,22 +190,12 @@ class VQuantizer:
             return weights @ self.decode(packed).float()
         codes = unpack_codes(packed[..., :n_code], self.bits, torch.float32).view(*lead, n * G, gs)
         side = packed[..., n_code:].view(torch.float16).float()  # (..., n, 2G): scales, zeros
-        scaled = weights[..., None] * side[..., None, :, :G]  # (..., T, n, G)
-        rows = (scaled.unsqueeze(-4) * _eye(G, weights.device)).view(*lead, G * T, n * G)
-        y = (rows @ codes).view(*lead, G, T, gs)
-        y = y.view(*lead, 1, hs) if T == 1 else y.transpose(-3, -2).reshape(*lead, T, hs)
-        zero = (weights @ side[..., G:]).repeat_interleave(gs, dim=-1)  # (..., T, hs)
-        return y.add_(zero)
-
-
-_EYES = {}
-
-
-def _eye(G, device):
-    """(G, 1, 1, G) identity: spreads (..., 1, T, n, G) into the block-diagonal (..., G, T, n, G)."""
-    if (G, device) not in _EYES:
-        _EYES[G, device] = torch.eye(G, device=device).view(G, 1, 1, G)
-    return _EYES[G, device]
+        scaled = weights.unsqueeze(-1) * side[..., :G].unsqueeze(-3)  # (..., T, n, G)
+        eye = _constant(f"eye {G}", weights.device, lambda: torch.eye(G).view(G, 1, 1, G))
+        rows = (scaled.unsqueeze(-4) * eye).view(*lead, G * T, n * G)  # the block-diagonal (..., G, T, n, G)
+        zero = (weights @ side[..., G:]).transpose(-2, -1).unsqueeze(-1)  # (..., G, T, 1)
+        y = (rows @ codes).view(*lead, G, T, gs).add_(zero)
+        return y.view(*lead, 1, hs) if T == 1 else y.transpose(-3, -2).reshape(*lead, T, hs)
 
 
 def width_layout(widths):
