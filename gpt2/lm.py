@@ -184,8 +184,11 @@ class CausalLM(nn.Module):
         return KVCache(len(attentions), lambda i: attentions[i].vcache.make_cache())
 
     def _decode_step(self, idx, cache, pos):
-        """Logits (B, 1, vocab) of one new token per sequence at position pos, through the cache."""
-        return self(idx, caches=cache, last_only=True, pos=pos)[0]
+        """Logits (B, 1, vocab) of one new token per sequence at position pos, through the
+        cache, and the cache's bookkeeping of that token (KVCache.step_done): one graph."""
+        logits = self(idx, caches=cache, last_only=True, pos=pos)[0]
+        cache.step_done(pos)
+        return logits
 
     def decode_step(self, compile=False):
         """A function (idx (B, 1), cache) -> logits (B, 1, vocab) that feeds one
@@ -224,7 +227,7 @@ class CausalLM(nn.Module):
             if cuda:
                 torch.compiler.cudagraph_mark_step_begin()
             logits = graph(idx, cache, pos)
-            cache.advance()
+            cache.advance(booked=True)
             return logits.clone() if cuda else logits  # the next replay overwrites a CUDA graph's output
 
         return step

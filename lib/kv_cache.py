@@ -193,7 +193,7 @@ class _KeyRowsCache(LayerCache):
             y = self._step_values(att, v, pos, rows)  # (B, nkv, g, hs)
             return by_query_head(y, 1).to(q.dtype)  # (B, nh, 1, hs)
 
-    def advance(self):
+    def advance(self, booked=False):
         """After `step`: one more token seen."""
         self.length += 1
 
@@ -305,7 +305,7 @@ class KeepRuleBook:
         self.slot = static_address(torch.zeros(shape + (1,), dtype=torch.long, device=device))
         self.bias = static_address(torch.zeros(budget, device=device))
         self.window = static_address(torch.zeros(W, dtype=torch.long, device=device))
-        self.slots = torch.arange(budget, device=device)
+        self.slots, self.lags = torch.arange(budget, device=device), torch.arange(W, device=device)
         heads = (torch.arange(B, device=device)[:, None], torch.arange(nkv, device=device))
         for i, layer in enumerate(self.layers):
             layer._pos_slots, layer._score_slots, layer._ring, layer._slot = (
@@ -317,33 +317,36 @@ class KeepRuleBook:
         self.advanced += 1
         if self.advanced == len(self.layers):
             self.advanced = 0
-            self.seen(t, self.pos, self.score, self.ring, self.slot)
+            self.step_done(torch.full((1,), t, device=self.pos.device))
+
+    def step_done(self, t):
+        """Every layer's step of token t (a (1,) long tensor) is done: seen() over the stack.
+        A compiled decode step calls it inside its graph (KVCache.step_done)."""
+        self.seen(t, self.pos, self.score, self.ring, self.slot)
 
     def seen(self, t, pos, score, ring, slot):
-        """Token t has gone through every layer whose buffers these are (a stack,
-        or one layer's views): position t - W + 1 leaves the window with its final
-        score, the ring moves on, and token t + 1's slot is chosen: the first free
-        one, or once all are in use that of the lowest-scored old token (on a tie
-        the oldest, as keep_mask orders ties), evicted for good. That is the
-        incremental form of keep_mask's top-k over a growing set."""
+        """Token t ((1,) long tensor) has gone through every layer whose buffers
+        these are (the stack, or one layer's views after its prefill): position
+        t - W + 1 leaves the window with its final score, the ring moves on, and
+        token t + 1's slot is chosen: the first free one, or once all are in use
+        that of the lowest-scored old token (on a tie the oldest, as keep_mask
+        orders ties), evicted for good. That is the incremental form of
+        keep_mask's top-k over a growing set. Fixed shapes and no Python branch
+        on t: the same ops in a compiled graph."""
         W, budget, nkv = self.rule.recency, self.rule.budget, pos.size(-2)
-        edge = t - W + 1
-        if edge >= 0:  # it was in the window, so it is held
-            received = ring[..., 1:2]  # (..., 1)
-            final = self.rule.score(received.reshape(-1, nkv, 1) / (self.g * W),
-                                    torch.full((1,), edge, device=pos.device)).view_as(received)
-            score.copy_(torch.where(pos == edge, final, score))
+        edge = t - W + 1  # held, since it was in the window; none while negative
+        received = ring[..., 1:2]  # (..., 1)
+        final = self.rule.score(received.reshape(-1, nkv, 1) / (self.g * W), edge.clamp(min=0)).view_as(received)
+        score.copy_(torch.where(pos == edge, final, score))
         ring.copy_(ring.roll(-1, -1))
         ring[..., -1] = 0.0
         t = t + 1
-        if t < budget:
-            slot.fill_(t)
-        else:
-            old_score = score.masked_fill(pos > t - W, math.inf)
-            lowest = old_score == old_score.amin(-1, keepdim=True)
-            slot.copy_(torch.where(lowest, pos, NEVER).argmin(-1, keepdim=True))
+        old_score = score.masked_fill(pos > t - W, math.inf)
+        lowest = old_score == old_score.amin(-1, keepdim=True)
+        evict = torch.where(lowest, pos, NEVER).argmin(-1, keepdim=True)
+        slot.copy_(torch.where(t < budget, t, evict))
         self.bias.copy_(torch.where(self.slots <= t, 0.0, -math.inf))
-        self.window.copy_(torch.arange(t - W + 1, t + 1, device=pos.device).clamp_(min=0))
+        self.window.copy_((self.lags + (t - W + 1)).clamp_(min=0))
 
 
 class KeepRuleLayerCache(_KeyRowsCache):
@@ -397,10 +400,11 @@ class KeepRuleLayerCache(_KeyRowsCache):
             out["total"] += extra
         return out
 
-    def advance(self):
+    def advance(self, booked=False):
         self.ordered = self.ordered and self.length < self.rule.budget  # a full cache evicted out of order
         super().advance()
-        self.book.layer_advanced(self.length - 1)
+        if not booked:  # booked: the step's bookkeeping already ran (KVCache.step_done)
+            self.book.layer_advanced(self.length - 1)
 
     def _held(self):
         return self.v, self.v_pos, self.score
@@ -495,7 +499,8 @@ class KeepRuleLayerCache(_KeyRowsCache):
         self._score_slots[:, :, :old_score.size(-1)] = old_score
         self._ring.zero_()
         self._ring[..., self._ring.size(-1) - recent.size(-1):] = recent  # positions t - W .. t - 1 at 1 .. W
-        self.book.seen(self.length - 1, self._pos_slots, self._score_slots, self._ring, self._slot)
+        self.book.seen(torch.full((1,), self.length - 1, device=v.device),
+                       self._pos_slots, self._score_slots, self._ring, self._slot)
         self.ordered = True
 
 
@@ -593,8 +598,7 @@ class KVCache:
         for layer in self.layers:
             if isinstance(layer, KeepRuleLayerCache):
                 books.setdefault((type(layer.rule), layer.rule.extra_repr()), []).append(layer)
-        for layers in books.values():
-            KeepRuleBook(layers[0].rule, layers)
+        self.books = [KeepRuleBook(layers[0].rule, layers) for layers in books.values()]
 
     def __getitem__(self, i):
         return self.layers[i]
@@ -610,10 +614,18 @@ class KVCache:
         for layer in self.layers:
             layer.reset()
 
-    def advance(self):
-        """After every layer's `step`: one more token seen."""
+    def step_done(self, pos):
+        """After every layer's `step` of the token at pos ((1,) long tensor), inside a
+        compiled step's graph: the keep-rule books' bookkeeping (KeepRuleBook.seen);
+        then advance(booked=True)."""
+        for book in self.books:
+            book.step_done(pos)
+
+    def advance(self, booked=False):
+        """After every layer's `step`: one more token seen (and, unless step_done ran
+        for it, the books' bookkeeping)."""
         for layer in self.layers:
-            layer.advance()
+            layer.advance(booked)
 
     def nbytes(self):
         total = dict(k=0, v=0, index=0, total=0)
