@@ -46,7 +46,8 @@ new token into the next free slot or, once all are in use, into the slot of
 the token it evicts, so the order is lost (attention does not depend on it)
 and the next prefill sorts the candidates first. k, v and v_pos are views
 of the rows and slots in use, score is composed from them; nbytes() counts
-those and the book's per-head window and slot. reset() keeps the buffers.
+those (not the book's W + 2 values a head for the window and the next slot,
+a constant the per-token counts leave out). reset() keeps the buffers.
 The book of every keep-rule layer of a KVCache is one, stacked over the
 layers: the choice of the token each layer evicts next is made for all of
 them at once after the last layer's step, a fixed number of ops per step
@@ -391,14 +392,6 @@ class KeepRuleLayerCache(_KeyRowsCache):
     def _n_held(self):
         """Slots in use: every (batch, KV head) holds min(t, budget) tokens."""
         return min(self.length, self.rule.budget)
-
-    def nbytes(self):
-        out = super().nbytes()
-        if self.length:  # the window's running attention and the next slot
-            extra = self._ring.numel() * self._ring.element_size() + self._slot.numel() * self._slot.element_size()
-            out["index"] += extra
-            out["total"] += extra
-        return out
 
     def advance(self, booked=False):
         self.ordered = self.ordered and self.length < self.rule.budget  # a full cache evicted out of order

@@ -114,19 +114,6 @@ def keep_budget(keep_ratio, block_size, k_min):
     return max(k_min, int(block_size * keep_ratio))
 
 
-def importance_scores(probs, recency):
-    """Full-key causal softmax (..., T, T) -> importance scores (..., T).
-
-    score[j] = sum of probs[q, j] over q in [j, j+recency-1], divided by recency.
-    It is final only for j <= T-recency; later tokens are still in the window
-    of some query, and keep_mask never ranks them.
-    """
-    pos = torch.arange(probs.size(-1), device=probs.device)
-    lag = pos[:, None] - pos[None, :]  # (T, T) query - key
-    in_window = (lag >= 0) & (lag < recency)
-    return probs.masked_fill(~in_window, 0.0).sum(-2) / recency
-
-
 def eviction_positions(scores, positions, slots):
     """For each candidate token, the query-side position at which it drops out.
 
@@ -284,7 +271,7 @@ class TokenKeep(nn.Module):
             att = by_kv_head(q.float(), nkv) @ k.float().transpose(-2, -1) * (1.0 / math.sqrt(hs))  # (B, nkv, g*T, T)
             causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
             att = att.view(B, nkv, g, T, T).masked_fill_(~causal, float("-inf"))
-            # the group's score: the mean of its query heads' scores (importance_scores, summed by lag)
+            # the group's score: the mean of its query heads' window sums, over the exposure
             received = window_received(F.softmax(att, dim=-1).flatten(2, 3), 0, self.recency, g) / (g * self.recency)
             del att
             pos = torch.arange(T, device=q.device)

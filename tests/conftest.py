@@ -84,3 +84,14 @@ def tiny_llama_dir(path):
                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                               tie_word_embeddings=True)).save_pretrained(path)
     return path
+
+
+def importance_scores(probs, recency):
+    """The reference the pruning's scores are checked against: full-key causal
+    softmax (..., T, T) -> (..., T), score[j] = the sum of probs[q, j] over q in
+    [j, j + recency - 1], over recency, as one masked pass (lib.kv_pruning sums
+    the same along diagonals: window_received)."""
+    pos = torch.arange(probs.size(-1), device=probs.device)
+    lag = pos[:, None] - pos[None, :]  # (T, T) query - key
+    in_window = (lag >= 0) & (lag < recency)
+    return probs.masked_fill(~in_window, 0.0).sum(-2) / recency

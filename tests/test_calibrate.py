@@ -5,12 +5,12 @@ import pytest
 import torch
 
 import toy_methods  # noqa: F401  (registers centred_int8, a codec with a fit step that is not a geometry)
-from conftest import fail_at, losses_by_iter, tiny_args, tiny_argv
+from conftest import fail_at, importance_scores, losses_by_iter, tiny_args, tiny_argv
 from gpt2.calibrate import KVSpliceCalibrator, fit_codecs
 from gpt2.geometry import load_fitted
 from gpt2.model import GPT, GPTConfig
 from gpt2.train import train, v_cache_footprint
-from lib.kv_pruning import importance_scores, keep_mask
+from lib.kv_pruning import keep_mask
 
 
 def calibrate(model, batches=3, T=32):

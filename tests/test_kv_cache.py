@@ -3,9 +3,9 @@ import torch
 import torch.nn.functional as F
 from torch._dynamo.utils import counters
 
-from conftest import qkv
+from conftest import importance_scores, qkv
 from lib.kv_cache import FullLayerCache, KeepRuleLayerCache, KVCache, VStore
-from lib.kv_pruning import VOnlyPruner, importance_scores, keep_mask
+from lib.kv_pruning import VOnlyPruner, keep_mask
 from lib.vcache import VCodec
 
 

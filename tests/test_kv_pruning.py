@@ -4,8 +4,8 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import qkv
-from lib.kv_pruning import KEEP_RATIO, VOnlyPruner, importance_scores, keep_budget, keep_mask, window_received
+from conftest import importance_scores, qkv
+from lib.kv_pruning import KEEP_RATIO, VOnlyPruner, keep_budget, keep_mask, window_received
 from lib.settings import BadSettings
 
 

@@ -20,10 +20,10 @@ import torch
 import torch.nn.functional as F
 
 import toy_methods  # noqa: F401  (registers the toys)
-from conftest import ROOT, tiny_args
+from conftest import ROOT, importance_scores, tiny_args
 from gpt2.model import GPT
 from gpt2.train import train
-from lib.kv_pruning import importance_scores, keep_mask
+from lib.kv_pruning import keep_mask
 from lib.vcache import CODECS, SELECTORS, KeepRule, build_method, settings_of
 
 BLOCK, HS, B = 40, 16, 2

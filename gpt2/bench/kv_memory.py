@@ -146,6 +146,6 @@ def format_memory(rows, model_name, cfg):
             f"index bytes per held token come from it. A context is a model run at that block size, so "
             f"pruning keeps its ratio of it; the frontier row keeps its 64-token window at every context. "
             f"32k is past the context SmolLM2 was trained for (8k): the count gives it for scale. A selection's "
-            f"index (each held token's position, int64, and score, fp32, per KV head, and per KV head the "
-            f"window's running attention and the next token's slot) is bytes the V count leaves out.\n\n"
+            f"index (each held token's position, int64, and score, fp32, per KV head) is bytes the V count "
+            f"leaves out.\n\n"
             + "\n".join(lines))
