@@ -90,6 +90,11 @@ class VStore:
         """weights (..., T, n) fp32 over stored rows (..., n, width) -> (..., T, hs) fp32."""
         return weights @ stored.float()
 
+    def values(self, stored):
+        """stored rows (..., n, width) -> the values they hold (..., n, hs) fp32: what
+        read weighs, for a fused attention kernel over many queries."""
+        return stored.float()
+
 
 class LayerCache:
     """The decode-cache protocol: what a V-cache method's make_cache() returns,
@@ -257,9 +262,13 @@ class FullLayerCache(_KeyRowsCache):
         self._v_rows = self._room(self._v_rows, t0, t)
 
     def _prefill_values(self, q, v, t0, held):
+        """Every held value read back once, then one fused causal attention kernel
+        over them: no (T_new, t) probabilities in memory."""
         self._v_rows = self._write(self._v_rows, self.codec.write(v), t0)
-        att = F.softmax(self._logits(q, t0), dim=-1)  # (B, nkv, g * T_new, t)
-        return by_query_head(self.codec.read(att, self.v), q.size(-2))
+        k, t = self.k, self.length
+        causal = None if t0 == 0 else torch.arange(t, device=q.device) <= torch.arange(t0, t, device=q.device)[:, None]
+        return F.scaled_dot_product_attention(q.float(), k.float(), self.codec.values(self.v), attn_mask=causal,
+                                              is_causal=t0 == 0, enable_gqa=k.size(1) < q.size(1))
 
     def _step_values(self, att, v, pos, rows):
         self._v_rows.index_copy_(2, pos, self.codec.write(v).to(self._v_rows.dtype))

@@ -199,6 +199,9 @@ class VCodec(VStore, nn.Module):
         read(weights, stored)  weights (..., T, n) fp32 over stored rows
                                (..., n, width) -> fp32 (..., T, head_dim):
                                weigh(...) once fitted, else weights @ stored
+        values(stored)         the rows' values, fp32 (..., n, head_dim): decode(...)
+                               once fitted, else stored (a prefill's fused attention
+                               reads them)
         stored_bytes(dtype)    bytes_per_vector(dtype) once fitted, else V's own
         roundtrip(v)           what training sees: v until fitted; then
                                straight_through(v, reconstruct(v)) (the
@@ -296,6 +299,9 @@ class VCodec(VStore, nn.Module):
 
     def read(self, weights, stored):
         return self.weigh(weights, stored) if self.fitted else super().read(weights, stored)
+
+    def values(self, stored):
+        return self.decode(stored).float() if self.fitted else super().values(stored)
 
     def stored_bytes(self, dtype):
         """Bytes of one stored vector when V arrives in `dtype`."""

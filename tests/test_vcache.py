@@ -310,7 +310,7 @@ def test_every_codec_keeps_the_contract_of_its_base(kind):
     assert codec.fitted != cls.needs_fit
     if cls.needs_fit:  # unfitted: V as it is, in every face
         assert codec.write(v) is v and codec.roundtrip(v) is v
-        assert torch.equal(codec.read(w, v), w @ v)
+        assert torch.equal(codec.read(w, v), w @ v) and torch.equal(codec.values(v), v)
         assert codec.stored_bytes(torch.float32) == HS * 4 and codec.stored_bytes(torch.bfloat16) == HS * 2
         assert not codec.fit_done
     stats = codec.fit(fit_samples(), seed=1, epochs=1, lr=1e-3, unused_option=7)
@@ -320,6 +320,7 @@ def test_every_codec_keeps_the_contract_of_its_base(kind):
     assert torch.is_tensor(stored) and stored.shape[:-1] == v.shape[:-1]
     assert stored.shape[-1] * stored.element_size() == codec.stored_bytes(v.dtype)
     assert torch.allclose(codec.read(w, stored), w @ codec.decode(stored).float(), atol=1e-5, rtol=0)
+    assert torch.equal(codec.values(stored), codec.decode(stored).float())  # what a prefill's fused kernel reads
     assert set(cls.bench_sweep) <= set(cls.defaults)
     assert all(isinstance(values, tuple) for values in cls.bench_sweep.values())
     assert cls.bench_with_selectors is None or set(cls.bench_with_selectors) <= set(cls.defaults)
