@@ -8,6 +8,8 @@ safetensors or pytorch_model.bin). Nothing is downloaded and nothing is
 written: a bad source is a ValueError that names the problem.
 """
 
+import contextlib
+import functools
 import importlib.util
 import json
 import os
@@ -98,9 +100,27 @@ def load_pretrained(name_or_path, **overrides):
     from transformers.utils import logging
 
     folder, gguf_file = _source(name_or_path)
-    logging.disable_progress_bar()  # the GGUF's per-tensor bars would bury the run's own progress lines
-    hf = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
+    logging.disable_progress_bar()  # the per-tensor bars would bury the run's own progress lines
+    with _quiet_gguf():
+        hf = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
     return FAMILIES[hf.config.model_type].from_hf_model(hf, **overrides)
+
+
+@contextlib.contextmanager
+def _quiet_gguf():
+    """transformers' GGUF reader draws its own tqdm bar per load, which its
+    disable_progress_bar does not reach: off while the weights load."""
+    from transformers import modeling_gguf_pytorch_utils as gguf
+
+    bar = getattr(gguf, "tqdm", None)
+    if bar is None:
+        yield
+        return
+    gguf.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        gguf.tqdm = bar
 
 
 def load_tokenizer(name_or_path):

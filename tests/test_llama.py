@@ -207,6 +207,17 @@ def test_smollm2_loads_as_a_float32_llama_of_its_shape(smollm2):
     assert all(p.dtype == torch.float32 for p in model.parameters())
 
 
+def test_loading_the_gguf_draws_no_progress_bar(capfd):
+    """transformers' GGUF reader draws its own bar per load, which would bury a run's progress lines;
+    the reader's tqdm is its own again afterwards."""
+    from transformers import modeling_gguf_pytorch_utils as gguf
+
+    bar = gguf.tqdm
+    load_pretrained("smollm2")
+    assert "Converting and de-quantizing" not in capfd.readouterr().err
+    assert gguf.tqdm is bar
+
+
 def test_grouped_query_smollm2_reads_english(smollm2):
     model, tokenizer = smollm2
     ids = torch.tensor([tokenizer(TEXT)["input_ids"]])
