@@ -30,6 +30,7 @@ BAD_INPUTS = [
                                                           "head_dim = 64]"),
     ("scripts/bench_train.py", ["--iters", "0"], "--iters must be >= 1, found 0"),
     ("scripts/profile_decode.py", ["--prompt", "1000"], "--prompt + --new must fit the context of 1024, got 1096"),
+    ("scripts/profile_decode.py", ["--floors", "--model", "smollm2"], "--floors times the quick-start head shape"),
     ("scripts/bench_kvsplice.py", ["--repeats", "0"], "--repeats must be >= 1, found 0"),
     ("scripts/recovery.py", ["--matrix", "{d}/no-such-matrix"], "no-such-matrix: no such directory"),
     ("scripts/gen_kconfig.py", ["--out", "{d}/Kconfig"], "unrecognized arguments: --out"),

@@ -2,6 +2,8 @@
 real generation through its cache, then counted at longer contexts and against a 1 GiB budget;
 on a tiny stand-in for SmolLM2 (tests/test_bench_kv.py's)."""
 
+import re
+
 import pytest
 import torch
 
@@ -83,6 +85,20 @@ def test_memory_takes_no_checkpoint(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--memory", "--ckpt", "smollm2"])
     assert e.value.code == 2 and "--memory measures SmolLM2's memory alone" in capsys.readouterr().err
+
+
+def test_profile_decode_floors_time_each_paths_attention(capsys):
+    """scripts/profile_decode.py --floors: per layer, the three prefill attentions and the three step reads, each
+    timed (a positive figure), no model built."""
+    from gpt2.bench import decode_profile
+
+    decode_profile.main(["--floors", "--batches", "1,2", "--prompt", "48", "--new", "8"])
+    out = capsys.readouterr().out
+    for batch in (1, 2):
+        assert f"batch {batch}:" in out
+    rows = re.findall(r"^    (prefill of 48|step read): .*? ([0-9.]+) ms$", out, flags=re.M)
+    assert len(rows) == 12 and all(float(ms) > 0 for _, ms in rows)
+    assert out.count("step read: SplinePCA k 16, 391 tokens") == 2 and "weights @ V of 52 tokens" in out
 
 
 def test_profile_decode_on_the_pretrained_source_times_its_methods(tiny_smollm2, tiny_data_dir, capsys):  # noqa: F811

@@ -6,6 +6,7 @@ best at 2.5 bits per dimension (kvtc + sinks 4 + window 64).
     python scripts/profile_decode.py                 # batch 1 and 16, prompt 896 + 96 new
     python scripts/profile_decode.py --batches 1 --top 8
     python scripts/profile_decode.py --model smollm2 --batches 1 --prompt 1024 --new 128
+    python scripts/profile_decode.py --floors        # the attention work each path cannot skip
 
 The models are those of the decode-speed section (gpt2/bench/kv_measure.py
 decode_models: the quick-start shape at block_size 1024, random weights
@@ -16,18 +17,30 @@ round-robin rounds), then per method the aten ops of --steps decode steps
 under torch.profiler, by self CPU time per step, with their calls per step.
 SmolLM2 runs its pretrained weights at block_size prompt + new; the kvtc
 codec is fitted (PCA and bit allocation) on V of two train batches.
+
+--floors times, per layer at the quick-start head shape, the attention
+work below which each eager path cannot go with stock PyTorch ops (floors()):
+the plain prefill's fused causal kernel against the passes a prefill needs
+once it must see the attention probabilities (the keep rule scores tokens by
+them), and a decode step's read of the plain cache against the reads of
+the budget's tokens through SplinePCA and int4.
 """
 
 import argparse
+import math
+import statistics
 import time
 
 import torch
+import torch.nn.functional as F
 
 from gpt2.bench.kv_measure import decode_models, generate_timings, timing_geometry
 from gpt2.bench.kv_methods import step_record
 from gpt2.cpu import configure_cpu
 from gpt2.entry import ArgumentParser
 from gpt2.model import GPTConfig
+from lib.kv_pruning import keep_budget
+from lib.vcache import CODECS
 
 QUICKSTART = dict(n_layer=4, n_head=4, n_embd=256)
 PRUNE = {"keep_ratio": 0.382, "k_min": 32, "recency": 32}  # the quick-start defconfig's
@@ -81,6 +94,56 @@ def step_ops(model, batch, prompt_len, steps, vocab):
     return {e.key: (e.self_cpu_time_total / steps, e.count / steps) for e in prof.key_averages()}
 
 
+def _median_ms(fn, repeats):
+    fn()  # first-call allocations
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def floors(batch, prompt, new, repeats=10):
+    """{what: ms per layer, median of `repeats`} at the quick-start head shape (4 heads of 64),
+    random inputs: a prefill's attention of `prompt` tokens three ways, and a decode step's read
+    at prompt + new / 2 tokens: every token's V (the plain cache) against the keep budget's
+    tokens through SplinePCA (k 16, a spline that is not the identity) and through int4."""
+    nh, hs = QUICKSTART["n_head"], QUICKSTART["n_embd"] // QUICKSTART["n_head"]
+    g = torch.Generator().manual_seed(0)
+    geometry = timing_geometry(hs, 16)  # fitted first: the fit needs gradients
+    q, k, v = (torch.randn(batch, nh, prompt, hs, generator=g) for _ in range(3))
+    budget = keep_budget(PRUNE["keep_ratio"], 1024, PRUNE["k_min"])
+    causal = torch.ones(prompt, prompt, dtype=torch.bool).tril()
+    # a keep mask as sparse as the rule's: the diagonal and about `budget` tokens per query
+    keep = causal & ((torch.rand(batch, nh, prompt, prompt, generator=g) < budget / prompt) |
+                     torch.eye(prompt, dtype=torch.bool))
+
+    def materialised():  # what a prefill that needs the probabilities cannot do without
+        att = (q @ k.transpose(-2, -1)).mul_(1.0 / math.sqrt(hs)).masked_fill_(~causal, -math.inf)
+        return F.softmax(att, dim=-1) @ v
+
+    t = prompt + new // 2
+    w_all, v_all = torch.randn(batch, nh, 1, t, generator=g).softmax(-1), torch.randn(batch, nh, t, hs, generator=g)
+    w = torch.randn(batch, nh, 1, budget, generator=g).softmax(-1)
+    held = torch.randn(batch, nh, budget, hs, generator=g)
+    latents = geometry.compress(held)
+    int4 = CODECS["int4"](hs, group_size=32)
+    codes = int4.write(held)
+    runs = {
+        f"prefill of {prompt}: fused causal attention (the plain cache)":
+            lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+        f"prefill of {prompt}: logits, one softmax, weights @ V": materialised,
+        f"prefill of {prompt}: fused attention under a keep mask": lambda: F.scaled_dot_product_attention(
+            q, k, v, attn_mask=keep),
+        f"step read: weights @ V of {t} tokens (the plain cache)": lambda: w_all @ v_all,
+        f"step read: SplinePCA k 16, {budget} tokens": lambda: geometry.attend(w, latents),
+        f"step read: int4, {budget} tokens": lambda: int4.read(w, codes),
+    }
+    with torch.no_grad():
+        return {name: _median_ms(fn, repeats) for name, fn in runs.items()}
+
+
 def report(name, ops, top):
     total = sum(us for us, _ in ops.values())
     calls = sum(n for _, n in ops.values())
@@ -103,6 +166,8 @@ def main(argv=None):
     ap.add_argument("--data-dir", default=None, help="with --model smollm2: its prepared corpus (default data/)")
     ap.add_argument("--vocab", type=int, default=19083,
                     help="the quick-start models' vocabulary (default: its compact one)")
+    ap.add_argument("--floors", action="store_true",
+                    help="only the per-layer attention work each eager path cannot skip (seconds)")
     args = ap.parse_args(argv)
     try:
         batches = [int(b) for b in args.batches.split(",")]
@@ -111,12 +176,22 @@ def main(argv=None):
     problems = [f"--{n} must be >= 1" for n in ("prompt", "new", "repeats", "steps", "top") if getattr(args, n) < 1]
     if any(b < 1 for b in batches):
         problems.append("--batches must be >= 1")
+    if args.floors and args.model != "quickstart":
+        problems.append("--floors times the quick-start head shape: leave out --model")
     if args.model == "quickstart" and args.prompt + args.new > 1024:
         problems.append(f"--prompt + --new must fit the context of 1024, got {args.prompt + args.new}")
     if problems:
         ap.error("; ".join(problems))
     configure_cpu()
     t0 = time.perf_counter()
+    if args.floors:
+        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; per layer, 4 heads of 64, "
+              f"median of 10", flush=True)
+        for batch in batches:
+            print(f"\nbatch {batch}:")
+            for name, ms in floors(batch, args.prompt, args.new).items():
+                print(f"    {name:<58} {ms:8.3f} ms", flush=True)
+        return 0
     if args.model == "smollm2":
         runs = smollm2_models(args.prompt + args.new, args.data_dir)
         vocab = runs["V0"].config.vocab_size
