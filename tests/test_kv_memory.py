@@ -88,8 +88,8 @@ def test_memory_takes_no_checkpoint(capsys):
 
 
 def test_profile_decode_floors_time_each_paths_attention(capsys):
-    """scripts/profile_decode.py --floors: per layer, the three prefill attentions and the three step reads, each
-    timed (a positive figure), no model built."""
+    """scripts/profile_decode.py --floors: per layer, the four prefill attentions (one compiled) and the three step
+    reads, each timed (a positive figure), no model built."""
     from gpt2.bench import decode_profile
 
     decode_profile.main(["--floors", "--batches", "1,2", "--prompt", "48", "--new", "8"])
@@ -97,7 +97,7 @@ def test_profile_decode_floors_time_each_paths_attention(capsys):
     for batch in (1, 2):
         assert f"batch {batch}:" in out
     rows = re.findall(r"^    (prefill of 48|step read): .*? ([0-9.]+) ms$", out, flags=re.M)
-    assert len(rows) == 12 and all(float(ms) > 0 for _, ms in rows)
+    assert len(rows) == 14 and all(float(ms) > 0 for _, ms in rows)
     assert out.count("step read: SplinePCA k 16, 391 tokens") == 2 and "weights @ V of 52 tokens" in out
 
 

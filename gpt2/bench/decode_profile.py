@@ -22,8 +22,9 @@ codec is fitted (PCA and bit allocation) on V of two train batches.
 work below which each eager path cannot go with stock PyTorch ops (floors()):
 the plain prefill's fused causal kernel against the passes a prefill needs
 once it must see the attention probabilities (the keep rule scores tokens by
-them), and a decode step's read of the plain cache against the reads of
-the budget's tokens through SplinePCA and int4.
+them) and against attention under the keep rule's mask, eager and as a
+compiled FlexAttention kernel; and a decode step's read of the plain cache
+against the reads of the budget's tokens through SplinePCA and int4.
 """
 
 import argparse
@@ -39,7 +40,7 @@ from gpt2.bench.kv_methods import step_record
 from gpt2.cpu import configure_cpu
 from gpt2.entry import ArgumentParser
 from gpt2.model import GPTConfig
-from lib.kv_pruning import keep_budget
+from lib.kv_pruning import keep_budget, kept_until
 from lib.vcache import CODECS
 
 QUICKSTART = dict(n_layer=4, n_head=4, n_embd=256)
@@ -104,9 +105,21 @@ def _median_ms(fn, repeats):
     return statistics.median(times) * 1e3
 
 
+def _flex_under(keep, q, k, v):
+    """FlexAttention of q, k, v under the mask keep (B, nh, T, T) bool, torch.compile'd (the
+    first call compiles): a fused kernel that takes any mask. Its block mask is built here, once."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    B, nh, T, _ = keep.shape
+    block = create_block_mask(lambda b, h, i, j: keep[b, h, i, j], B, nh, T, T, device=q.device)
+    kernel = torch.compile(flex_attention, dynamic=False)
+    return lambda: kernel(q, k, v, block_mask=block)
+
+
 def floors(batch, prompt, new, repeats=10):
     """{what: ms per layer, median of `repeats`} at the quick-start head shape (4 heads of 64),
-    random inputs: a prefill's attention of `prompt` tokens three ways, and a decode step's read
+    random inputs: a prefill's attention of `prompt` tokens four ways (the keep mask is the rule's,
+    from random scores; FlexAttention's compile and block mask are not timed), and a decode step's read
     at prompt + new / 2 tokens: every token's V (the plain cache) against the keep budget's
     tokens through SplinePCA (k 16, a spline that is not the identity) and through int4."""
     nh, hs = QUICKSTART["n_head"], QUICKSTART["n_embd"] // QUICKSTART["n_head"]
@@ -115,9 +128,10 @@ def floors(batch, prompt, new, repeats=10):
     q, k, v = (torch.randn(batch, nh, prompt, hs, generator=g) for _ in range(3))
     budget = keep_budget(PRUNE["keep_ratio"], 1024, PRUNE["k_min"])
     causal = torch.ones(prompt, prompt, dtype=torch.bool).tril()
-    # a keep mask as sparse as the rule's: the diagonal and about `budget` tokens per query
-    keep = causal & ((torch.rand(batch, nh, prompt, prompt, generator=g) < budget / prompt) |
-                     torch.eye(prompt, dtype=torch.bool))
+    # the keep rule's own mask, from random scores: key j's value read by queries j .. until[j] - 1
+    pos = torch.arange(prompt)
+    until = kept_until(torch.rand(batch, nh, prompt, generator=g), budget, PRUNE["recency"], pos)
+    keep = causal & (pos[:, None] < until[..., None, :])
 
     def materialised():  # what a prefill that needs the probabilities cannot do without
         att = (q @ k.transpose(-2, -1)).mul_(1.0 / math.sqrt(hs)).masked_fill_(~causal, -math.inf)
@@ -136,6 +150,7 @@ def floors(batch, prompt, new, repeats=10):
         f"prefill of {prompt}: logits, one softmax, weights @ V": materialised,
         f"prefill of {prompt}: fused attention under a keep mask": lambda: F.scaled_dot_product_attention(
             q, k, v, attn_mask=keep),
+        f"prefill of {prompt}: FlexAttention under a keep mask, compiled": _flex_under(keep, q, k, v),
         f"step read: weights @ V of {t} tokens (the plain cache)": lambda: w_all @ v_all,
         f"step read: SplinePCA k 16, {budget} tokens": lambda: geometry.attend(w, latents),
         f"step read: int4, {budget} tokens": lambda: int4.read(w, codes),
