@@ -19,7 +19,7 @@ SmolLM2 runs its pretrained weights at block_size prompt + new; the kvtc
 codec is fitted (PCA and bit allocation) on V of two train batches.
 
 --floors times, per layer at the quick-start head shape, the attention
-work below which each eager path cannot go with stock PyTorch ops (floors()):
+work below which each path cannot go (floors()):
 the plain prefill's fused causal kernel against the passes a prefill needs
 once it must see the attention probabilities (the keep rule scores tokens by
 them) and against attention under the keep rule's mask, eager and as a
@@ -182,7 +182,7 @@ def main(argv=None):
     ap.add_argument("--vocab", type=int, default=19083,
                     help="the quick-start models' vocabulary (default: its compact one)")
     ap.add_argument("--floors", action="store_true",
-                    help="only the per-layer attention work each eager path cannot skip (seconds)")
+                    help="only the per-layer attention work each path cannot skip (under a minute)")
     args = ap.parse_args(argv)
     try:
         batches = [int(b) for b in args.batches.split(",")]
