@@ -35,7 +35,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from gpt2.bench.kv_measure import decode_models, generate_timings, timing_geometry
+from gpt2.bench.kv_measure import call_times, decode_models, generate_timings, timing_geometry
 from gpt2.bench.kv_methods import step_record
 from gpt2.cpu import configure_cpu
 from gpt2.entry import ArgumentParser
@@ -95,16 +95,6 @@ def step_ops(model, batch, prompt_len, steps, vocab):
     return {e.key: (e.self_cpu_time_total / steps, e.count / steps) for e in prof.key_averages()}
 
 
-def _median_ms(fn, repeats):
-    fn()  # first-call allocations
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
-
-
 def _flex_under(keep, q, k, v):
     """FlexAttention of q, k, v under the mask keep (B, nh, T, T) bool, torch.compile'd (the
     first call compiles): a fused kernel that takes any mask. Its block mask is built here, once."""
@@ -156,7 +146,7 @@ def floors(batch, prompt, new, repeats=10):
         f"step read: int4, {budget} tokens": lambda: int4.read(w, codes),
     }
     with torch.no_grad():
-        return {name: _median_ms(fn, repeats) for name, fn in runs.items()}
+        return {name: statistics.median(call_times(fn, repeats)) * 1e3 for name, fn in runs.items()}
 
 
 def report(name, ops, top):

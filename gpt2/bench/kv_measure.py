@@ -27,6 +27,18 @@ from lib.kvsplice import SplinePCA
 from lib.vcache import FULL, full_record
 
 
+def call_times(fn, repeats):
+    """Seconds of each of `repeats` timed calls of fn, after one untimed warm-up call
+    (first-call allocations, a compile)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
 def install(model, layers):
     """Put one VCacheMethod per layer into the model's attention."""
     for attn, method in zip(model.attentions(), layers):

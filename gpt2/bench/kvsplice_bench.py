@@ -26,6 +26,7 @@ import time
 
 import torch
 
+from gpt2.bench.kv_measure import call_times
 from gpt2.bench.synthetic import warped_v
 from gpt2.calibrate import MAX_SAMPLES
 from gpt2.cpu import configure_cpu
@@ -35,13 +36,7 @@ from lib.kvsplice import FIT_EPOCHS, KNOTS, PCA, SplinePCA
 
 def best_of(fn, repeats):
     """Fastest of `repeats` timed calls, after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+    return min(call_times(fn, repeats))
 
 
 def verdict(ok):
