@@ -164,15 +164,19 @@ class VQuantizer:
             raise ValueError(f"packed last dim {X} does not match any head_dim for {self!r}")
         return hs
 
-    def decode(self, packed):
-        """uint8 (..., X) from encode -> v (..., hs) in out_dtype."""
+    def _parts(self, packed):
+        """uint8 (..., X) from encode -> (codes float32 (..., G, group_size), scales, zeros float32 (..., G))."""
         hs = self._head_dim(packed)
         n_code, G = hs * self.bits // 8, hs // self.group_size
-        lead = packed.shape[:-1]
-        x = unpack_codes(packed[..., :n_code], self.bits, torch.float32).view(*lead, G, self.group_size)
+        codes = unpack_codes(packed[..., :n_code], self.bits, torch.float32).view(*packed.shape[:-1], G, self.group_size)
         side = packed[..., n_code:].contiguous().view(torch.float16).float()  # (..., 2G): scales, zeros
-        x = x * side[..., :G, None] + side[..., G:, None]
-        return x.view(*lead, hs).to(self.out_dtype)
+        return codes, side[..., :G], side[..., G:]
+
+    def decode(self, packed):
+        """uint8 (..., X) from encode -> v (..., hs) in out_dtype."""
+        codes, scale, zero = self._parts(packed)
+        x = codes * scale[..., None] + zero[..., None]
+        return x.flatten(-2).to(self.out_dtype)
 
     def weigh(self, weights, packed):
         """weights (..., T, n) fp32 @ decode(packed (..., n, X)) -> fp32 (..., T, hs), with the
@@ -183,18 +187,17 @@ class VQuantizer:
         That multiplies the matmul's work by G: with many query rows (a prefill) it is the larger
         cost, and the codes are decoded first instead."""
         hs = self._head_dim(packed)
-        n_code, G, gs = hs * self.bits // 8, hs // self.group_size, self.group_size
+        G, gs = hs // self.group_size, self.group_size
         *lead, n, _ = packed.shape
         T = weights.size(-2)
         if G * T > 16:  # past a few rows the matmul is no longer one read of the codes
             return weights @ self.decode(packed).float()
-        codes = unpack_codes(packed[..., :n_code], self.bits, torch.float32).view(*lead, n * G, gs)
-        side = packed[..., n_code:].view(torch.float16).float()  # (..., n, 2G): scales, zeros
-        scaled = weights.unsqueeze(-1) * side[..., :G].unsqueeze(-3)  # (..., T, n, G)
+        codes, scale, zero = self._parts(packed)  # (..., n, G, gs), (..., n, G) twice
+        scaled = weights.unsqueeze(-1) * scale.unsqueeze(-3)  # (..., T, n, G)
         eye = _constant(f"eye {G}", weights.device, lambda: torch.eye(G).view(G, 1, 1, G))
         rows = (scaled.unsqueeze(-4) * eye).view(*lead, G * T, n * G)  # the block-diagonal (..., G, T, n, G)
-        zero = (weights @ side[..., G:]).transpose(-2, -1).unsqueeze(-1)  # (..., G, T, 1)
-        y = (rows @ codes).view(*lead, G, T, gs).add_(zero)
+        zero = (weights @ zero).transpose(-2, -1).unsqueeze(-1)  # (..., G, T, 1)
+        y = (rows @ codes.view(*lead, n * G, gs)).view(*lead, G, T, gs).add_(zero)
         return y.view(*lead, 1, hs) if T == 1 else y.transpose(-3, -2).reshape(*lead, T, hs)
 
 

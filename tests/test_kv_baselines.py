@@ -94,15 +94,16 @@ def test_low_precision_input_and_output(dtype):
 
 
 @pytest.mark.parametrize("bits", BITS)
-@pytest.mark.parametrize("group_size", [8, 32])
+@pytest.mark.parametrize("group_size, head_dim", [(8, 32), (32, 32), (8, 8)])
 @pytest.mark.parametrize("rows", [1, 3, 40])
 @pytest.mark.parametrize("kind", ["normal", "offset", "heavy"])
-def test_weigh_reads_the_codes_as_decoding_each_token_does(bits, group_size, rows, kind):
+def test_weigh_reads_the_codes_as_decoding_each_token_does(bits, group_size, head_dim, rows, kind):
     """weigh, the cache's read (scale and zero point applied to the weights for
     a few query rows, decoded first for many), equals the weights times the
-    decoded values to 1e-5 of their scale (1e-5 absolute for unit-scale V)."""
+    decoded values to 1e-5 of their scale (1e-5 absolute for unit-scale V);
+    also where the codes take an odd number of bytes (3 bits, head_dim 8)."""
     quant = VQuantizer(bits, group_size)
-    packed = quant.encode(sample(kind, (2, 3, 50, 32), seed=bits))
+    packed = quant.encode(sample(kind, (2, 3, 50, head_dim), seed=bits))
     weights = F.softmax(torch.randn(2, 3, rows, 50, generator=torch.Generator().manual_seed(rows)), dim=-1)
     decoded = quant.decode(packed)
     scale = max(1.0, decoded.abs().max().item())
